@@ -1,0 +1,79 @@
+//! Messages between the control plane and the workers.
+
+use crate::relay::{SessionId, SessionSnapshot, SessionSpec};
+use socket2::Socket;
+use std::net::SocketAddr;
+
+/// A session to place on a worker, with its four bound sockets (`[leg][RTP|RTCP]`).
+///
+/// The control plane binds the sockets so that port exhaustion and bind errors are
+/// answered synchronously to the API caller; the worker only registers them with its ring.
+#[derive(Debug)]
+pub struct NewSession {
+    /// What the session is.
+    pub spec: SessionSpec,
+    /// Its sockets, non-blocking, bound to the leg's RTP and RTCP ports.
+    pub sockets: [[Socket; 2]; 2],
+}
+
+/// A command from the control plane to one worker.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command {
+    /// Create a session.
+    Add(Box<NewSession>),
+    /// Set or clear the signalled remote of a leg (0 = A, 1 = B).
+    SetRemote {
+        /// Session.
+        id: SessionId,
+        /// Leg index.
+        leg: u8,
+        /// New remote RTP address; RTCP is its port + 1.
+        remote: Option<SocketAddr>,
+    },
+    /// Delete a session; the worker answers [`Event::Released`] once its ports are free.
+    Remove {
+        /// Session.
+        id: SessionId,
+    },
+    /// Ask for a fresh snapshot; answered on `reply` (`None`: no such session).
+    Query {
+        /// Session.
+        id: SessionId,
+        /// Where to answer.
+        reply: crossbeam_channel::Sender<Option<SessionSnapshot>>,
+    },
+    /// Stop the worker after closing every socket.
+    Shutdown,
+}
+
+/// Something a worker reports to the control plane.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// A stream learned (or moved to) a remote address.
+    Latched {
+        /// Session.
+        id: SessionId,
+        /// Leg index.
+        leg: u8,
+        /// RTCP rather than RTP.
+        rtcp: bool,
+        /// The source address now latched.
+        addr: SocketAddr,
+        /// True when it moved from another address.
+        relatch: bool,
+    },
+    /// A session was silent past its inactivity timeout and is being deleted.
+    TimedOut {
+        /// Session.
+        id: SessionId,
+    },
+    /// A session's sockets are closed and its ports may be reused.
+    Released {
+        /// Session.
+        id: SessionId,
+    },
+    /// Periodic statistics of a session that saw traffic.
+    Stats(Box<SessionSnapshot>),
+}

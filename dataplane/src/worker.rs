@@ -1,0 +1,966 @@
+//! The worker thread: one pinned thread, one io_uring, its sessions' sockets.
+//!
+//! The loop: drain commands, handle every completion (receive → decide → queue a send
+//! from the same buffer; send done → buffer back to the ring), push the queued
+//! submissions, then one `io_uring_enter` that submits them and waits for the next
+//! completion or the housekeeping deadline. A packet costs no syscall of its own: all
+//! packets that completed since the last enter share one.
+
+use crate::command::{Command, Event, NewSession};
+use crate::counters::{WorkerCounters, WorkerCountersSnapshot};
+use crate::error::Error;
+use crate::io::addr::{read_sockaddr, write_sockaddr, SOCKADDR_LEN};
+use crate::io::bufs::{BufRing, Buffers, Slots};
+use crate::io::IoMode;
+use crate::relay::stats::DropReason;
+use crate::relay::{SessionSnapshot, SockIdx, Table, TableEvent, Verdict};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use io_uring::types::{Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use socket2::Socket;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Data plane settings.
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    /// Number of worker threads.
+    pub workers: usize,
+    /// Cores to pin workers to (worker i → `cores[i % len]`); empty: no pinning.
+    pub cores: Vec<usize>,
+    /// Receive mode.
+    pub io_mode: IoMode,
+    /// Packet buffers per worker (a power of two, at most 32768).
+    pub buffers: u16,
+    /// Size of one packet buffer in bytes (a larger datagram is dropped as truncated).
+    pub buffer_size: usize,
+    /// Submission queue entries per ring.
+    pub ring_entries: u32,
+    /// Capacity of each worker's command queue.
+    pub command_capacity: usize,
+    /// Capacity of the shared event queue.
+    pub event_capacity: usize,
+    /// How often a worker checks timeouts, publishes counters and wakes when idle.
+    pub housekeeping: Duration,
+    /// How often per-session statistics are pushed as events.
+    pub stats_interval: Duration,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            cores: Vec::new(),
+            io_mode: IoMode::Auto,
+            buffers: 4096,
+            buffer_size: 2048,
+            ring_entries: 4096,
+            command_capacity: 4096,
+            event_capacity: 65536,
+            housekeeping: Duration::from_millis(50),
+            stats_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The control plane's handle on one worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    index: usize,
+    tx: Sender<Command>,
+    wake: Arc<OwnedFd>,
+    counters: Arc<WorkerCounters>,
+    mode: IoMode,
+    core: Option<usize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Queues a command and wakes the worker. Fails at once if its queue is full.
+    pub fn send(&self, cmd: Command) -> Result<(), Error> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(Error::QueueFull(self.index)),
+            Err(TrySendError::Disconnected(_)) => return Err(Error::WorkerGone(self.index)),
+        }
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        Ok(())
+    }
+
+    /// The receive mode this worker runs in (resolved from `auto`).
+    pub fn mode(&self) -> IoMode {
+        self.mode
+    }
+
+    /// The core it is pinned to.
+    pub fn core(&self) -> Option<usize> {
+        self.core
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> &WorkerCounters {
+        &self.counters
+    }
+}
+
+/// The running data plane: its workers.
+#[derive(Debug)]
+pub struct Dataplane {
+    workers: Vec<WorkerHandle>,
+}
+
+impl Dataplane {
+    /// Starts the workers; returns once every one is running (or the first failure).
+    /// Events from all workers arrive on the returned receiver.
+    pub fn start(cfg: DataplaneConfig) -> Result<(Self, Receiver<Event>), Error> {
+        if cfg.workers == 0 {
+            return Err(Error::Config("at least one worker is needed".into()));
+        }
+        if !cfg.buffers.is_power_of_two() || cfg.buffers > 32768 {
+            return Err(Error::Config(
+                "buffers must be a power of two up to 32768".into(),
+            ));
+        }
+        let (ev_tx, ev_rx) = crossbeam_channel::bounded(cfg.event_capacity);
+        let mut workers = Vec::with_capacity(cfg.workers);
+        for index in 0..cfg.workers {
+            let (tx, rx) = crossbeam_channel::bounded(cfg.command_capacity);
+            // SAFETY: plain eventfd creation; checked below.
+            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if efd < 0 {
+                return Err(Error::Uring(io::Error::last_os_error()));
+            }
+            // SAFETY: efd is a fresh descriptor we own.
+            let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+            let counters = Arc::new(WorkerCounters::default());
+            let core = (!cfg.cores.is_empty()).then(|| cfg.cores[index % cfg.cores.len()]);
+            let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+            let (c, w, cnt, ev) = (cfg.clone(), wake.clone(), counters.clone(), ev_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("hasp-worker-{index}"))
+                .spawn(move || {
+                    let worker = match core.map(crate::affinity::pin_current_thread) {
+                        Some(Err(source)) => Err(Error::Affinity {
+                            core: core.unwrap_or(0),
+                            source,
+                        }),
+                        _ => Worker::new(index, &c, rx, ev, w, cnt),
+                    };
+                    match worker {
+                        Ok(mut w) => {
+                            let _ = ready_tx.send(Ok(w.mode));
+                            w.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(Error::Thread)?;
+            let mode = ready_rx.recv().map_err(|_| Error::WorkerGone(index))??;
+            tracing::info!(
+                worker = index,
+                ?core,
+                mode = mode.as_str(),
+                "worker started"
+            );
+            workers.push(WorkerHandle {
+                index,
+                tx,
+                wake,
+                counters,
+                mode,
+                core,
+                thread: Some(thread),
+            });
+        }
+        Ok((Self { workers }, ev_rx))
+    }
+
+    /// The workers.
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    /// Asks every worker to stop and waits for them.
+    pub fn shutdown(&mut self) {
+        for w in &self.workers {
+            let _ = w.send(Command::Shutdown);
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+// user_data layout: the top byte is the operation kind.
+const OP_RECV: u64 = 1 << 56;
+const OP_SEND: u64 = 2 << 56;
+const OP_WAKE: u64 = 3 << 56;
+const OP_CANCEL: u64 = 4 << 56;
+const OP_PROBE: u64 = 5 << 56;
+const OP_MASK: u64 = 0xff << 56;
+const BGID: u16 = 0;
+
+fn recv_ud(sock: SockIdx, gen: u16, bid: u16) -> u64 {
+    OP_RECV | (bid as u64) << 40 | (gen as u64) << 24 | sock as u64
+}
+
+fn send_ud(bid: u16, out: SockIdx) -> u64 {
+    OP_SEND | (out as u64) << 16 | bid as u64
+}
+
+struct SockIo {
+    sock: Socket,
+    gen: u16,
+    /// user_data of the receive in flight, if any.
+    armed: Option<u64>,
+    closing: bool,
+}
+
+enum Mode {
+    Multishot {
+        ring: BufRing,
+        hdr: Box<libc::msghdr>,
+    },
+    Oneshot {
+        free: Vec<u16>,
+        waiting: VecDeque<SockIdx>,
+    },
+}
+
+struct Worker {
+    // Field order is drop order: the ring goes first, so the kernel lets go of the
+    // buffers and slots before they are freed.
+    ring: IoUring,
+    mode_state: Mode,
+    bufs: Buffers,
+    slots: Slots,
+    mode: IoMode,
+    index: usize,
+    table: Table,
+    socks: Vec<Option<SockIo>>,
+    next_gen: u16,
+    rx: Receiver<Command>,
+    events: Sender<Event>,
+    pending_events: VecDeque<Event>,
+    wake: Arc<OwnedFd>,
+    wake_buf: Box<u64>,
+    counters: Arc<WorkerCounters>,
+    local: WorkerCountersSnapshot,
+    cqes: Vec<cqueue::Entry>,
+    sqes: Vec<squeue::Entry>,
+    to_close: Vec<SockIdx>,
+    rearm: Vec<SockIdx>,
+    scratch_ids: Vec<u64>,
+    scratch_events: Vec<TableEvent>,
+    scratch_snaps: Vec<SessionSnapshot>,
+    housekeeping: Duration,
+    stats_interval: Duration,
+    next_housekeeping: Instant,
+    next_stats: Instant,
+    shutting_down: bool,
+}
+
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    // Single issuer + deferred task work: completions are posted only when this thread
+    // enters the kernel, which it does once per loop anyway. Older kernels lack them.
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(entries * 4)
+        .build(entries)
+        .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))
+        .or_else(|_| IoUring::new(entries))
+}
+
+impl Worker {
+    fn new(
+        index: usize,
+        cfg: &DataplaneConfig,
+        rx: Receiver<Command>,
+        events: Sender<Event>,
+        wake: Arc<OwnedFd>,
+        counters: Arc<WorkerCounters>,
+    ) -> Result<Self, Error> {
+        let ring = build_ring(cfg.ring_entries).map_err(Error::Uring)?;
+        let bufs = Buffers::new(cfg.buffers, cfg.buffer_size);
+        let slots = Slots::new(cfg.buffers);
+        let now = Instant::now();
+        let mut w = Self {
+            ring,
+            mode_state: Mode::Oneshot {
+                free: (0..cfg.buffers).rev().collect(),
+                waiting: VecDeque::new(),
+            },
+            bufs,
+            slots,
+            mode: IoMode::Oneshot,
+            index,
+            table: Table::new(now),
+            socks: Vec::new(),
+            next_gen: 0,
+            rx,
+            events,
+            pending_events: VecDeque::new(),
+            wake,
+            wake_buf: Box::new(0),
+            counters,
+            local: WorkerCountersSnapshot::default(),
+            cqes: Vec::with_capacity(1024),
+            sqes: Vec::with_capacity(1024),
+            to_close: Vec::with_capacity(64),
+            rearm: Vec::with_capacity(64),
+            scratch_ids: Vec::with_capacity(64),
+            scratch_events: Vec::with_capacity(1024),
+            scratch_snaps: Vec::new(),
+            housekeeping: cfg.housekeeping,
+            stats_interval: cfg.stats_interval,
+            next_housekeeping: now,
+            next_stats: now + cfg.stats_interval,
+            shutting_down: false,
+        };
+        match cfg.io_mode {
+            IoMode::Oneshot => {}
+            IoMode::Multishot => w.enable_multishot().map_err(Error::Uring)?,
+            IoMode::Auto => {
+                if let Err(e) = w.enable_multishot() {
+                    tracing::warn!(worker = index, error = %e, "multishot receive unavailable, using oneshot");
+                }
+            }
+        }
+        w.arm_wake();
+        Ok(w)
+    }
+
+    /// Registers a buffer ring and checks, with a real datagram on loopback, that
+    /// multishot recvmsg delivers into it.
+    fn enable_multishot(&mut self) -> io::Result<()> {
+        let mut ring = BufRing::new(self.bufs.count());
+        for bid in 0..self.bufs.count() {
+            ring.push(bid, self.bufs.ptr(bid), self.bufs.size() as u32);
+        }
+        ring.publish();
+        // SAFETY: the ring memory lives in `mode_state` (or is dropped after unregistering
+        // below) and outlives its registration.
+        unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                ring.addr(),
+                ring.entries(),
+                BGID,
+                0,
+            )?
+        };
+        // SAFETY: zeroed msghdr is valid; only namelen/controllen matter for multishot.
+        let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        hdr.msg_namelen = SOCKADDR_LEN as u32;
+        let probe = self.probe_multishot(&hdr);
+        match probe {
+            Ok(bid) => {
+                ring.push(bid, self.bufs.ptr(bid), self.bufs.size() as u32);
+                ring.publish();
+                self.mode_state = Mode::Multishot { ring, hdr };
+                self.mode = IoMode::Multishot;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.ring.submitter().unregister_buf_ring(BGID);
+                Err(e)
+            }
+        }
+    }
+
+    fn probe_multishot(&mut self, hdr: &libc::msghdr) -> io::Result<u16> {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let entry = opcode::RecvMsgMulti::new(Fd(rx.as_raw_fd()), hdr, BGID)
+            .build()
+            .user_data(OP_PROBE);
+        // SAFETY: hdr outlives the operation (cancelled and reaped below).
+        unsafe {
+            self.ring
+                .submission()
+                .push(&entry)
+                .map_err(|_| io::Error::other("submission queue full"))?
+        };
+        self.ring.submit()?;
+        tx.send_to(b"probe", rx.local_addr()?)?;
+        let mut result = Err(io::Error::other("no completion for multishot probe"));
+        let mut cancelled = false;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let ts = Timespec::new().nsec(100_000_000);
+            match self
+                .ring
+                .submitter()
+                .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
+            {
+                Ok(_) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ETIME)
+                        || e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            let mut done = false;
+            for cqe in self.ring.completion() {
+                if cqe.user_data() != OP_PROBE {
+                    continue;
+                }
+                let more = cqueue::more(cqe.flags());
+                if cqe.result() > 0 {
+                    if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                        result = if more {
+                            Ok(bid)
+                        } else {
+                            Err(io::Error::other("multishot receive did not stay armed"))
+                        };
+                    }
+                } else if result.is_err() && cqe.result() < 0 {
+                    result = Err(io::Error::from_raw_os_error(-cqe.result()));
+                }
+                if !more {
+                    done = true;
+                }
+            }
+            if done {
+                break;
+            }
+            if result.is_ok() && !cancelled {
+                let c = opcode::AsyncCancel::new(OP_PROBE)
+                    .build()
+                    .user_data(OP_CANCEL);
+                // SAFETY: a cancel op references no memory.
+                unsafe {
+                    self.ring
+                        .submission()
+                        .push(&c)
+                        .map_err(|_| io::Error::other("submission queue full"))?
+                };
+                cancelled = true;
+            }
+        }
+        // Drain the cancel's own completion.
+        for _ in self.ring.completion() {}
+        result
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::Read::new(
+            Fd(self.wake.as_raw_fd()),
+            &mut *self.wake_buf as *mut u64 as *mut u8,
+            8,
+        )
+        .build()
+        .user_data(OP_WAKE);
+        self.sqes.push(e);
+    }
+
+    fn run(&mut self) {
+        loop {
+            self.drain_commands();
+            if self.shutting_down && self.table.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            let mut cqes = std::mem::take(&mut self.cqes);
+            loop {
+                cqes.clear();
+                cqes.extend(self.ring.completion().take(cqes.capacity()));
+                if cqes.is_empty() {
+                    break;
+                }
+                self.local.completions += cqes.len() as u64;
+                for cqe in &cqes {
+                    self.on_completion(now, cqe);
+                }
+                self.after_batch();
+            }
+            self.cqes = cqes;
+            if now >= self.next_housekeeping {
+                self.housekeep(now);
+            }
+            self.flush_events();
+            self.counters.publish(&self.local);
+            self.enter();
+            // Closing only after the sends queued above were submitted: the kernel has
+            // taken its own reference to each file, and the fd number cannot be reused
+            // under a queued send.
+            for idx in std::mem::take(&mut self.to_close) {
+                self.close_sock(idx);
+            }
+        }
+        let _ = self.ring.submitter().unregister_buf_ring(BGID);
+        tracing::info!(worker = self.index, "worker stopped");
+    }
+
+    fn after_batch(&mut self) {
+        if let Mode::Multishot { ring, .. } = &self.mode_state {
+            ring.publish();
+        }
+        for idx in std::mem::take(&mut self.rearm) {
+            self.arm_recv(idx);
+        }
+        self.push_sqes();
+    }
+
+    fn enter(&mut self) {
+        self.push_sqes();
+        let wait = self
+            .next_housekeeping
+            .saturating_duration_since(Instant::now())
+            .min(self.housekeeping);
+        let ts = Timespec::new()
+            .sec(wait.as_secs())
+            .nsec(wait.subsec_nanos());
+        self.local.enters += 1;
+        match self
+            .ring
+            .submitter()
+            .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
+        {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => tracing::error!(worker = self.index, error = %e, "io_uring_enter failed"),
+        }
+    }
+
+    fn push_sqes(&mut self) {
+        let mut i = 0;
+        while i < self.sqes.len() {
+            let pushed = {
+                let mut sq = self.ring.submission();
+                let mut n = 0;
+                for e in &self.sqes[i..] {
+                    // SAFETY: every entry points into buffers, slots or boxes owned by this
+                    // worker that stay put until the operation completes.
+                    if unsafe { sq.push(e) }.is_err() {
+                        break;
+                    }
+                    n += 1;
+                }
+                n
+            };
+            i += pushed;
+            if i < self.sqes.len() {
+                // Queue full: hand what we have to the kernel and continue.
+                self.local.enters += 1;
+                if let Err(e) = self.ring.submit() {
+                    if e.raw_os_error() != Some(libc::EBUSY) {
+                        tracing::error!(worker = self.index, error = %e, "io_uring submit failed");
+                    }
+                }
+            }
+        }
+        self.sqes.clear();
+    }
+
+    fn on_completion(&mut self, now: Instant, cqe: &cqueue::Entry) {
+        let ud = cqe.user_data();
+        match ud & OP_MASK {
+            OP_RECV => self.on_recv(now, ud, cqe.result(), cqe.flags()),
+            OP_SEND => {
+                let bid = ud as u16;
+                let out = ((ud >> 16) & 0xff_ffff) as SockIdx;
+                if cqe.result() < 0 {
+                    self.local.drops[DropReason::SendError as usize] += 1;
+                    self.table.on_send_error(out);
+                } else {
+                    self.local.tx_packets += 1;
+                    self.local.tx_bytes += cqe.result() as u64;
+                }
+                self.recycle(bid);
+            }
+            OP_WAKE => {
+                if !self.shutting_down || !self.table.is_empty() {
+                    self.arm_wake();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[inline]
+    fn on_recv(&mut self, now: Instant, ud: u64, res: i32, flags: u32) {
+        let idx = (ud & 0xff_ffff) as SockIdx;
+        let gen = ((ud >> 24) & 0xffff) as u16;
+        let multishot = matches!(self.mode_state, Mode::Multishot { .. });
+        let bid = if multishot {
+            cqueue::buffer_select(flags)
+        } else {
+            Some((ud >> 40) as u16)
+        };
+        let final_cqe = !multishot || !cqueue::more(flags);
+        if res >= 0 {
+            if let Some(bid) = bid {
+                self.on_packet(now, idx, bid, res as usize);
+            }
+        } else if let Some(bid) = bid {
+            self.recycle(bid);
+        }
+        if res == -libc::ENOBUFS {
+            self.local.buffer_exhausted += 1;
+        }
+        if !final_cqe {
+            return;
+        }
+        let Some(Some(s)) = self.socks.get_mut(idx as usize) else {
+            return;
+        };
+        if s.gen != gen {
+            return;
+        }
+        s.armed = None;
+        if s.closing {
+            self.to_close.push(idx);
+        } else {
+            self.rearm.push(idx);
+        }
+    }
+
+    #[inline]
+    fn on_packet(&mut self, now: Instant, idx: SockIdx, bid: u16, res: usize) {
+        let (src, payload_off, len, truncated) = match &self.mode_state {
+            Mode::Multishot { hdr, .. } => {
+                // SAFETY: the kernel finished writing this buffer (its CQE arrived).
+                let buf = unsafe { self.bufs.slice(bid, res) };
+                match RecvMsgOut::parse(buf, hdr) {
+                    Ok(m) => {
+                        let off = m.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
+                        (
+                            read_sockaddr(m.name_data()),
+                            off,
+                            m.payload_data().len(),
+                            m.is_payload_truncated(),
+                        )
+                    }
+                    Err(()) => (None, 0, 0, true),
+                }
+            }
+            Mode::Oneshot { .. } => {
+                let slot = self.slots.get(bid);
+                // SAFETY: the slot's address was filled by the completed recvmsg.
+                let name = unsafe {
+                    std::slice::from_raw_parts(
+                        &slot.addr as *const _ as *const u8,
+                        slot.hdr.msg_namelen as usize,
+                    )
+                };
+                (
+                    read_sockaddr(name),
+                    0,
+                    res,
+                    slot.hdr.msg_flags & libc::MSG_TRUNC != 0,
+                )
+            }
+        };
+        self.local.rx_packets += 1;
+        self.local.rx_bytes += len as u64;
+        let verdict = match (src, truncated) {
+            (Some(src), false) => {
+                // SAFETY: as above; the payload lies within the buffer.
+                let pkt =
+                    unsafe { std::slice::from_raw_parts(self.bufs.ptr(bid).add(payload_off), len) };
+                self.table.on_packet(now, idx, src, pkt)
+            }
+            (_, true) => Verdict::Drop(DropReason::Truncated),
+            (None, false) => Verdict::Drop(DropReason::Malformed),
+        };
+        match verdict {
+            Verdict::Forward { out, dst } => {
+                let Some(Some(o)) = self.socks.get(out as usize) else {
+                    self.local.drops[DropReason::Closing as usize] += 1;
+                    self.recycle(bid);
+                    return;
+                };
+                let fd = o.sock.as_raw_fd();
+                // SAFETY: the payload pointer stays valid until the send completes and
+                // the buffer is recycled.
+                let base = unsafe { self.bufs.ptr(bid).add(payload_off) };
+                let slot = self.slots.get(bid);
+                let namelen = write_sockaddr(&dst, &mut slot.addr);
+                slot.iov = libc::iovec {
+                    iov_base: base as *mut libc::c_void,
+                    iov_len: len,
+                };
+                slot.hdr.msg_name = &mut slot.addr as *mut _ as *mut libc::c_void;
+                slot.hdr.msg_namelen = namelen;
+                slot.hdr.msg_iov = &mut slot.iov;
+                slot.hdr.msg_iovlen = 1;
+                slot.hdr.msg_control = std::ptr::null_mut();
+                slot.hdr.msg_controllen = 0;
+                slot.hdr.msg_flags = 0;
+                let e = opcode::SendMsg::new(Fd(fd), &slot.hdr)
+                    .build()
+                    .user_data(send_ud(bid, out));
+                self.sqes.push(e);
+            }
+            Verdict::Drop(r) => {
+                self.local.drops[r as usize] += 1;
+                self.recycle(bid);
+            }
+        }
+    }
+
+    #[inline]
+    fn recycle(&mut self, bid: u16) {
+        match &mut self.mode_state {
+            Mode::Multishot { ring, .. } => {
+                ring.push(bid, self.bufs.ptr(bid), self.bufs.size() as u32)
+            }
+            Mode::Oneshot { free, waiting } => {
+                free.push(bid);
+                if let Some(idx) = waiting.pop_front() {
+                    self.rearm.push(idx);
+                }
+            }
+        }
+    }
+
+    fn arm_recv(&mut self, idx: SockIdx) {
+        let Some(Some(s)) = self.socks.get_mut(idx as usize) else {
+            return;
+        };
+        if s.armed.is_some() || s.closing {
+            return;
+        }
+        let fd = s.sock.as_raw_fd();
+        let gen = s.gen;
+        let entry = match &mut self.mode_state {
+            Mode::Multishot { hdr, .. } => {
+                let ud = recv_ud(idx, gen, 0);
+                s.armed = Some(ud);
+                opcode::RecvMsgMulti::new(Fd(fd), &**hdr, BGID)
+                    .build()
+                    .user_data(ud)
+            }
+            Mode::Oneshot { free, waiting } => {
+                let Some(bid) = free.pop() else {
+                    // Every buffer is in flight; the socket waits for the next one freed.
+                    waiting.push_back(idx);
+                    return;
+                };
+                let ud = recv_ud(idx, gen, bid);
+                s.armed = Some(ud);
+                let slot = self.slots.get(bid);
+                slot.iov = libc::iovec {
+                    iov_base: self.bufs.ptr(bid) as *mut libc::c_void,
+                    iov_len: self.bufs.size(),
+                };
+                slot.hdr.msg_name = &mut slot.addr as *mut _ as *mut libc::c_void;
+                slot.hdr.msg_namelen = SOCKADDR_LEN as u32;
+                slot.hdr.msg_iov = &mut slot.iov;
+                slot.hdr.msg_iovlen = 1;
+                slot.hdr.msg_control = std::ptr::null_mut();
+                slot.hdr.msg_controllen = 0;
+                slot.hdr.msg_flags = 0;
+                opcode::RecvMsg::new(Fd(fd), &mut slot.hdr)
+                    .build()
+                    .user_data(ud)
+            }
+        };
+        self.sqes.push(entry);
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(cmd) => self.on_command(cmd),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.begin_shutdown();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Add(new) => self.add(*new, now),
+            Command::SetRemote { id, leg, remote } => {
+                self.table.set_remote(id, leg as usize, remote);
+            }
+            Command::Remove { id } => self.remove(id),
+            Command::Query { id, reply } => {
+                let _ = reply.try_send(self.table.snapshot(id, now));
+            }
+            Command::Shutdown => self.begin_shutdown(),
+        }
+        self.local.sessions = self.table.len() as u64;
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        for id in self.table.ids() {
+            self.remove(id);
+        }
+    }
+
+    fn add(&mut self, new: NewSession, now: Instant) {
+        let NewSession { spec, sockets } = new;
+        let id = spec.id;
+        if self.shutting_down {
+            drop(sockets);
+            self.emit(Event::Released { id }, true);
+            return;
+        }
+        let Some(idx) = self.table.insert(&spec, now) else {
+            // Duplicate id: refuse, and free the ports that came with it.
+            drop(sockets);
+            self.emit(Event::Released { id }, true);
+            return;
+        };
+        for (leg, socks) in sockets.into_iter().enumerate() {
+            for (kind, sock) in socks.into_iter().enumerate() {
+                let i = idx[leg][kind] as usize;
+                if self.socks.len() <= i {
+                    self.socks.resize_with(i + 1, || None);
+                }
+                self.next_gen = self.next_gen.wrapping_add(1);
+                self.socks[i] = Some(SockIo {
+                    sock,
+                    gen: self.next_gen,
+                    armed: None,
+                    closing: false,
+                });
+                self.arm_recv(i as SockIdx);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(socks) = self.table.begin_remove(id) else {
+            return;
+        };
+        for idx in socks.into_iter().flatten() {
+            let Some(Some(s)) = self.socks.get_mut(idx as usize) else {
+                continue;
+            };
+            s.closing = true;
+            match s.armed {
+                Some(ud) => self
+                    .sqes
+                    .push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
+                None => {
+                    if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
+                        waiting.retain(|&w| w != idx);
+                    }
+                    self.to_close.push(idx);
+                }
+            }
+        }
+    }
+
+    fn close_sock(&mut self, idx: SockIdx) {
+        if let Some(slot) = self.socks.get_mut(idx as usize) {
+            // Dropping the socket closes the fd; the port is free once the kernel's last
+            // reference (an in-flight send, if any) goes.
+            *slot = None;
+        }
+        if let Some(id) = self.table.release_sock(idx) {
+            self.local.sessions = self.table.len() as u64;
+            self.emit(Event::Released { id }, true);
+        }
+    }
+
+    fn housekeep(&mut self, now: Instant) {
+        self.next_housekeeping = now + self.housekeeping;
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        self.table.expired(now, &mut ids);
+        for &id in &ids {
+            self.emit(Event::TimedOut { id }, true);
+            self.remove(id);
+        }
+        ids.clear();
+        self.scratch_ids = ids;
+
+        let mut evs = std::mem::take(&mut self.scratch_events);
+        self.table.drain_events(&mut evs);
+        for e in evs.drain(..) {
+            let TableEvent::Latched {
+                id,
+                leg,
+                rtcp,
+                addr,
+                relatch,
+            } = e;
+            self.emit(
+                Event::Latched {
+                    id,
+                    leg,
+                    rtcp,
+                    addr,
+                    relatch,
+                },
+                false,
+            );
+        }
+        self.scratch_events = evs;
+
+        if now >= self.next_stats {
+            self.next_stats = now + self.stats_interval;
+            let mut snaps = std::mem::take(&mut self.scratch_snaps);
+            self.table.drain_dirty(now, &mut snaps);
+            for s in snaps.drain(..) {
+                self.emit(Event::Stats(Box::new(s)), false);
+            }
+            self.scratch_snaps = snaps;
+        }
+        self.push_sqes();
+    }
+
+    /// Sends an event; critical ones (that free ports or end sessions) are kept and
+    /// retried when the queue is full, the rest are counted and dropped.
+    fn emit(&mut self, ev: Event, critical: bool) {
+        if !self.pending_events.is_empty() && critical {
+            self.pending_events.push_back(ev);
+            return;
+        }
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(TrySendError::Full(ev)) if critical => self.pending_events.push_back(ev),
+            Err(_) => self.local.events_dropped += 1,
+        }
+    }
+
+    fn flush_events(&mut self) {
+        while let Some(ev) = self.pending_events.pop_front() {
+            match self.events.try_send(ev) {
+                Ok(()) => {}
+                Err(TrySendError::Full(ev)) => {
+                    self.pending_events.push_front(ev);
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.pending_events.clear();
+                    return;
+                }
+            }
+        }
+    }
+}

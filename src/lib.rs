@@ -1,0 +1,1 @@
+//! hasp: integration tests and benches live in tests/ and benches/.
