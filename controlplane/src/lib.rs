@@ -1,1 +1,19 @@
-//! stub
+//! hasp control plane.
+//!
+//! This crate decides; the data plane forwards. For the relay role it allocates ports,
+//! binds sockets, pushes sessions to the data plane's workers and serves the REST
+//! session API ([`api`]). Later roles (SIP proxy, load balancer, DNS, membership) live
+//! here too.
+
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod ports;
+pub mod relay;
+
+pub use config::{Config, PortRange, RelayConfig};
+pub use error::Error;
+pub use relay::Relay;

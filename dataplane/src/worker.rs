@@ -113,6 +113,11 @@ impl WorkerHandle {
     pub fn counters(&self) -> &WorkerCounters {
         &self.counters
     }
+
+    /// A shared handle on its counters, for readers that outlive a borrow.
+    pub fn counters_arc(&self) -> Arc<WorkerCounters> {
+        self.counters.clone()
+    }
 }
 
 /// The running data plane: its workers.

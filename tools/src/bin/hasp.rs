@@ -1,1 +1,267 @@
-fn main() {}
+//! `hasp`: every role of the platform in one binary.
+//!
+//! `hasp relay` runs the RTP relay (data plane workers + REST API); `hasp up` runs every
+//! role available on one machine with the embedded defaults (today: the relay).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use controlplane::api::{self, ApiState};
+use controlplane::{Config, PortRange, Relay, RelayConfig};
+use dataplane::{IoMode, LatchMode};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "hasp",
+    version,
+    about = "hasp: a highly available SIP/RTP platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the RTP relay: io_uring data plane workers and the REST session API.
+    Relay(RelayArgs),
+    /// Run every role on this machine with embedded defaults (today: the relay).
+    /// Without --api-token or --no-auth, a token is generated and printed.
+    Up(RelayArgs),
+}
+
+/// Relay options. Each overrides the same key of the config file's `[relay]` table;
+/// each can also be set by the environment variable shown.
+#[derive(Args, Debug, Default)]
+struct RelayArgs {
+    /// TOML configuration file (see docs/hasp.sample.toml).
+    #[arg(long, env = "HASP_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the REST API [default: 127.0.0.1:8080]; port 0 picks a free port
+    /// (the ready line tells which).
+    #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT")]
+    listen_api: Option<SocketAddr>,
+    /// RTP port range; each leg takes an even RTP port and the RTCP port after it
+    /// [default: 30000-39999].
+    #[arg(long, env = "HASP_RTP_PORTS", value_name = "MIN-MAX")]
+    rtp_ports: Option<PortRange>,
+    /// Worker threads, each with its own io_uring [default: one per --cores entry, else 1].
+    #[arg(long, env = "HASP_WORKERS", value_name = "N")]
+    workers: Option<usize>,
+    /// Cores to pin workers to, e.g. "0,1" or "2-5"; worker i goes to the i-th (cycling).
+    #[arg(long, env = "HASP_CORES", value_name = "LIST", value_parser = parse_cores)]
+    cores: Option<Cores>,
+    /// Bearer token required by the API (send "Authorization: Bearer TOKEN").
+    #[arg(
+        long,
+        env = "HASP_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    api_token: Option<String>,
+    /// Serve the API without a token. Only for a loopback lab setup.
+    #[arg(long, env = "HASP_NO_AUTH")]
+    no_auth: bool,
+    /// Address media sockets bind to [default: 127.0.0.1].
+    #[arg(long, env = "HASP_MEDIA_IP", value_name = "IP")]
+    media_ip: Option<IpAddr>,
+    /// Address announced to clients for media [default: --media-ip].
+    #[arg(long, env = "HASP_ADVERTISE_IP", value_name = "IP")]
+    advertise_ip: Option<IpAddr>,
+    /// Seconds without an accepted packet before a session is deleted [default: 60].
+    #[arg(long, env = "HASP_INACTIVITY_TIMEOUT", value_name = "SECS")]
+    inactivity_timeout: Option<u64>,
+    /// Receive path: auto (probe the kernel), multishot or oneshot [default: auto].
+    #[arg(long, env = "HASP_IO_MODE", value_name = "MODE")]
+    io_mode: Option<IoMode>,
+    /// NAT latching: "learn" (first source, re-latch per policy) or "strict" (strict-source:
+    /// only the signalled or first source, ever) [default: learn].
+    #[arg(long, env = "HASP_LATCH", value_name = "MODE", value_parser = parse_latch)]
+    latch: Option<LatchMode>,
+    /// In learn mode, another source may take over after the latched one was silent this
+    /// many ms; 0 never [default: 2000].
+    #[arg(long, env = "HASP_RELATCH_IDLE_MS", value_name = "MS")]
+    relatch_idle_ms: Option<u64>,
+    /// In learn mode, a source sending a new SSRC may take over at once.
+    #[arg(long, env = "HASP_RELATCH_ON_SSRC_CHANGE")]
+    relatch_on_ssrc_change: bool,
+    /// Milliseconds between per-session statistics pushes from the workers [default: 1000].
+    #[arg(long, env = "HASP_STATS_INTERVAL_MS", value_name = "MS")]
+    stats_interval_ms: Option<u64>,
+    /// Check the configuration, print it as TOML and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Cores(Vec<usize>);
+
+fn parse_cores(s: &str) -> Result<Cores, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: usize = a.parse().map_err(|_| format!("bad core {a:?}"))?;
+                let b: usize = b.parse().map_err(|_| format!("bad core {b:?}"))?;
+                if a > b {
+                    return Err(format!("bad core range {part:?}"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| format!("bad core {part:?}"))?),
+        }
+    }
+    if out.is_empty() {
+        return Err("empty core list".into());
+    }
+    Ok(Cores(out))
+}
+
+fn parse_latch(s: &str) -> Result<LatchMode, String> {
+    match s {
+        "learn" => Ok(LatchMode::Learn),
+        "strict" | "strict-source" => Ok(LatchMode::Strict),
+        _ => Err(format!("unknown latch mode {s:?} (learn, strict)")),
+    }
+}
+
+impl RelayArgs {
+    /// File, then environment/flags on top.
+    fn resolve(&self) -> Result<RelayConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                Config::from_toml(&text)
+                    .with_context(|| format!("in {}", p.display()))?
+                    .relay
+            }
+            None => RelayConfig::default(),
+        };
+        if let Some(v) = self.listen_api {
+            c.listen_api = v;
+        }
+        if let Some(v) = self.rtp_ports {
+            c.rtp_ports = v;
+        }
+        if let Some(v) = self.workers {
+            c.workers = Some(v);
+        }
+        if let Some(v) = &self.cores {
+            c.cores = v.0.clone();
+        }
+        if let Some(v) = &self.api_token {
+            c.api_token = Some(v.clone());
+        }
+        if self.no_auth {
+            c.no_auth = true;
+        }
+        if let Some(v) = self.media_ip {
+            c.media_ip = v;
+        }
+        if let Some(v) = self.advertise_ip {
+            c.advertise_ip = Some(v);
+        }
+        if let Some(v) = self.inactivity_timeout {
+            c.inactivity_timeout_secs = v;
+        }
+        if let Some(v) = self.io_mode {
+            c.io_mode = v;
+        }
+        if let Some(v) = self.latch {
+            c.latch.mode = v;
+        }
+        if let Some(v) = self.relatch_idle_ms {
+            c.latch.relatch_idle = (v > 0).then(|| Duration::from_millis(v));
+        }
+        if self.relatch_on_ssrc_change {
+            c.latch.relatch_on_ssrc_change = true;
+        }
+        if let Some(v) = self.stats_interval_ms {
+            c.stats_interval_ms = v;
+        }
+        Ok(c)
+    }
+}
+
+fn random_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HASP_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Relay(args) => run_relay(args, "relay", false),
+        Cmd::Up(args) => run_relay(args, "up", true),
+    }
+}
+
+fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
+    let mut cfg = args.resolve()?;
+    if generate_token && !cfg.no_auth && cfg.api_token.is_none() {
+        let t = random_token()?;
+        println!("hasp {role}: generated API token {t} (pass --api-token or HASP_API_TOKEN to choose one)");
+        cfg.api_token = Some(t);
+    }
+    if let Err(e) = cfg.validate() {
+        bail!("{e}");
+    }
+    if args.check_config {
+        print!("{}", toml::to_string(&Config { relay: cfg })?);
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hasp-api")
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen_api)
+            .await
+            .with_context(|| format!("binding the API on {}", cfg.listen_api))?;
+        let api_addr = listener.local_addr()?;
+        let relay = Relay::start(cfg.clone())?;
+        let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
+        let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
+        println!(
+            "hasp {role} ready api=http://{api_addr} media={} ports={} workers={} io_mode={} auth={}",
+            cfg.advertised(),
+            cfg.rtp_ports,
+            modes.len(),
+            modes.join(","),
+            if cfg.no_auth { "off" } else { "token" },
+        );
+        std::io::stdout().flush()?;
+        let state = ApiState { relay: relay.clone(), token };
+        api::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("shutting down");
+        relay.shutdown();
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

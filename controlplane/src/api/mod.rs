@@ -1,0 +1,136 @@
+//! The REST API of the relay role (axum).
+//!
+//! `POST/GET /v1/sessions`, `GET/PATCH/DELETE /v1/sessions/{id}`, `GET /health`,
+//! `GET /metrics`. Every error is JSON `{"code": "...", "message": "..."}` with a stable
+//! code; no input reaches a panic.
+
+mod error;
+mod sessions;
+
+pub use error::ApiError;
+
+use crate::relay::Relay;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::sync::Arc;
+use tower::limit::ConcurrencyLimitLayer;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Shared state of the API handlers.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The relay.
+    pub relay: Arc<Relay>,
+    /// Required bearer token; `None` when authentication is disabled.
+    pub token: Option<Arc<str>>,
+}
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    let max = state.relay.config().api_max_concurrency.max(1);
+    let protected = Router::new()
+        .route("/v1/sessions", get(sessions::list).post(sessions::create))
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::get)
+                .patch(sessions::update)
+                .delete(sessions::delete),
+        )
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(ConcurrencyLimitLayer::new(max))
+        .with_state(state)
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    let Some(token) = &st.token else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| {
+            req.headers()
+                .get("x-api-token")
+                .and_then(|v| v.to_str().ok())
+        });
+    match given {
+        Some(g) if constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API token",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API token: send 'Authorization: Bearer <token>'",
+        )
+        .into_response(),
+    }
+}
+
+async fn health(State(st): State<ApiState>) -> Response {
+    let workers: Vec<_> = st
+        .relay
+        .workers()
+        .into_iter()
+        .map(|(mode, core, _)| serde_json::json!({"io_mode": mode, "core": core}))
+        .collect();
+    Json(serde_json::json!({"status": "ok", "role": "relay", "workers": workers})).into_response()
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let mut r = crate::metrics::render(&st.relay).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this resource",
+    )
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,221 @@
+//! Configuration: one TOML file, every field defaulted and documented; command-line
+//! flags and environment variables override it (see the `hasp` binary).
+
+use crate::error::Error;
+use dataplane::{IoMode, LatchPolicy};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The relay role.
+    pub relay: RelayConfig,
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+/// The relay role's settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Address of the REST API.
+    pub listen_api: SocketAddr,
+    /// Address media sockets bind to.
+    pub media_ip: IpAddr,
+    /// Address given to clients as the relay's media address (default: `media_ip`).
+    pub advertise_ip: Option<IpAddr>,
+    /// RTP port range, `MIN-MAX`; each leg takes an even RTP port and the odd RTCP port
+    /// after it.
+    pub rtp_ports: PortRange,
+    /// Worker threads (default: one per entry of `cores`, else 1).
+    pub workers: Option<usize>,
+    /// Cores to pin workers to; empty: no pinning.
+    pub cores: Vec<usize>,
+    /// Bearer token the API requires.
+    pub api_token: Option<String>,
+    /// Serve the API without authentication (only for a loopback test setup).
+    pub no_auth: bool,
+    /// Seconds without an accepted packet after which a session is deleted.
+    pub inactivity_timeout_secs: u64,
+    /// How workers receive: `auto`, `multishot` or `oneshot`.
+    pub io_mode: IoMode,
+    /// Default NAT latching policy for new sessions.
+    pub latch: LatchPolicy,
+    /// Milliseconds between statistics pushes from the workers.
+    pub stats_interval_ms: u64,
+    /// Packet buffers per worker (a power of two).
+    pub buffers: u16,
+    /// Requests the API handles at once; more wait.
+    pub api_max_concurrency: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            listen_api: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_ip: None,
+            rtp_ports: PortRange {
+                min: 30000,
+                max: 39999,
+            },
+            workers: None,
+            cores: Vec::new(),
+            api_token: None,
+            no_auth: false,
+            inactivity_timeout_secs: 60,
+            io_mode: IoMode::Auto,
+            latch: LatchPolicy::default(),
+            stats_interval_ms: 1000,
+            buffers: 4096,
+            api_max_concurrency: 256,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Worker count after defaults.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or(self.cores.len().max(1))
+    }
+
+    /// The address clients are told to send media to.
+    pub fn advertised(&self) -> IpAddr {
+        self.advertise_ip.unwrap_or(self.media_ip)
+    }
+
+    /// Checks the settings hang together.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.worker_count() == 0 {
+            return Err(Error::Config("workers must be at least 1".into()));
+        }
+        if self.rtp_ports.pairs() < 2 {
+            return Err(Error::Config(format!(
+                "rtp_ports {} holds fewer than two RTP/RTCP port pairs (one session needs two)",
+                self.rtp_ports
+            )));
+        }
+        if !self.no_auth && self.api_token.as_deref().is_none_or(str::is_empty) {
+            return Err(Error::Config(
+                "an API token is required (api_token / --api-token), or --no-auth".into(),
+            ));
+        }
+        if self.advertised().is_unspecified() {
+            return Err(Error::Config(
+                "media_ip is a wildcard: set advertise_ip to the address clients reach".into(),
+            ));
+        }
+        if self.inactivity_timeout_secs == 0 {
+            return Err(Error::Config(
+                "inactivity_timeout_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An inclusive port range, written `MIN-MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// Lowest port.
+    pub min: u16,
+    /// Highest port.
+    pub max: u16,
+}
+
+impl PortRange {
+    /// First even port in the range.
+    pub fn first_even(&self) -> u16 {
+        self.min + (self.min & 1)
+    }
+
+    /// Number of (even RTP, odd RTCP) pairs in the range.
+    pub fn pairs(&self) -> usize {
+        let first = self.first_even() as usize;
+        let max = self.max as usize;
+        if first + 1 > max {
+            0
+        } else {
+            (max - first + 1) / 2
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("port range {s:?} is not MIN-MAX"))?;
+        let min: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
+        let max: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
+        if min == 0 || min > max {
+            return Err(format!("port range {s:?} must have 0 < MIN <= MAX"));
+        }
+        Ok(Self { min, max })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_ranges() {
+        let r: PortRange = "30001-30010".parse().unwrap();
+        assert_eq!(r.first_even(), 30002);
+        assert_eq!(r.pairs(), 4); // 30002/3 … 30008/9
+        assert!("10-5".parse::<PortRange>().is_err());
+        assert!("x-5".parse::<PortRange>().is_err());
+        assert_eq!("4-4".parse::<PortRange>().unwrap().pairs(), 0);
+    }
+
+    #[test]
+    fn parses_a_config_file_and_rejects_unknown_keys() {
+        let c = Config::from_toml(
+            "[relay]\nrtp_ports = \"40000-40099\"\ncores = [0, 1]\napi_token = \"t\"\n[relay.latch]\nmode = \"strict\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.relay.worker_count(), 2);
+        assert_eq!(c.relay.rtp_ports.pairs(), 50);
+        assert_eq!(c.relay.latch.mode, dataplane::LatchMode::Strict);
+        c.relay.validate().unwrap();
+        assert!(Config::from_toml("[relay]\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn requires_a_token_unless_disabled() {
+        let mut c = RelayConfig::default();
+        assert!(c.validate().is_err());
+        c.no_auth = true;
+        c.validate().unwrap();
+    }
+}

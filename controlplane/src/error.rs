@@ -1,0 +1,28 @@
+//! The control plane's error type.
+
+/// Errors of the control plane. The API maps each to an HTTP status and a stable code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No free port pair is left in the configured range.
+    #[error("no free RTP ports: all {0} port pairs of the configured range are in use")]
+    PortsExhausted(usize),
+    /// A worker's command queue is full: the data plane is overloaded.
+    #[error("data plane busy: {0}")]
+    Busy(String),
+    /// No such session.
+    #[error("no session with id {0:?}")]
+    NotFound(String),
+    /// The request was understood but its content is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The data plane failed.
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::Error),
+    /// An I/O error (binding the API listener, reading the config).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}

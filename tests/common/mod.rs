@@ -1,0 +1,213 @@
+//! Shared helpers for the integration tests: the real `hasp` binary, real sockets.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Path of the `hasp` binary, built on first use if the test run did not build it.
+pub fn hasp_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "hasp-tools", "--bin", "hasp"])
+            .current_dir(&root)
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building hasp failed");
+        target.join("debug").join("hasp")
+    })
+    .clone()
+}
+
+/// A `hasp relay` process; killed on drop.
+pub struct RelayProc {
+    pub child: Child,
+    pub api: String,
+    pub token: Option<String>,
+    agent: ureq::Agent,
+}
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+impl RelayProc {
+    /// Starts `hasp relay` with a token and the given extra arguments.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut args = vec!["relay", "--listen-api", "127.0.0.1:0", "--api-token", TOKEN];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, Some(TOKEN.to_string()))
+    }
+
+    /// Starts `hasp` with exactly these arguments.
+    pub fn spawn(args: &[&str], token: Option<String>) -> Self {
+        let mut child = Command::new(hasp_bin())
+            .args(args)
+            .env("HASP_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hasp");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(" ready ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("hasp printed no ready line");
+        let api = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("api="))
+            .expect("api= in ready line")
+            .to_string();
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build();
+        Self {
+            child,
+            api,
+            token,
+            agent,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a request with the relay's token; returns status and JSON body (Null if none).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.call_with(method, path, body, self.token.as_deref())
+    }
+
+    pub fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self.agent.request(method, &format!("{}{}", self.api, path));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn metrics(&self) -> String {
+        let (s, v) = self.call("GET", "/metrics", None);
+        assert_eq!(s, 200);
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Value of one metric series (exact name with labels).
+    pub fn metric(&self, series: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {series}"))
+    }
+
+    /// Creates a session; returns (id, [(rtp, rtcp) ports of A, of B]).
+    pub fn create(&self, body: &str) -> (String, SocketAddr, [SocketAddr; 2], [SocketAddr; 2]) {
+        let (s, v) = self.call("POST", "/v1/sessions", Some(body));
+        assert_eq!(s, 201, "create: {v}");
+        let ip: std::net::IpAddr = v["address"].as_str().unwrap().parse().unwrap();
+        let port =
+            |l: usize, k: &str| SocketAddr::new(ip, v["legs"][l][k].as_u64().unwrap() as u16);
+        let id = v["id"].as_str().unwrap().to_string();
+        (
+            id,
+            SocketAddr::new(ip, 0),
+            [port(0, "rtp_port"), port(1, "rtp_port")],
+            [port(0, "rtcp_port"), port(1, "rtcp_port")],
+        )
+    }
+
+    /// Number of open file descriptors of the relay process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A UDP endpoint on loopback with a receive timeout.
+pub fn udp() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+/// A 172-byte G.711 RTP packet (20 ms) with `tag` in the payload.
+pub fn rtp(seq: u16, ssrc: u32, tag: u8) -> Vec<u8> {
+    let mut p = vec![tag; 172];
+    p[0] = 0x80;
+    p[1] = 0; // PCMU
+    p[2..4].copy_from_slice(&seq.to_be_bytes());
+    p[4..8].copy_from_slice(&(seq as u32 * 160).to_be_bytes());
+    p[8..12].copy_from_slice(&ssrc.to_be_bytes());
+    p
+}
+
+/// A minimal RTCP receiver report from `ssrc`.
+pub fn rtcp(ssrc: u32, tag: u8) -> Vec<u8> {
+    let mut p = vec![0x80, 201, 0, 1, 0, 0, 0, 0, tag, tag, tag, tag];
+    p[4..8].copy_from_slice(&ssrc.to_be_bytes());
+    let words = (p.len() / 4 - 1) as u16;
+    p[2..4].copy_from_slice(&words.to_be_bytes());
+    p
+}
+
+/// Receives one datagram; panics on timeout.
+pub fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 2048];
+    let (n, from) = s.recv_from(&mut buf).expect("datagram expected");
+    (buf[..n].to_vec(), from)
+}
