@@ -56,6 +56,9 @@ pub struct RelayConfig {
     pub buffers: u16,
     /// Requests the API handles at once; more wait.
     pub api_max_concurrency: usize,
+    /// Microseconds a worker with a completion pending may wait for more before it runs
+    /// (Linux 6.12+); 0 runs at every completion.
+    pub batch_wait_us: u64,
 }
 
 impl Default for RelayConfig {
@@ -78,6 +81,7 @@ impl Default for RelayConfig {
             stats_interval_ms: 1000,
             buffers: 4096,
             api_max_concurrency: 256,
+            batch_wait_us: 0,
         }
     }
 }
@@ -217,5 +221,15 @@ mod tests {
         assert!(c.validate().is_err());
         c.no_auth = true;
         c.validate().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod sample {
+    /// The documented sample must stay a valid configuration.
+    #[test]
+    fn sample_config_parses() {
+        let c = super::Config::from_toml(include_str!("../../docs/hasp.sample.toml")).unwrap();
+        assert_eq!(c.relay.rtp_ports.to_string(), "30000-39999");
     }
 }

@@ -195,6 +195,7 @@ impl Relay {
             io_mode: cfg.io_mode,
             buffers: cfg.buffers,
             stats_interval: Duration::from_millis(cfg.stats_interval_ms.max(10)),
+            batch_wait: Duration::from_micros(cfg.batch_wait_us),
             ..DataplaneConfig::default()
         };
         let (dp, events) = Dataplane::start(dcfg)?;

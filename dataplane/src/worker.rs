@@ -9,13 +9,13 @@
 use crate::command::{Command, Event, NewSession};
 use crate::counters::{WorkerCounters, WorkerCountersSnapshot};
 use crate::error::Error;
-use crate::io::addr::{read_sockaddr, write_sockaddr, SOCKADDR_LEN};
-use crate::io::bufs::{BufRing, Buffers, Slots};
+use crate::io::addr::{read_sockaddr, SOCKADDR_LEN};
+use crate::io::bufs::{BufRing, Buffers, Slots, Target};
 use crate::io::IoMode;
 use crate::relay::stats::DropReason;
 use crate::relay::{SessionSnapshot, SockIdx, Table, TableEvent, Verdict};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
-use io_uring::types::{Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::types::{Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use socket2::Socket;
 use std::collections::VecDeque;
@@ -48,6 +48,12 @@ pub struct DataplaneConfig {
     pub housekeeping: Duration,
     /// How often per-session statistics are pushed as events.
     pub stats_interval: Duration,
+    /// Once a completion is pending, how long a worker may keep waiting for more before
+    /// it runs (Linux 6.12+ min-wait). Fewer wake-ups per packet at the cost of at most
+    /// this much added latency; zero wakes for every completion.
+    pub batch_wait: Duration,
+    /// Most sockets one worker holds at once (sizes its registered file table).
+    pub max_sockets: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -63,6 +69,8 @@ impl Default for DataplaneConfig {
             event_capacity: 65536,
             housekeeping: Duration::from_millis(50),
             stats_interval: Duration::from_secs(1),
+            batch_wait: Duration::ZERO,
+            max_sockets: 65536,
         }
     }
 }
@@ -138,6 +146,7 @@ impl Dataplane {
                 "buffers must be a power of two up to 32768".into(),
             ));
         }
+        raise_nofile_limit();
         let (ev_tx, ev_rx) = crossbeam_channel::bounded(cfg.event_capacity);
         let mut workers = Vec::with_capacity(cfg.workers);
         for index in 0..cfg.workers {
@@ -218,6 +227,24 @@ impl Drop for Dataplane {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: every leg holds two sockets,
+/// and the default soft limit of 1,024 would cap a relay near 250 sessions.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 // user_data layout: the top byte is the operation kind.
 const OP_RECV: u64 = 1 << 56;
 const OP_SEND: u64 = 2 << 56;
@@ -226,6 +253,8 @@ const OP_CANCEL: u64 = 4 << 56;
 const OP_PROBE: u64 = 5 << 56;
 const OP_MASK: u64 = 0xff << 56;
 const BGID: u16 = 0;
+/// Completions a worker waits for before the min-wait expires.
+const BATCH_WANT: usize = 64;
 
 fn recv_ud(sock: SockIdx, gen: u16, bid: u16) -> u64 {
     OP_RECV | (bid as u64) << 40 | (gen as u64) << 24 | sock as u64
@@ -282,6 +311,10 @@ struct Worker {
     scratch_snaps: Vec<SessionSnapshot>,
     housekeeping: Duration,
     stats_interval: Duration,
+    /// Min-wait in µs, 0 when off or unsupported by the kernel.
+    batch_wait_us: u32,
+    /// Sockets are registered files, indexed by their `SockIdx`.
+    fixed_files: bool,
     next_housekeeping: Instant,
     next_stats: Instant,
     shutting_down: bool,
@@ -309,6 +342,11 @@ impl Worker {
         counters: Arc<WorkerCounters>,
     ) -> Result<Self, Error> {
         let ring = build_ring(cfg.ring_entries).map_err(Error::Uring)?;
+        let batch_wait_us = if ring.params().is_feature_min_timeout() {
+            cfg.batch_wait.as_micros().min(u32::MAX as u128) as u32
+        } else {
+            0
+        };
         let bufs = Buffers::new(cfg.buffers, cfg.buffer_size);
         let slots = Slots::new(cfg.buffers);
         let now = Instant::now();
@@ -341,6 +379,8 @@ impl Worker {
             scratch_snaps: Vec::new(),
             housekeeping: cfg.housekeeping,
             stats_interval: cfg.stats_interval,
+            batch_wait_us,
+            fixed_files: false,
             next_housekeeping: now,
             next_stats: now + cfg.stats_interval,
             shutting_down: false,
@@ -351,6 +391,14 @@ impl Worker {
             IoMode::Auto => {
                 if let Err(e) = w.enable_multishot() {
                     tracing::warn!(worker = index, error = %e, "multishot receive unavailable, using oneshot");
+                }
+            }
+        }
+        if w.mode == IoMode::Multishot {
+            match w.ring.submitter().register_files_sparse(cfg.max_sockets) {
+                Ok(()) => w.fixed_files = true,
+                Err(e) => {
+                    tracing::warn!(worker = index, error = %e, "no registered file table, using plain descriptors")
                 }
             }
         }
@@ -538,11 +586,16 @@ impl Worker {
             .sec(wait.as_secs())
             .nsec(wait.subsec_nanos());
         self.local.enters += 1;
-        match self
-            .ring
-            .submitter()
-            .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
-        {
+        // With min-wait, ask for a full batch: the kernel returns after `batch_wait_us`
+        // with whatever arrived (at least one), or at the timeout with nothing.
+        let (want, args) = match self.batch_wait_us {
+            0 => (1, SubmitArgs::new().timespec(&ts)),
+            us => (
+                BATCH_WANT,
+                SubmitArgs::new().min_wait_usec(us).timespec(&ts),
+            ),
+        };
+        match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
             Err(e)
                 if matches!(
@@ -705,22 +758,22 @@ impl Worker {
                 // SAFETY: the payload pointer stays valid until the send completes and
                 // the buffer is recycled.
                 let base = unsafe { self.bufs.ptr(bid).add(payload_off) };
+                let ud = send_ud(bid, out);
                 let slot = self.slots.get(bid);
-                let namelen = write_sockaddr(&dst, &mut slot.addr);
-                slot.iov = libc::iovec {
-                    iov_base: base as *mut libc::c_void,
-                    iov_len: len,
+                // SAFETY: the slot and buffer belong to `bid` until its send completes.
+                let e = unsafe {
+                    match &self.mode_state {
+                        Mode::Multishot { .. } => {
+                            let t = if self.fixed_files {
+                                Target::Fixed(out)
+                            } else {
+                                Target::Fd(fd)
+                            };
+                            slot.send_to_entry(t, base, len, &dst, ud)
+                        }
+                        Mode::Oneshot { .. } => slot.send_entry(fd, base, len, &dst, ud),
+                    }
                 };
-                slot.hdr.msg_name = &mut slot.addr as *mut _ as *mut libc::c_void;
-                slot.hdr.msg_namelen = namelen;
-                slot.hdr.msg_iov = &mut slot.iov;
-                slot.hdr.msg_iovlen = 1;
-                slot.hdr.msg_control = std::ptr::null_mut();
-                slot.hdr.msg_controllen = 0;
-                slot.hdr.msg_flags = 0;
-                let e = opcode::SendMsg::new(Fd(fd), &slot.hdr)
-                    .build()
-                    .user_data(send_ud(bid, out));
                 self.sqes.push(e);
             }
             Verdict::Drop(r) => {
@@ -758,9 +811,15 @@ impl Worker {
             Mode::Multishot { hdr, .. } => {
                 let ud = recv_ud(idx, gen, 0);
                 s.armed = Some(ud);
-                opcode::RecvMsgMulti::new(Fd(fd), &**hdr, BGID)
-                    .build()
-                    .user_data(ud)
+                if self.fixed_files {
+                    opcode::RecvMsgMulti::new(Fixed(idx), &**hdr, BGID)
+                        .build()
+                        .user_data(ud)
+                } else {
+                    opcode::RecvMsgMulti::new(Fd(fd), &**hdr, BGID)
+                        .build()
+                        .user_data(ud)
+                }
             }
             Mode::Oneshot { free, waiting } => {
                 let Some(bid) = free.pop() else {
@@ -847,6 +906,17 @@ impl Worker {
                     self.socks.resize_with(i + 1, || None);
                 }
                 self.next_gen = self.next_gen.wrapping_add(1);
+                if self.fixed_files {
+                    if let Err(e) = self
+                        .ring
+                        .submitter()
+                        .register_files_update(i as u32, &[sock.as_raw_fd()])
+                    {
+                        // The receive below then fails and the socket is closed with its
+                        // session; the error says why.
+                        tracing::error!(worker = self.index, error = %e, "cannot register socket");
+                    }
+                }
                 self.socks[i] = Some(SockIo {
                     sock,
                     gen: self.next_gen,
@@ -885,7 +955,9 @@ impl Worker {
         if let Some(slot) = self.socks.get_mut(idx as usize) {
             // Dropping the socket closes the fd; the port is free once the kernel's last
             // reference (an in-flight send, if any) goes.
-            *slot = None;
+            if slot.take().is_some() && self.fixed_files {
+                let _ = self.ring.submitter().register_files_update(idx, &[-1]);
+            }
         }
         if let Some(id) = self.table.release_sock(idx) {
             self.local.sessions = self.table.len() as u64;

@@ -83,6 +83,79 @@ pub struct Slot {
     pub addr: SockaddrBuf,
 }
 
+impl Slot {
+    /// Fills the slot for a sendmsg of `len` bytes at `payload` to `dst` and returns the
+    /// submission entry for it, sent from socket `fd`.
+    ///
+    /// # Safety
+    /// `payload..payload+len` and the slot itself must stay valid and unmoved until the
+    /// operation completes.
+    #[inline]
+    pub unsafe fn send_entry(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        payload: *mut u8,
+        len: usize,
+        dst: &std::net::SocketAddr,
+        user_data: u64,
+    ) -> io_uring::squeue::Entry {
+        let namelen = super::addr::write_sockaddr(dst, &mut self.addr);
+        self.iov = libc::iovec {
+            iov_base: payload as *mut libc::c_void,
+            iov_len: len,
+        };
+        self.hdr.msg_name = &mut self.addr as *mut _ as *mut libc::c_void;
+        self.hdr.msg_namelen = namelen;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        self.hdr.msg_control = std::ptr::null_mut();
+        self.hdr.msg_controllen = 0;
+        self.hdr.msg_flags = 0;
+        io_uring::opcode::SendMsg::new(io_uring::types::Fd(fd), &self.hdr)
+            .build()
+            .user_data(user_data)
+    }
+}
+
+/// The socket an operation uses: a plain descriptor, or an index into the ring's
+/// registered file table (saves a file-table lookup and refcount per operation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A plain file descriptor.
+    Fd(std::os::fd::RawFd),
+    /// A registered (fixed) file index.
+    Fixed(u32),
+}
+
+impl Slot {
+    /// Like [`Slot::send_entry`] but as a `send` with a destination address (Linux 6.0+):
+    /// the kernel copies only the address, not a msghdr and iovec.
+    ///
+    /// # Safety
+    /// As for [`Slot::send_entry`].
+    #[inline]
+    pub unsafe fn send_to_entry(
+        &mut self,
+        target: Target,
+        payload: *mut u8,
+        len: usize,
+        dst: &std::net::SocketAddr,
+        user_data: u64,
+    ) -> io_uring::squeue::Entry {
+        use io_uring::{opcode::Send, types};
+        let namelen = super::addr::write_sockaddr(dst, &mut self.addr);
+        let addr = &self.addr as *const _ as *const libc::sockaddr;
+        let op = match target {
+            Target::Fd(fd) => Send::new(types::Fd(fd), payload, len as u32),
+            Target::Fixed(i) => Send::new(types::Fixed(i), payload, len as u32),
+        };
+        op.dest_addr(addr)
+            .dest_addr_len(namelen)
+            .build()
+            .user_data(user_data)
+    }
+}
+
 /// One [`Slot`] per buffer, allocated once; slots never move.
 pub struct Slots {
     slots: Box<[Slot]>,

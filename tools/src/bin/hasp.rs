@@ -92,6 +92,10 @@ struct RelayArgs {
     /// Milliseconds between per-session statistics pushes from the workers [default: 1000].
     #[arg(long, env = "HASP_STATS_INTERVAL_MS", value_name = "MS")]
     stats_interval_ms: Option<u64>,
+    /// Microseconds a worker with a completion pending may wait for more before it runs
+    /// (Linux 6.12+; fewer wake-ups, added latency) [default: 0].
+    #[arg(long, env = "HASP_BATCH_WAIT_US", value_name = "US")]
+    batch_wait_us: Option<u64>,
     /// Check the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
@@ -180,6 +184,9 @@ impl RelayArgs {
         }
         if self.relatch_on_ssrc_change {
             c.latch.relatch_on_ssrc_change = true;
+        }
+        if let Some(v) = self.batch_wait_us {
+            c.batch_wait_us = v;
         }
         if let Some(v) = self.stats_interval_ms {
             c.stats_interval_ms = v;

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, data plane tests on real io_uring
+# sockets, and end-to-end tests that start the real `hasp` binary. Installs missing
+# packages first (as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Build every binary first: the end-to-end tests start target/debug/hasp.
+cargo build --workspace --all-targets --quiet
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --workspace --doc --quiet
+else
+  cargo test --workspace --no-fail-fast
+fi
