@@ -149,7 +149,7 @@ impl PortRange {
         if first + 1 > max {
             0
         } else {
-            (max - first + 1) / 2
+            (max - first).div_ceil(2)
         }
     }
 }

@@ -652,11 +652,7 @@ impl Worker {
                 }
                 self.recycle(bid);
             }
-            OP_WAKE => {
-                if !self.shutting_down || !self.table.is_empty() {
-                    self.arm_wake();
-                }
-            }
+            OP_WAKE if !self.shutting_down || !self.table.is_empty() => self.arm_wake(),
             _ => {}
         }
     }
