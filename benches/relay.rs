@@ -48,33 +48,23 @@ fn per_packet(c: &mut Criterion) {
         let mut slots = Slots::new(64);
         let mut seq = 1u16;
         let mut i = 0usize;
-        g.bench_with_input(
-            BenchmarkId::new("decide_and_queue", sessions),
-            &sessions,
-            |bch, _| {
-                bch.iter(|| {
-                    let (sock, src) = socks[i % socks.len()];
-                    i = i.wrapping_add(1);
-                    seq = seq.wrapping_add(1);
-                    let pkt = rtp(seq, 1);
-                    let bid = (i % 64) as u16;
-                    // SAFETY: the buffer and slot are owned here; the entry is never submitted.
-                    let entry = match table.on_packet(t0, sock, src, black_box(&pkt)) {
-                        Verdict::Forward { out, dst } => Some(unsafe {
-                            slots.get(bid).send_entry(
-                                out as i32,
-                                bufs.ptr(bid),
-                                pkt.len(),
-                                &dst,
-                                bid as u64,
-                            )
-                        }),
-                        Verdict::Drop(_) => None,
-                    };
-                    black_box(entry)
-                })
-            },
-        );
+        g.bench_with_input(BenchmarkId::new("decide_and_queue", sessions), &sessions, |bch, _| {
+            bch.iter(|| {
+                let (sock, src) = socks[i % socks.len()];
+                i = i.wrapping_add(1);
+                seq = seq.wrapping_add(1);
+                let pkt = rtp(seq, 1);
+                let bid = (i % 64) as u16;
+                // SAFETY: the buffer and slot are owned here; the entry is never submitted.
+                let entry = match table.on_packet(t0, sock, src, black_box(&pkt)) {
+                    Verdict::Forward { out, dst } => Some(unsafe {
+                        slots.get(bid).send_entry(out as i32, bufs.ptr(bid), pkt.len(), &dst, bid as u64)
+                    }),
+                    Verdict::Drop(_) => None,
+                };
+                black_box(entry)
+            })
+        });
     }
     let src = rtp(1, 1);
     let mut dst = [0u8; 2048];
@@ -89,9 +79,7 @@ fn per_packet(c: &mut Criterion) {
 
 fn header_parse(c: &mut Criterion) {
     let p = rtp(7, 9);
-    c.bench_function("rtp_header_parse", |b| {
-        b.iter(|| dataplane::rtp::RtpHeader::parse(black_box(&p)))
-    });
+    c.bench_function("rtp_header_parse", |b| b.iter(|| dataplane::rtp::RtpHeader::parse(black_box(&p))));
 }
 
 criterion_group!(benches, per_packet, header_parse);

@@ -30,22 +30,12 @@ fn relays_both_ways(io_mode: &str, ports: &str) {
     }
     // RTCP goes port+1 to port+1: signalled remotes' RTCP is their port + 1.
     let (alice_c, bob_c) = (
-        std::net::UdpSocket::bind((
-            alice.local_addr().unwrap().ip(),
-            alice.local_addr().unwrap().port() + 1,
-        )),
-        std::net::UdpSocket::bind((
-            bob.local_addr().unwrap().ip(),
-            bob.local_addr().unwrap().port() + 1,
-        )),
+        std::net::UdpSocket::bind((alice.local_addr().unwrap().ip(), alice.local_addr().unwrap().port() + 1)),
+        std::net::UdpSocket::bind((bob.local_addr().unwrap().ip(), bob.local_addr().unwrap().port() + 1)),
     );
     if let (Ok(alice_c), Ok(bob_c)) = (alice_c, bob_c) {
-        alice_c
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        bob_c
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
+        alice_c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        bob_c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         alice_c.send_to(&rtcp(0xa, 7), rtcp_port[0]).unwrap();
         assert_eq!(recv(&bob_c), (rtcp(0xa, 7), rtcp_port[1]));
         bob_c.send_to(&rtcp(0xb, 8), rtcp_port[1]).unwrap();
@@ -55,11 +45,7 @@ fn relays_both_ways(io_mode: &str, ports: &str) {
         // is covered by the data plane's unit tests; still prove RTCP relays at all.
         let x = udp();
         let y = udp();
-        relay.call(
-            "PATCH",
-            &format!("/v1/sessions/{id}"),
-            Some("{\"legs\":[{\"remote\":null},{\"remote\":null}]}"),
-        );
+        relay.call("PATCH", &format!("/v1/sessions/{id}"), Some("{\"legs\":[{\"remote\":null},{\"remote\":null}]}"));
         y.send_to(&rtcp(0xb, 8), rtcp_port[1]).unwrap();
         x.send_to(&rtcp(0xa, 7), rtcp_port[0]).unwrap();
         assert_eq!(recv(&y), (rtcp(0xa, 7), rtcp_port[1]));
@@ -74,14 +60,8 @@ fn relays_both_ways(io_mode: &str, ports: &str) {
         assert_eq!(st["expected"], 50);
         assert_eq!(v["legs"][leg]["stats"]["rtcp"]["forwarded"], 1);
     }
-    assert_eq!(
-        v["legs"][0]["latched"]["rtp"],
-        alice.local_addr().unwrap().to_string()
-    );
-    let mode = relay
-        .metrics()
-        .lines()
-        .any(|l| l.starts_with("hasp_worker_info") && l.contains(io_mode));
+    assert_eq!(v["legs"][0]["latched"]["rtp"], alice.local_addr().unwrap().to_string());
+    let mode = relay.metrics().lines().any(|l| l.starts_with("hasp_worker_info") && l.contains(io_mode));
     assert!(mode, "the worker runs in {io_mode} mode");
     let (s, _) = relay.call("DELETE", &format!("/v1/sessions/{id}"), None);
     assert_eq!(s, 200);
@@ -122,11 +102,7 @@ fn latches_nated_source_and_drops_hijack() {
         mallory.send_to(&rtp(seq, 0xbad, 66), port[0]).unwrap();
     }
     nat.send_to(&rtp(2, 0xa, 1), port[0]).unwrap();
-    assert_eq!(
-        recv(&bob).0,
-        rtp(2, 0xa, 1),
-        "hijacked packets must not reach Bob"
-    );
+    assert_eq!(recv(&bob).0, rtp(2, 0xa, 1), "hijacked packets must not reach Bob");
     // …and Bob's packets still go to Alice, not to Mallory.
     bob.send_to(&rtp(2, 0xb, 2), port[1]).unwrap();
     assert_eq!(recv(&nat).0, rtp(2, 0xb, 2));
@@ -134,10 +110,7 @@ fn latches_nated_source_and_drops_hijack() {
     let st = &v["legs"][0]["stats"]["rtp"];
     assert_eq!(st["drops"]["source_mismatch"], 3, "{st}");
     assert_eq!(st["latched"], nat.local_addr().unwrap().to_string());
-    assert_eq!(
-        relay.metric("hasp_worker_drops_total{worker=\"0\",reason=\"source_mismatch\"}"),
-        3
-    );
+    assert_eq!(relay.metric("hasp_worker_drops_total{worker=\"0\",reason=\"source_mismatch\"}"), 3);
 }
 
 #[test]
@@ -164,16 +137,10 @@ fn patch_sets_remote_and_stats_count_loss_and_reordering() {
     let (id, _, port, _) = relay.create("");
     // Nobody known yet: Alice's packet has nowhere to go.
     alice.send_to(&rtp(1, 0xa, 1), port[0]).unwrap();
-    let patch = format!(
-        r#"{{"legs":[{{}},{{"remote":"{}"}}]}}"#,
-        bob.local_addr().unwrap()
-    );
+    let patch = format!(r#"{{"legs":[{{}},{{"remote":"{}"}}]}}"#, bob.local_addr().unwrap());
     let (s, v) = relay.call("PATCH", &format!("/v1/sessions/{id}"), Some(&patch));
     assert_eq!(s, 200, "{v}");
-    assert_eq!(
-        v["legs"][1]["remote"],
-        bob.local_addr().unwrap().to_string()
-    );
+    assert_eq!(v["legs"][1]["remote"], bob.local_addr().unwrap().to_string());
     for seq in [2u16, 3, 5, 4, 7, 8] {
         alice.send_to(&rtp(seq, 0xa, 1), port[0]).unwrap();
     }
@@ -202,11 +169,9 @@ fn inactivity_timeout_frees_ports_and_exhaustion_is_503() {
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["code"], "ports_exhausted");
     assert!(v["message"].as_str().unwrap().contains("port"));
-    wait_for(
-        "the idle session to time out",
-        Duration::from_secs(10),
-        || (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(()),
-    );
+    wait_for("the idle session to time out", Duration::from_secs(10), || {
+        (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
+    });
     wait_for("its ports to be free", Duration::from_secs(10), || {
         (relay.metric("hasp_relay_port_pairs_free") == 2).then_some(())
     });
@@ -234,11 +199,7 @@ fn no_fd_or_port_leak_after_10000_create_delete() {
             continue;
         }
         assert_eq!(s, 201, "{v}");
-        let (s, _) = relay.call(
-            "DELETE",
-            &format!("/v1/sessions/{}", v["id"].as_str().unwrap()),
-            None,
-        );
+        let (s, _) = relay.call("DELETE", &format!("/v1/sessions/{}", v["id"].as_str().unwrap()), None);
         assert_eq!(s, 200);
     }
     wait_for("all ports back", Duration::from_secs(10), || {
@@ -263,66 +224,20 @@ fn api_errors_are_json_with_stable_codes() {
     let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
         ("POST", "/v1/sessions", Some("{not json"), 400, "bad_json"),
         ("POST", "/v1/sessions", Some("[1,2"), 400, "bad_json"),
-        (
-            "POST",
-            "/v1/sessions",
-            Some(r#"{"legs":"x"}"#),
-            422,
-            "invalid_request",
-        ),
-        (
-            "POST",
-            "/v1/sessions",
-            Some(r#"{"legs":[{"remote":"1.2.3.4"}]}"#),
-            422,
-            "invalid_remote",
-        ),
-        (
-            "POST",
-            "/v1/sessions",
-            Some(r#"{"legs":[{"remote":"1.2.3.4:0"}]}"#),
-            422,
-            "invalid_remote",
-        ),
-        (
-            "POST",
-            "/v1/sessions",
-            Some(r#"{"legs":[{},{},{}]}"#),
-            422,
-            "invalid_request",
-        ),
+        ("POST", "/v1/sessions", Some(r#"{"legs":"x"}"#), 422, "invalid_request"),
+        ("POST", "/v1/sessions", Some(r#"{"legs":[{"remote":"1.2.3.4"}]}"#), 422, "invalid_remote"),
+        ("POST", "/v1/sessions", Some(r#"{"legs":[{"remote":"1.2.3.4:0"}]}"#), 422, "invalid_remote"),
+        ("POST", "/v1/sessions", Some(r#"{"legs":[{},{},{}]}"#), 422, "invalid_request"),
         ("GET", "/v1/sessions/zzz", None, 404, "not_found"),
-        (
-            "GET",
-            "/v1/sessions/0123456789abcdef",
-            None,
-            404,
-            "not_found",
-        ),
-        (
-            "DELETE",
-            "/v1/sessions/0123456789abcdef",
-            None,
-            404,
-            "not_found",
-        ),
-        (
-            "PATCH",
-            "/v1/sessions/0123456789abcdef",
-            Some("{}"),
-            404,
-            "not_found",
-        ),
+        ("GET", "/v1/sessions/0123456789abcdef", None, 404, "not_found"),
+        ("DELETE", "/v1/sessions/0123456789abcdef", None, 404, "not_found"),
+        ("PATCH", "/v1/sessions/0123456789abcdef", Some("{}"), 404, "not_found"),
         ("GET", "/nope", None, 404, "not_found"),
         ("PUT", "/v1/sessions", Some("{}"), 405, "method_not_allowed"),
     ];
     for (m, p, b, status, code) in cases {
         let (s, v) = relay.call(m, p, *b);
-        assert_eq!(
-            (s, v["code"].as_str()),
-            (*status, Some(*code)),
-            "{m} {p} {b:?} → {v}"
-        );
+        assert_eq!((s, v["code"].as_str()), (*status, Some(*code)), "{m} {p} {b:?} → {v}");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     let big = format!(r#"{{"legs":[{{"remote":"{}"}}]}}"#, "9".repeat(100_000));
@@ -345,14 +260,7 @@ fn api_errors_are_json_with_stable_codes() {
 
 #[test]
 fn sessions_spread_over_two_workers_and_both_forward() {
-    let relay = RelayProc::start(&[
-        "--rtp-ports",
-        "41100-41199",
-        "--workers",
-        "2",
-        "--cores",
-        "0,1",
-    ]);
+    let relay = RelayProc::start(&["--rtp-ports", "41100-41199", "--workers", "2", "--cores", "0,1"]);
     let mut workers = std::collections::HashSet::new();
     for i in 0..4u8 {
         let (alice, bob) = (udp(), udp());
@@ -373,16 +281,9 @@ fn sessions_spread_over_two_workers_and_both_forward() {
     let wait = Duration::from_secs(5);
     for w in 0..2 {
         let series = format!("hasp_worker_tx_packets_total{{worker=\"{w}\"}}");
-        wait_for("worker counters", wait, || {
-            (relay.metric(&series) >= 4).then_some(())
-        });
+        wait_for("worker counters", wait, || (relay.metric(&series) >= 4).then_some(()));
     }
     let (_, h) = relay.call("GET", "/health", None);
-    let cores: Vec<Value> = h["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["core"].clone())
-        .collect();
+    let cores: Vec<Value> = h["workers"].as_array().unwrap().iter().map(|w| w["core"].clone()).collect();
     assert_eq!(cores, vec![Value::from(0), Value::from(1)]);
 }

@@ -67,10 +67,7 @@ impl Default for RelayConfig {
             listen_api: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,
-            rtp_ports: PortRange {
-                min: 30000,
-                max: 39999,
-            },
+            rtp_ports: PortRange { min: 30000, max: 39999 },
             workers: None,
             cores: Vec::new(),
             api_token: None,
@@ -109,19 +106,13 @@ impl RelayConfig {
             )));
         }
         if !self.no_auth && self.api_token.as_deref().is_none_or(str::is_empty) {
-            return Err(Error::Config(
-                "an API token is required (api_token / --api-token), or --no-auth".into(),
-            ));
+            return Err(Error::Config("an API token is required (api_token / --api-token), or --no-auth".into()));
         }
         if self.advertised().is_unspecified() {
-            return Err(Error::Config(
-                "media_ip is a wildcard: set advertise_ip to the address clients reach".into(),
-            ));
+            return Err(Error::Config("media_ip is a wildcard: set advertise_ip to the address clients reach".into()));
         }
         if self.inactivity_timeout_secs == 0 {
-            return Err(Error::Config(
-                "inactivity_timeout_secs must be at least 1".into(),
-            ));
+            return Err(Error::Config("inactivity_timeout_secs must be at least 1".into()));
         }
         Ok(())
     }
@@ -163,9 +154,7 @@ impl fmt::Display for PortRange {
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s
-            .split_once('-')
-            .ok_or_else(|| format!("port range {s:?} is not MIN-MAX"))?;
+        let (a, b) = s.split_once('-').ok_or_else(|| format!("port range {s:?} is not MIN-MAX"))?;
         let min: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
         let max: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
         if min == 0 || min > max {

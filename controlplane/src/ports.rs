@@ -25,11 +25,7 @@ impl PortAllocator {
             let n = pools.len();
             pools[i % n].push_back(port);
         }
-        Self {
-            range,
-            pools,
-            next_worker: 0,
-        }
+        Self { range, pools, next_worker: 0 }
     }
 
     /// Total pairs in the range.

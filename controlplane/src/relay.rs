@@ -10,8 +10,8 @@ use crate::error::Error;
 use crate::ports::PortAllocator;
 use dataplane::relay::SessionSpec;
 use dataplane::{
-    Command, Dataplane, DataplaneConfig, Event, LatchPolicy, NewSession, SessionId,
-    SessionSnapshot, WorkerCountersSnapshot,
+    Command, Dataplane, DataplaneConfig, Event, LatchPolicy, NewSession, SessionId, SessionSnapshot,
+    WorkerCountersSnapshot,
 };
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -173,9 +173,7 @@ pub fn format_id(id: SessionId) -> String {
 
 /// Parses an API session id.
 pub fn parse_id(s: &str) -> Option<SessionId> {
-    (s.len() == 16)
-        .then(|| u64::from_str_radix(s, 16).ok())
-        .flatten()
+    (s.len() == 16).then(|| u64::from_str_radix(s, 16).ok()).flatten()
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -199,11 +197,7 @@ impl Relay {
             ..DataplaneConfig::default()
         };
         let (dp, events) = Dataplane::start(dcfg)?;
-        let modes = dp
-            .workers()
-            .iter()
-            .map(|w| (w.mode().as_str(), w.core()))
-            .collect();
+        let modes = dp.workers().iter().map(|w| (w.mode().as_str(), w.core())).collect();
         let counters = dp.workers().iter().map(|w| w.counters_arc()).collect();
         let state = Arc::new(Mutex::new(State {
             alloc: PortAllocator::new(cfg.rtp_ports, workers),
@@ -221,19 +215,8 @@ impl Relay {
                 }
             })
             .map_err(Error::Io)?;
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        Ok(Arc::new(Self {
-            cfg,
-            dp: Mutex::new(dp),
-            modes,
-            counters,
-            state,
-            next: AtomicU64::new(0),
-            seed,
-        }))
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Ok(Arc::new(Self { cfg, dp: Mutex::new(dp), modes, counters, state, next: AtomicU64::new(0), seed }))
     }
 
     /// The configuration in force.
@@ -286,9 +269,7 @@ impl Relay {
         let mut it = taken.into_iter();
         let (pa, sa) = it.next().expect("two pairs taken");
         let (pb, sb) = it.next().expect("two pairs taken");
-        let inactivity = req
-            .inactivity
-            .unwrap_or(Duration::from_secs(self.cfg.inactivity_timeout_secs));
+        let inactivity = req.inactivity.unwrap_or(Duration::from_secs(self.cfg.inactivity_timeout_secs));
         let spec = SessionSpec {
             id,
             remotes: req.remotes,
@@ -296,20 +277,14 @@ impl Relay {
             policy: req.latch.unwrap_or(self.cfg.latch),
             inactivity,
         };
-        let new = NewSession {
-            spec,
-            sockets: [sa, sb],
-        };
+        let new = NewSession { spec, sockets: [sa, sb] };
         if let Err(e) = self.send(worker, Command::Add(Box::new(new))) {
             // The sockets were dropped with the command: the ports are free again.
             st.alloc.put(pa);
             st.alloc.put(pb);
             return Err(e);
         }
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         st.sessions.insert(
             id,
             Record {
@@ -326,16 +301,7 @@ impl Relay {
         Ok(Created {
             id: format_id(id),
             address: self.cfg.advertised(),
-            legs: [
-                LegPorts {
-                    rtp_port: pa,
-                    rtcp_port: pa + 1,
-                },
-                LegPorts {
-                    rtp_port: pb,
-                    rtcp_port: pb + 1,
-                },
-            ],
+            legs: [LegPorts { rtp_port: pa, rtcp_port: pa + 1 }, LegPorts { rtp_port: pb, rtcp_port: pb + 1 }],
         })
     }
 
@@ -345,11 +311,7 @@ impl Relay {
 
     fn bind(&self, port: u16) -> std::io::Result<Socket> {
         let addr = SocketAddr::new(self.cfg.media_ip, port);
-        let s = Socket::new(
-            Domain::for_address(addr),
-            Type::DGRAM.cloexec(),
-            Some(Protocol::UDP),
-        )?;
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
         Ok(s)
@@ -358,11 +320,7 @@ impl Relay {
     /// Every session, with the statistics last pushed by the workers.
     pub fn list(&self) -> Vec<SessionView> {
         let st = lock(&self.state);
-        let mut v: Vec<_> = st
-            .sessions
-            .iter()
-            .map(|(id, r)| self.view(*id, r, r.last.as_ref()))
-            .collect();
+        let mut v: Vec<_> = st.sessions.iter().map(|(id, r)| self.view(*id, r, r.last.as_ref())).collect();
         v.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
         v
     }
@@ -371,10 +329,7 @@ impl Relay {
     pub fn get(&self, id: SessionId) -> Result<SessionView, Error> {
         let worker = {
             let st = lock(&self.state);
-            st.sessions
-                .get(&id)
-                .map(|r| r.worker)
-                .ok_or_else(|| Error::NotFound(format_id(id)))?
+            st.sessions.get(&id).map(|r| r.worker).ok_or_else(|| Error::NotFound(format_id(id)))?
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let fresh = match self.send(worker, Command::Query { id, reply: tx }) {
@@ -382,26 +337,16 @@ impl Relay {
             Err(_) => None,
         };
         let st = lock(&self.state);
-        let r = st
-            .sessions
-            .get(&id)
-            .ok_or_else(|| Error::NotFound(format_id(id)))?;
+        let r = st.sessions.get(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
         Ok(self.view(id, r, fresh.as_ref().or(r.last.as_ref())))
     }
 
     /// Sets (`Some`) or clears (`None`) the signalled remote of the given legs; legs not
     /// in `changes` keep theirs.
-    pub fn update(
-        &self,
-        id: SessionId,
-        changes: &[(usize, Option<SocketAddr>)],
-    ) -> Result<SessionView, Error> {
+    pub fn update(&self, id: SessionId, changes: &[(usize, Option<SocketAddr>)]) -> Result<SessionView, Error> {
         let worker = {
             let mut st = lock(&self.state);
-            let r = st
-                .sessions
-                .get_mut(&id)
-                .ok_or_else(|| Error::NotFound(format_id(id)))?;
+            let r = st.sessions.get_mut(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
             for &(leg, remote) in changes {
                 if leg > 1 {
                     return Err(Error::Invalid(format!("leg {leg} does not exist (0 or 1)")));
@@ -412,14 +357,7 @@ impl Relay {
             r.worker
         };
         for &(leg, remote) in changes {
-            self.send(
-                worker,
-                Command::SetRemote {
-                    id,
-                    leg: leg as u8,
-                    remote,
-                },
-            )?;
+            self.send(worker, Command::SetRemote { id, leg: leg as u8, remote })?;
         }
         self.get(id)
     }
@@ -429,10 +367,7 @@ impl Relay {
     pub fn delete(&self, id: SessionId) -> Result<SessionView, Error> {
         let view = self.get(id)?;
         let mut st = lock(&self.state);
-        let r = st
-            .sessions
-            .get(&id)
-            .ok_or_else(|| Error::NotFound(format_id(id)))?;
+        let r = st.sessions.get(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
         let (worker, ports) = (r.worker, r.ports);
         self.send(worker, Command::Remove { id })?;
         st.sessions.remove(&id);
@@ -445,29 +380,15 @@ impl Relay {
         let leg = |i: usize| {
             let (latched, stats) = match snap {
                 Some(s) => (
-                    Latched {
-                        rtp: s.legs[i].rtp.latched,
-                        rtcp: s.legs[i].rtcp.latched,
-                    },
-                    Some(LegStats {
-                        rtp: s.legs[i].rtp.clone(),
-                        rtcp: s.legs[i].rtcp.clone(),
-                    }),
+                    Latched { rtp: s.legs[i].rtp.latched, rtcp: s.legs[i].rtcp.latched },
+                    Some(LegStats { rtp: s.legs[i].rtp.clone(), rtcp: s.legs[i].rtcp.clone() }),
                 ),
                 None => (r.latched[i], None),
             };
-            LegView {
-                rtp_port: r.ports[i],
-                rtcp_port: r.ports[i] + 1,
-                remote: r.remotes[i],
-                latched,
-                stats,
-            }
+            LegView { rtp_port: r.ports[i], rtcp_port: r.ports[i] + 1, remote: r.remotes[i], latched, stats }
         };
         let legs = [leg(0), leg(1)];
-        let active = legs
-            .iter()
-            .any(|l| l.latched.rtp.is_some() || l.latched.rtcp.is_some());
+        let active = legs.iter().any(|l| l.latched.rtp.is_some() || l.latched.rtcp.is_some());
         SessionView {
             id: format_id(id),
             address: self.cfg.advertised(),
@@ -483,21 +404,12 @@ impl Relay {
     /// Sessions, free and total port pairs, and lifetime totals.
     pub fn usage(&self) -> (usize, usize, usize, Totals) {
         let st = lock(&self.state);
-        (
-            st.sessions.len(),
-            st.alloc.free_pairs(),
-            st.alloc.total_pairs(),
-            st.totals,
-        )
+        (st.sessions.len(), st.alloc.free_pairs(), st.alloc.total_pairs(), st.totals)
     }
 
     /// Per worker: receive mode, pinned core and counters.
     pub fn workers(&self) -> Vec<(&'static str, Option<usize>, WorkerCountersSnapshot)> {
-        self.modes
-            .iter()
-            .zip(&self.counters)
-            .map(|(&(m, c), k)| (m, c, k.snapshot()))
-            .collect()
+        self.modes.iter().zip(&self.counters).map(|(&(m, c), k)| (m, c, k.snapshot())).collect()
     }
 
     /// Stops the workers (closing every socket).
@@ -509,13 +421,7 @@ impl Relay {
 fn apply_event(state: &Mutex<State>, ev: Event) {
     let mut st = lock(state);
     match ev {
-        Event::Latched {
-            id,
-            leg,
-            rtcp,
-            addr,
-            ..
-        } => {
+        Event::Latched { id, leg, rtcp, addr, .. } => {
             if let Some(r) = st.sessions.get_mut(&id) {
                 let l = &mut r.latched[leg as usize & 1];
                 if rtcp {
@@ -533,10 +439,7 @@ fn apply_event(state: &Mutex<State>, ev: Event) {
             }
         }
         Event::Released { id } => {
-            let ports = st
-                .releasing
-                .remove(&id)
-                .or_else(|| st.sessions.remove(&id).map(|r| r.ports));
+            let ports = st.releasing.remove(&id).or_else(|| st.sessions.remove(&id).map(|r| r.ports));
             if let Some(ports) = ports {
                 for p in ports {
                     st.alloc.put(p);
@@ -546,10 +449,7 @@ fn apply_event(state: &Mutex<State>, ev: Event) {
         Event::Stats(s) => {
             if let Some(r) = st.sessions.get_mut(&s.id) {
                 for i in 0..2 {
-                    r.latched[i] = Latched {
-                        rtp: s.legs[i].rtp.latched,
-                        rtcp: s.legs[i].rtcp.latched,
-                    };
+                    r.latched[i] = Latched { rtp: s.legs[i].rtp.latched, rtcp: s.legs[i].rtcp.latched };
                 }
                 r.last = Some(*s);
             }

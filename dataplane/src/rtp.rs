@@ -85,13 +85,7 @@ mod tests {
 
     #[test]
     fn parses_and_writes_round_trip() {
-        let h = RtpHeader {
-            payload_type: 8,
-            marker: true,
-            sequence: 65535,
-            timestamp: 0xdead_beef,
-            ssrc: 42,
-        };
+        let h = RtpHeader { payload_type: 8, marker: true, sequence: 65535, timestamp: 0xdead_beef, ssrc: 42 };
         let mut buf = [0u8; 12];
         assert_eq!(h.write_to(&mut buf), 12);
         assert_eq!(RtpHeader::parse(&buf), Some(h));

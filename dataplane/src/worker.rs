@@ -97,13 +97,7 @@ impl WorkerHandle {
         }
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to an eventfd we own.
-        unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        unsafe { libc::write(self.wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
         Ok(())
     }
 
@@ -142,9 +136,7 @@ impl Dataplane {
             return Err(Error::Config("at least one worker is needed".into()));
         }
         if !cfg.buffers.is_power_of_two() || cfg.buffers > 32768 {
-            return Err(Error::Config(
-                "buffers must be a power of two up to 32768".into(),
-            ));
+            return Err(Error::Config("buffers must be a power of two up to 32768".into()));
         }
         raise_nofile_limit();
         let (ev_tx, ev_rx) = crossbeam_channel::bounded(cfg.event_capacity);
@@ -166,10 +158,7 @@ impl Dataplane {
                 .name(format!("hasp-worker-{index}"))
                 .spawn(move || {
                     let worker = match core.map(crate::affinity::pin_current_thread) {
-                        Some(Err(source)) => Err(Error::Affinity {
-                            core: core.unwrap_or(0),
-                            source,
-                        }),
+                        Some(Err(source)) => Err(Error::Affinity { core: core.unwrap_or(0), source }),
                         _ => Worker::new(index, &c, rx, ev, w, cnt),
                     };
                     match worker {
@@ -184,21 +173,8 @@ impl Dataplane {
                 })
                 .map_err(Error::Thread)?;
             let mode = ready_rx.recv().map_err(|_| Error::WorkerGone(index))??;
-            tracing::info!(
-                worker = index,
-                ?core,
-                mode = mode.as_str(),
-                "worker started"
-            );
-            workers.push(WorkerHandle {
-                index,
-                tx,
-                wake,
-                counters,
-                mode,
-                core,
-                thread: Some(thread),
-            });
+            tracing::info!(worker = index, ?core, mode = mode.as_str(), "worker started");
+            workers.push(WorkerHandle { index, tx, wake, counters, mode, core, thread: Some(thread) });
         }
         Ok((Self { workers }, ev_rx))
     }
@@ -230,10 +206,7 @@ impl Drop for Dataplane {
 /// Raises the soft limit on open files to the hard limit: every leg holds two sockets,
 /// and the default soft limit of 1,024 would cap a relay near 250 sessions.
 fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -273,14 +246,8 @@ struct SockIo {
 }
 
 enum Mode {
-    Multishot {
-        ring: BufRing,
-        hdr: Box<libc::msghdr>,
-    },
-    Oneshot {
-        free: Vec<u16>,
-        waiting: VecDeque<SockIdx>,
-    },
+    Multishot { ring: BufRing, hdr: Box<libc::msghdr> },
+    Oneshot { free: Vec<u16>, waiting: VecDeque<SockIdx> },
 }
 
 struct Worker {
@@ -352,10 +319,7 @@ impl Worker {
         let now = Instant::now();
         let mut w = Self {
             ring,
-            mode_state: Mode::Oneshot {
-                free: (0..cfg.buffers).rev().collect(),
-                waiting: VecDeque::new(),
-            },
+            mode_state: Mode::Oneshot { free: (0..cfg.buffers).rev().collect(), waiting: VecDeque::new() },
             bufs,
             slots,
             mode: IoMode::Oneshot,
@@ -416,14 +380,7 @@ impl Worker {
         ring.publish();
         // SAFETY: the ring memory lives in `mode_state` (or is dropped after unregistering
         // below) and outlives its registration.
-        unsafe {
-            self.ring.submitter().register_buf_ring_with_flags(
-                ring.addr(),
-                ring.entries(),
-                BGID,
-                0,
-            )?
-        };
+        unsafe { self.ring.submitter().register_buf_ring_with_flags(ring.addr(), ring.entries(), BGID, 0)? };
         // SAFETY: zeroed msghdr is valid; only namelen/controllen matter for multishot.
         let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         hdr.msg_namelen = SOCKADDR_LEN as u32;
@@ -446,16 +403,9 @@ impl Worker {
     fn probe_multishot(&mut self, hdr: &libc::msghdr) -> io::Result<u16> {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let tx = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let entry = opcode::RecvMsgMulti::new(Fd(rx.as_raw_fd()), hdr, BGID)
-            .build()
-            .user_data(OP_PROBE);
+        let entry = opcode::RecvMsgMulti::new(Fd(rx.as_raw_fd()), hdr, BGID).build().user_data(OP_PROBE);
         // SAFETY: hdr outlives the operation (cancelled and reaped below).
-        unsafe {
-            self.ring
-                .submission()
-                .push(&entry)
-                .map_err(|_| io::Error::other("submission queue full"))?
-        };
+        unsafe { self.ring.submission().push(&entry).map_err(|_| io::Error::other("submission queue full"))? };
         self.ring.submit()?;
         tx.send_to(b"probe", rx.local_addr()?)?;
         let mut result = Err(io::Error::other("no completion for multishot probe"));
@@ -463,15 +413,9 @@ impl Worker {
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             let ts = Timespec::new().nsec(100_000_000);
-            match self
-                .ring
-                .submitter()
-                .submit_with_args(1, &SubmitArgs::new().timespec(&ts))
-            {
+            match self.ring.submitter().submit_with_args(1, &SubmitArgs::new().timespec(&ts)) {
                 Ok(_) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ETIME)
-                        || e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(e),
             }
             let mut done = false;
@@ -482,11 +426,8 @@ impl Worker {
                 let more = cqueue::more(cqe.flags());
                 if cqe.result() > 0 {
                     if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
-                        result = if more {
-                            Ok(bid)
-                        } else {
-                            Err(io::Error::other("multishot receive did not stay armed"))
-                        };
+                        result =
+                            if more { Ok(bid) } else { Err(io::Error::other("multishot receive did not stay armed")) };
                     }
                 } else if result.is_err() && cqe.result() < 0 {
                     result = Err(io::Error::from_raw_os_error(-cqe.result()));
@@ -499,16 +440,9 @@ impl Worker {
                 break;
             }
             if result.is_ok() && !cancelled {
-                let c = opcode::AsyncCancel::new(OP_PROBE)
-                    .build()
-                    .user_data(OP_CANCEL);
+                let c = opcode::AsyncCancel::new(OP_PROBE).build().user_data(OP_CANCEL);
                 // SAFETY: a cancel op references no memory.
-                unsafe {
-                    self.ring
-                        .submission()
-                        .push(&c)
-                        .map_err(|_| io::Error::other("submission queue full"))?
-                };
+                unsafe { self.ring.submission().push(&c).map_err(|_| io::Error::other("submission queue full"))? };
                 cancelled = true;
             }
         }
@@ -518,13 +452,9 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) {
-        let e = opcode::Read::new(
-            Fd(self.wake.as_raw_fd()),
-            &mut *self.wake_buf as *mut u64 as *mut u8,
-            8,
-        )
-        .build()
-        .user_data(OP_WAKE);
+        let e = opcode::Read::new(Fd(self.wake.as_raw_fd()), &mut *self.wake_buf as *mut u64 as *mut u8, 8)
+            .build()
+            .user_data(OP_WAKE);
         self.sqes.push(e);
     }
 
@@ -578,30 +508,18 @@ impl Worker {
 
     fn enter(&mut self) {
         self.push_sqes();
-        let wait = self
-            .next_housekeeping
-            .saturating_duration_since(Instant::now())
-            .min(self.housekeeping);
-        let ts = Timespec::new()
-            .sec(wait.as_secs())
-            .nsec(wait.subsec_nanos());
+        let wait = self.next_housekeeping.saturating_duration_since(Instant::now()).min(self.housekeeping);
+        let ts = Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
         self.local.enters += 1;
         // With min-wait, ask for a full batch: the kernel returns after `batch_wait_us`
         // with whatever arrived (at least one), or at the timeout with nothing.
         let (want, args) = match self.batch_wait_us {
             0 => (1, SubmitArgs::new().timespec(&ts)),
-            us => (
-                BATCH_WANT,
-                SubmitArgs::new().min_wait_usec(us).timespec(&ts),
-            ),
+            us => (BATCH_WANT, SubmitArgs::new().min_wait_usec(us).timespec(&ts)),
         };
         match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
             Err(e) => tracing::error!(worker = self.index, error = %e, "io_uring_enter failed"),
         }
     }
@@ -662,11 +580,7 @@ impl Worker {
         let idx = (ud & 0xff_ffff) as SockIdx;
         let gen = ((ud >> 24) & 0xffff) as u16;
         let multishot = matches!(self.mode_state, Mode::Multishot { .. });
-        let bid = if multishot {
-            cqueue::buffer_select(flags)
-        } else {
-            Some((ud >> 40) as u16)
-        };
+        let bid = if multishot { cqueue::buffer_select(flags) } else { Some((ud >> 40) as u16) };
         let final_cqe = !multishot || !cqueue::more(flags);
         if res >= 0 {
             if let Some(bid) = bid {
@@ -704,12 +618,7 @@ impl Worker {
                 match RecvMsgOut::parse(buf, hdr) {
                     Ok(m) => {
                         let off = m.payload_data().as_ptr() as usize - buf.as_ptr() as usize;
-                        (
-                            read_sockaddr(m.name_data()),
-                            off,
-                            m.payload_data().len(),
-                            m.is_payload_truncated(),
-                        )
+                        (read_sockaddr(m.name_data()), off, m.payload_data().len(), m.is_payload_truncated())
                     }
                     Err(()) => (None, 0, 0, true),
                 }
@@ -718,17 +627,9 @@ impl Worker {
                 let slot = self.slots.get(bid);
                 // SAFETY: the slot's address was filled by the completed recvmsg.
                 let name = unsafe {
-                    std::slice::from_raw_parts(
-                        &slot.addr as *const _ as *const u8,
-                        slot.hdr.msg_namelen as usize,
-                    )
+                    std::slice::from_raw_parts(&slot.addr as *const _ as *const u8, slot.hdr.msg_namelen as usize)
                 };
-                (
-                    read_sockaddr(name),
-                    0,
-                    res,
-                    slot.hdr.msg_flags & libc::MSG_TRUNC != 0,
-                )
+                (read_sockaddr(name), 0, res, slot.hdr.msg_flags & libc::MSG_TRUNC != 0)
             }
         };
         self.local.rx_packets += 1;
@@ -736,8 +637,7 @@ impl Worker {
         let verdict = match (src, truncated) {
             (Some(src), false) => {
                 // SAFETY: as above; the payload lies within the buffer.
-                let pkt =
-                    unsafe { std::slice::from_raw_parts(self.bufs.ptr(bid).add(payload_off), len) };
+                let pkt = unsafe { std::slice::from_raw_parts(self.bufs.ptr(bid).add(payload_off), len) };
                 self.table.on_packet(now, idx, src, pkt)
             }
             (_, true) => Verdict::Drop(DropReason::Truncated),
@@ -760,11 +660,7 @@ impl Worker {
                 let e = unsafe {
                     match &self.mode_state {
                         Mode::Multishot { .. } => {
-                            let t = if self.fixed_files {
-                                Target::Fixed(out)
-                            } else {
-                                Target::Fd(fd)
-                            };
+                            let t = if self.fixed_files { Target::Fixed(out) } else { Target::Fd(fd) };
                             slot.send_to_entry(t, base, len, &dst, ud)
                         }
                         Mode::Oneshot { .. } => slot.send_entry(fd, base, len, &dst, ud),
@@ -782,9 +678,7 @@ impl Worker {
     #[inline]
     fn recycle(&mut self, bid: u16) {
         match &mut self.mode_state {
-            Mode::Multishot { ring, .. } => {
-                ring.push(bid, self.bufs.ptr(bid), self.bufs.size() as u32)
-            }
+            Mode::Multishot { ring, .. } => ring.push(bid, self.bufs.ptr(bid), self.bufs.size() as u32),
             Mode::Oneshot { free, waiting } => {
                 free.push(bid);
                 if let Some(idx) = waiting.pop_front() {
@@ -808,13 +702,9 @@ impl Worker {
                 let ud = recv_ud(idx, gen, 0);
                 s.armed = Some(ud);
                 if self.fixed_files {
-                    opcode::RecvMsgMulti::new(Fixed(idx), &**hdr, BGID)
-                        .build()
-                        .user_data(ud)
+                    opcode::RecvMsgMulti::new(Fixed(idx), &**hdr, BGID).build().user_data(ud)
                 } else {
-                    opcode::RecvMsgMulti::new(Fd(fd), &**hdr, BGID)
-                        .build()
-                        .user_data(ud)
+                    opcode::RecvMsgMulti::new(Fd(fd), &**hdr, BGID).build().user_data(ud)
                 }
             }
             Mode::Oneshot { free, waiting } => {
@@ -826,10 +716,7 @@ impl Worker {
                 let ud = recv_ud(idx, gen, bid);
                 s.armed = Some(ud);
                 let slot = self.slots.get(bid);
-                slot.iov = libc::iovec {
-                    iov_base: self.bufs.ptr(bid) as *mut libc::c_void,
-                    iov_len: self.bufs.size(),
-                };
+                slot.iov = libc::iovec { iov_base: self.bufs.ptr(bid) as *mut libc::c_void, iov_len: self.bufs.size() };
                 slot.hdr.msg_name = &mut slot.addr as *mut _ as *mut libc::c_void;
                 slot.hdr.msg_namelen = SOCKADDR_LEN as u32;
                 slot.hdr.msg_iov = &mut slot.iov;
@@ -837,9 +724,7 @@ impl Worker {
                 slot.hdr.msg_control = std::ptr::null_mut();
                 slot.hdr.msg_controllen = 0;
                 slot.hdr.msg_flags = 0;
-                opcode::RecvMsg::new(Fd(fd), &mut slot.hdr)
-                    .build()
-                    .user_data(ud)
+                opcode::RecvMsg::new(Fd(fd), &mut slot.hdr).build().user_data(ud)
             }
         };
         self.sqes.push(entry);
@@ -903,22 +788,13 @@ impl Worker {
                 }
                 self.next_gen = self.next_gen.wrapping_add(1);
                 if self.fixed_files {
-                    if let Err(e) = self
-                        .ring
-                        .submitter()
-                        .register_files_update(i as u32, &[sock.as_raw_fd()])
-                    {
+                    if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[sock.as_raw_fd()]) {
                         // The receive below then fails and the socket is closed with its
                         // session; the error says why.
                         tracing::error!(worker = self.index, error = %e, "cannot register socket");
                     }
                 }
-                self.socks[i] = Some(SockIo {
-                    sock,
-                    gen: self.next_gen,
-                    armed: None,
-                    closing: false,
-                });
+                self.socks[i] = Some(SockIo { sock, gen: self.next_gen, armed: None, closing: false });
                 self.arm_recv(i as SockIdx);
             }
         }
@@ -934,9 +810,7 @@ impl Worker {
             };
             s.closing = true;
             match s.armed {
-                Some(ud) => self
-                    .sqes
-                    .push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
+                Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
                 None => {
                     if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
                         waiting.retain(|&w| w != idx);
@@ -975,23 +849,8 @@ impl Worker {
         let mut evs = std::mem::take(&mut self.scratch_events);
         self.table.drain_events(&mut evs);
         for e in evs.drain(..) {
-            let TableEvent::Latched {
-                id,
-                leg,
-                rtcp,
-                addr,
-                relatch,
-            } = e;
-            self.emit(
-                Event::Latched {
-                    id,
-                    leg,
-                    rtcp,
-                    addr,
-                    relatch,
-                },
-                false,
-            );
+            let TableEvent::Latched { id, leg, rtcp, addr, relatch } = e;
+            self.emit(Event::Latched { id, leg, rtcp, addr, relatch }, false);
         }
         self.scratch_events = evs;
 

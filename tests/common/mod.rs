@@ -15,9 +15,7 @@ pub fn hasp_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "hasp-tools", "--bin", "hasp"])
             .current_dir(&root)
@@ -65,23 +63,10 @@ impl RelayProc {
                 }
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("hasp printed no ready line");
-        let api = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("api="))
-            .expect("api= in ready line")
-            .to_string();
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .build();
-        Self {
-            child,
-            api,
-            token,
-            agent,
-        }
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("hasp printed no ready line");
+        let api = line.split_whitespace().find_map(|w| w.strip_prefix("api=")).expect("api= in ready line").to_string();
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+        Self { child, api, token, agent }
     }
 
     pub fn pid(&self) -> u32 {
@@ -93,13 +78,7 @@ impl RelayProc {
         self.call_with(method, path, body, self.token.as_deref())
     }
 
-    pub fn call_with(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        token: Option<&str>,
-    ) -> (u16, Value) {
+    pub fn call_with(&self, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, Value) {
         let mut req = self.agent.request(method, &format!("{}{}", self.api, path));
         if let Some(t) = token {
             req = req.set("Authorization", &format!("Bearer {t}"));
@@ -115,10 +94,7 @@ impl RelayProc {
         };
         let status = resp.status();
         let text = resp.into_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     pub fn metrics(&self) -> String {
@@ -140,8 +116,7 @@ impl RelayProc {
         let (s, v) = self.call("POST", "/v1/sessions", Some(body));
         assert_eq!(s, 201, "create: {v}");
         let ip: std::net::IpAddr = v["address"].as_str().unwrap().parse().unwrap();
-        let port =
-            |l: usize, k: &str| SocketAddr::new(ip, v["legs"][l][k].as_u64().unwrap() as u16);
+        let port = |l: usize, k: &str| SocketAddr::new(ip, v["legs"][l][k].as_u64().unwrap() as u16);
         let id = v["id"].as_str().unwrap().to_string();
         (
             id,
@@ -153,9 +128,7 @@ impl RelayProc {
 
     /// Number of open file descriptors of the relay process.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
     }
 }
 

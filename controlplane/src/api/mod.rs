@@ -36,12 +36,7 @@ pub fn router(state: ApiState) -> Router {
     let max = state.relay.config().api_max_concurrency.max(1);
     let protected = Router::new()
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
-        .route(
-            "/v1/sessions/{id}",
-            get(sessions::get)
-                .patch(sessions::update)
-                .delete(sessions::delete),
-        )
+        .route("/v1/sessions/{id}", get(sessions::get).patch(sessions::update).delete(sessions::delete))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -71,19 +66,10 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| {
-            req.headers()
-                .get("x-api-token")
-                .and_then(|v| v.to_str().ok())
-        });
+        .or_else(|| req.headers().get("x-api-token").and_then(|v| v.to_str().ok()));
     match given {
         Some(g) if constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "invalid API token",
-        )
-        .into_response(),
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API token").into_response(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -105,10 +91,7 @@ async fn health(State(st): State<ApiState>) -> Response {
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     let mut r = crate::metrics::render(&st.relay).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
 }
 
@@ -117,11 +100,7 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed on this resource",
-    )
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this resource")
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -130,7 +109,5 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }

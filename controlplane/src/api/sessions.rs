@@ -33,11 +33,7 @@ struct LegBody {
 
 fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            e.status(),
-            "payload_too_large",
-            format!("request body larger than {} bytes", super::MAX_BODY),
-        )
+        ApiError::new(e.status(), "payload_too_large", format!("request body larger than {} bytes", super::MAX_BODY))
     } else {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
     }
@@ -51,19 +47,10 @@ fn parse_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError>
     }
     // Syntax first, shape second: a truncated document must say "malformed", even when
     // its first bytes already have the wrong shape.
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("malformed JSON: {e}"),
-        )
-    })?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("malformed JSON: {e}")))?;
     serde_json::from_value(v).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            format!("invalid request: {e}"),
-        )
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", format!("invalid request: {e}"))
     })
 }
 
@@ -86,26 +73,14 @@ fn parse_remote(s: &str, leg: usize) -> Result<SocketAddr, ApiError> {
 }
 
 fn session_id(s: &str) -> Result<u64, ApiError> {
-    parse_id(s).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no session with id {s:?}"),
-        )
-    })
+    parse_id(s).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no session with id {s:?}")))
 }
 
 /// Runs blocking relay work (waiting for a worker's answer) off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
-        Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "request handler failed",
-        ))
-    })
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request handler failed")))
 }
 
 pub(super) async fn create(
@@ -123,11 +98,7 @@ pub(super) async fn create(
     }
     let mut req = CreateRequest::default();
     for (i, leg) in b.legs.iter().enumerate() {
-        req.remotes[i] = leg
-            .remote
-            .as_deref()
-            .map(|r| parse_remote(r, i))
-            .transpose()?;
+        req.remotes[i] = leg.remote.as_deref().map(|r| parse_remote(r, i)).transpose()?;
         if let Some(rate) = leg.clock_rate {
             if !(1000..=192_000).contains(&rate) {
                 return Err(ApiError::new(
@@ -160,10 +131,7 @@ pub(super) async fn list(State(st): State<ApiState>) -> Response {
     Json(serde_json::json!({"count": sessions.len(), "sessions": sessions})).into_response()
 }
 
-pub(super) async fn get(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+pub(super) async fn get(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = session_id(&id)?;
     let view = blocking(move || st.relay.get(id).map_err(ApiError::from)).await?;
     Ok(Json(view).into_response())
@@ -207,10 +175,7 @@ pub(super) async fn update(
     Ok(Json(view).into_response())
 }
 
-pub(super) async fn delete(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+pub(super) async fn delete(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = session_id(&id)?;
     let view = blocking(move || st.relay.delete(id).map_err(ApiError::from)).await?;
     Ok(Json(view).into_response())

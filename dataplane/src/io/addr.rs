@@ -18,9 +18,7 @@ pub fn write_sockaddr(addr: &SocketAddr, out: &mut SockaddrBuf) -> libc::socklen
             let sin = unsafe { &mut *(out as *mut SockaddrBuf as *mut libc::sockaddr_in) };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
-            sin.sin_addr = libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            };
+            sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
             sin.sin_zero = [0; 8];
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
         }
@@ -28,9 +26,7 @@ pub fn write_sockaddr(addr: &SocketAddr, out: &mut SockaddrBuf) -> libc::socklen
             out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             out.sin6_port = a.port().to_be();
             out.sin6_flowinfo = a.flowinfo();
-            out.sin6_addr = libc::in6_addr {
-                s6_addr: a.ip().octets(),
-            };
+            out.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
             out.sin6_scope_id = a.scope_id();
             std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
@@ -57,12 +53,7 @@ pub fn read_sockaddr(name: &[u8]) -> Option<SocketAddr> {
             let mut ip = [0u8; 16];
             ip.copy_from_slice(&name[8..24]);
             let scope = u32::from_ne_bytes([name[24], name[25], name[26], name[27]]);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(ip),
-                port,
-                flow,
-                scope,
-            )))
+            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, flow, scope)))
         }
         _ => None,
     }
@@ -77,8 +68,7 @@ mod tests {
         let mut buf: SockaddrBuf = unsafe { std::mem::zeroed() };
         let len = write_sockaddr(&a, &mut buf) as usize;
         // SAFETY: buf is plain data of SOCKADDR_LEN bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(&buf as *const _ as *const u8, SOCKADDR_LEN) };
+        let bytes = unsafe { std::slice::from_raw_parts(&buf as *const _ as *const u8, SOCKADDR_LEN) };
         assert_eq!(read_sockaddr(&bytes[..len]), Some(a));
     }
 

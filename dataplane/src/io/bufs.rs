@@ -24,17 +24,11 @@ impl Buffers {
     /// Allocates the buffers. `size` is rounded up to 64 bytes.
     pub fn new(count: u16, size: usize) -> Self {
         let size = size.div_ceil(64) * 64;
-        let layout = Layout::from_size_align((count as usize * size).max(4096), 4096)
-            .expect("buffer layout");
+        let layout = Layout::from_size_align((count as usize * size).max(4096), 4096).expect("buffer layout");
         // SAFETY: the layout has a non-zero size.
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null(), "cannot allocate packet buffers");
-        Self {
-            base,
-            size,
-            count,
-            layout,
-        }
+        Self { base, size, count, layout }
     }
 
     /// Size of one buffer.
@@ -100,10 +94,7 @@ impl Slot {
         user_data: u64,
     ) -> io_uring::squeue::Entry {
         let namelen = super::addr::write_sockaddr(dst, &mut self.addr);
-        self.iov = libc::iovec {
-            iov_base: payload as *mut libc::c_void,
-            iov_len: len,
-        };
+        self.iov = libc::iovec { iov_base: payload as *mut libc::c_void, iov_len: len };
         self.hdr.msg_name = &mut self.addr as *mut _ as *mut libc::c_void;
         self.hdr.msg_namelen = namelen;
         self.hdr.msg_iov = &mut self.iov;
@@ -111,9 +102,7 @@ impl Slot {
         self.hdr.msg_control = std::ptr::null_mut();
         self.hdr.msg_controllen = 0;
         self.hdr.msg_flags = 0;
-        io_uring::opcode::SendMsg::new(io_uring::types::Fd(fd), &self.hdr)
-            .build()
-            .user_data(user_data)
+        io_uring::opcode::SendMsg::new(io_uring::types::Fd(fd), &self.hdr).build().user_data(user_data)
     }
 }
 
@@ -149,10 +138,7 @@ impl Slot {
             Target::Fd(fd) => Send::new(types::Fd(fd), payload, len as u32),
             Target::Fixed(i) => Send::new(types::Fixed(i), payload, len as u32),
         };
-        op.dest_addr(addr)
-            .dest_addr_len(namelen)
-            .build()
-            .user_data(user_data)
+        op.dest_addr(addr).dest_addr_len(namelen).build().user_data(user_data)
     }
 }
 
@@ -165,9 +151,7 @@ impl Slots {
     /// `count` zeroed slots.
     pub fn new(count: u16) -> Self {
         // SAFETY: msghdr, iovec and sockaddr_in6 are plain data; all-zero is valid.
-        let slots = (0..count)
-            .map(|_| unsafe { std::mem::zeroed::<Slot>() })
-            .collect();
+        let slots = (0..count).map(|_| unsafe { std::mem::zeroed::<Slot>() }).collect();
         Self { slots }
     }
 
@@ -191,21 +175,13 @@ pub struct BufRing {
 impl BufRing {
     /// An empty ring of `entries` (a power of two) entries.
     pub fn new(entries: u16) -> Self {
-        assert!(
-            entries.is_power_of_two(),
-            "ring entries must be a power of two"
-        );
+        assert!(entries.is_power_of_two(), "ring entries must be a power of two");
         let bytes = entries as usize * std::mem::size_of::<BufRingEntry>();
         let layout = Layout::from_size_align(bytes.max(4096), 4096).expect("ring layout");
         // SAFETY: non-zero size.
         let base = unsafe { alloc_zeroed(layout) } as *mut BufRingEntry;
         assert!(!base.is_null(), "cannot allocate buffer ring");
-        Self {
-            base,
-            mask: entries - 1,
-            tail: 0,
-            layout,
-        }
+        Self { base, mask: entries - 1, tail: 0, layout }
     }
 
     /// Address to register with the kernel.

@@ -38,11 +38,7 @@ pub struct LatchPolicy {
 
 impl Default for LatchPolicy {
     fn default() -> Self {
-        Self {
-            mode: LatchMode::Learn,
-            relatch_idle: Some(Duration::from_millis(2000)),
-            relatch_on_ssrc_change: false,
-        }
+        Self { mode: LatchMode::Learn, relatch_idle: Some(Duration::from_millis(2000)), relatch_on_ssrc_change: false }
     }
 }
 
@@ -115,8 +111,8 @@ impl Latch {
                         (Some(limit), Some(seen)) => now.saturating_duration_since(seen) >= limit,
                         _ => false,
                     };
-                    let new_ssrc = policy.relatch_on_ssrc_change
-                        && matches!((ssrc, self.ssrc), (Some(a), Some(b)) if a != b);
+                    let new_ssrc =
+                        policy.relatch_on_ssrc_change && matches!((ssrc, self.ssrc), (Some(a), Some(b)) if a != b);
                     if idle || new_ssrc {
                         LatchDecision::Relatched
                     } else {
@@ -149,20 +145,11 @@ mod tests {
         let p = LatchPolicy::default();
         let t0 = Instant::now();
         let mut l = Latch::default();
-        assert_eq!(
-            l.on_packet(&p, Some(addr(1000)), t0, addr(2000), Some(1)),
-            LatchDecision::Latched
-        );
+        assert_eq!(l.on_packet(&p, Some(addr(1000)), t0, addr(2000), Some(1)), LatchDecision::Latched);
         assert_eq!(l.addr(), Some(addr(2000)));
-        assert_eq!(
-            l.on_packet(&p, None, t0, addr(2000), Some(1)),
-            LatchDecision::Accept
-        );
+        assert_eq!(l.on_packet(&p, None, t0, addr(2000), Some(1)), LatchDecision::Accept);
         let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(
-            l.on_packet(&p, None, t1, addr(3000), Some(1)),
-            LatchDecision::Reject
-        );
+        assert_eq!(l.on_packet(&p, None, t1, addr(3000), Some(1)), LatchDecision::Reject);
         assert_eq!(l.addr(), Some(addr(2000)));
     }
 
@@ -173,82 +160,43 @@ mod tests {
         let mut l = Latch::default();
         l.on_packet(&p, None, t0, addr(2000), Some(1));
         let t1 = t0 + Duration::from_millis(1999);
-        assert_eq!(
-            l.on_packet(&p, None, t1, addr(3000), Some(1)),
-            LatchDecision::Reject
-        );
+        assert_eq!(l.on_packet(&p, None, t1, addr(3000), Some(1)), LatchDecision::Reject);
         // The rejected packet did not refresh the latched source's last-seen time.
         let t2 = t0 + Duration::from_millis(2000);
-        assert_eq!(
-            l.on_packet(&p, None, t2, addr(3000), Some(1)),
-            LatchDecision::Relatched
-        );
+        assert_eq!(l.on_packet(&p, None, t2, addr(3000), Some(1)), LatchDecision::Relatched);
         assert_eq!(l.addr(), Some(addr(3000)));
     }
 
     #[test]
     fn ssrc_change_relatches_only_when_enabled() {
         let t0 = Instant::now();
-        let mut p = LatchPolicy {
-            relatch_idle: None,
-            ..LatchPolicy::default()
-        };
+        let mut p = LatchPolicy { relatch_idle: None, ..LatchPolicy::default() };
         let mut l = Latch::default();
         l.on_packet(&p, None, t0, addr(2000), Some(1));
-        assert_eq!(
-            l.on_packet(&p, None, t0, addr(3000), Some(2)),
-            LatchDecision::Reject
-        );
+        assert_eq!(l.on_packet(&p, None, t0, addr(3000), Some(2)), LatchDecision::Reject);
         p.relatch_on_ssrc_change = true;
-        assert_eq!(
-            l.on_packet(&p, None, t0, addr(3000), Some(1)),
-            LatchDecision::Reject
-        );
-        assert_eq!(
-            l.on_packet(&p, None, t0, addr(3000), Some(2)),
-            LatchDecision::Relatched
-        );
+        assert_eq!(l.on_packet(&p, None, t0, addr(3000), Some(1)), LatchDecision::Reject);
+        assert_eq!(l.on_packet(&p, None, t0, addr(3000), Some(2)), LatchDecision::Relatched);
     }
 
     #[test]
     fn strict_accepts_only_signalled_source() {
-        let p = LatchPolicy {
-            mode: LatchMode::Strict,
-            ..LatchPolicy::default()
-        };
+        let p = LatchPolicy { mode: LatchMode::Strict, ..LatchPolicy::default() };
         let t0 = Instant::now();
         let mut l = Latch::default();
-        assert_eq!(
-            l.on_packet(&p, Some(addr(1000)), t0, addr(2000), None),
-            LatchDecision::Reject
-        );
-        assert_eq!(
-            l.on_packet(&p, Some(addr(1000)), t0, addr(1000), None),
-            LatchDecision::Latched
-        );
+        assert_eq!(l.on_packet(&p, Some(addr(1000)), t0, addr(2000), None), LatchDecision::Reject);
+        assert_eq!(l.on_packet(&p, Some(addr(1000)), t0, addr(1000), None), LatchDecision::Latched);
         let late = t0 + Duration::from_secs(3600);
-        assert_eq!(
-            l.on_packet(&p, Some(addr(1000)), late, addr(2000), None),
-            LatchDecision::Reject
-        );
+        assert_eq!(l.on_packet(&p, Some(addr(1000)), late, addr(2000), None), LatchDecision::Reject);
     }
 
     #[test]
     fn strict_without_signalled_locks_first_source() {
-        let p = LatchPolicy {
-            mode: LatchMode::Strict,
-            ..LatchPolicy::default()
-        };
+        let p = LatchPolicy { mode: LatchMode::Strict, ..LatchPolicy::default() };
         let t0 = Instant::now();
         let mut l = Latch::default();
-        assert_eq!(
-            l.on_packet(&p, None, t0, addr(2000), None),
-            LatchDecision::Latched
-        );
+        assert_eq!(l.on_packet(&p, None, t0, addr(2000), None), LatchDecision::Latched);
         let late = t0 + Duration::from_secs(3600);
-        assert_eq!(
-            l.on_packet(&p, None, late, addr(3000), None),
-            LatchDecision::Reject
-        );
+        assert_eq!(l.on_packet(&p, None, late, addr(3000), None), LatchDecision::Reject);
     }
 }

@@ -98,13 +98,7 @@ struct Leg {
 
 impl Leg {
     fn signalled_for(&self, kind: usize) -> Option<SocketAddr> {
-        self.signalled.map(|a| {
-            if kind == RTCP {
-                with_port_plus_one(a)
-            } else {
-                a
-            }
-        })
+        self.signalled.map(|a| if kind == RTCP { with_port_plus_one(a) } else { a })
     }
 
     /// Where packets for this leg go: the latched source, else the signalled address,
@@ -115,11 +109,7 @@ impl Leg {
             .latch
             .addr()
             .or_else(|| self.signalled_for(kind))
-            .or_else(|| {
-                (kind == RTCP)
-                    .then(|| self.streams[RTP].latch.addr().map(with_port_plus_one))
-                    .flatten()
-            })
+            .or_else(|| (kind == RTCP).then(|| self.streams[RTP].latch.addr().map(with_port_plus_one)).flatten())
     }
 }
 
@@ -200,11 +190,7 @@ impl Table {
             leg.signalled = spec.remotes[l];
             leg.clock_rate = spec.clock_rates[l];
             for (k, stream) in leg.streams.iter_mut().enumerate() {
-                let owner = SockOwner {
-                    session: slot,
-                    leg: l as u8,
-                    kind: k as u8,
-                };
+                let owner = SockOwner { session: slot, leg: l as u8, kind: k as u8 };
                 let s = match self.free_socks.pop() {
                     Some(s) => {
                         self.socks[s as usize] = Some(owner);
@@ -283,21 +269,11 @@ impl Table {
 
     /// The per-packet decision. Counts the packet and any drop on the receiving stream.
     #[inline]
-    pub fn on_packet(
-        &mut self,
-        now: Instant,
-        sock: SockIdx,
-        src: SocketAddr,
-        pkt: &[u8],
-    ) -> Verdict {
+    pub fn on_packet(&mut self, now: Instant, sock: SockIdx, src: SocketAddr, pkt: &[u8]) -> Verdict {
         let Some(Some(owner)) = self.socks.get(sock as usize).copied() else {
             return Verdict::Drop(DropReason::Closing);
         };
-        let Some(s) = self
-            .sessions
-            .get_mut(owner.session as usize)
-            .and_then(Option::as_mut)
-        else {
+        let Some(s) = self.sessions.get_mut(owner.session as usize).and_then(Option::as_mut) else {
             return Verdict::Drop(DropReason::Closing);
         };
         let (l, k) = (owner.leg as usize, owner.kind as usize);
@@ -328,38 +304,26 @@ impl Table {
                 None => return drop(stream, DropReason::Malformed),
             }
         };
-        match stream
-            .latch
-            .on_packet(&s.policy, signalled, now, src, Some(ssrc))
-        {
+        match stream.latch.on_packet(&s.policy, signalled, now, src, Some(ssrc)) {
             LatchDecision::Accept => {}
             LatchDecision::Reject => return drop(stream, DropReason::SourceMismatch),
-            d @ (LatchDecision::Latched | LatchDecision::Relatched) => {
-                self.events.push(TableEvent::Latched {
-                    id: s.id,
-                    leg: l as u8,
-                    rtcp: k == RTCP,
-                    addr: src,
-                    relatch: d == LatchDecision::Relatched,
-                })
-            }
+            d @ (LatchDecision::Latched | LatchDecision::Relatched) => self.events.push(TableEvent::Latched {
+                id: s.id,
+                leg: l as u8,
+                rtcp: k == RTCP,
+                addr: src,
+                relatch: d == LatchDecision::Relatched,
+            }),
         }
         if let Some(h) = rtp {
-            let rate = clock_rate
-                .or_else(|| static_clock_rate(h.payload_type))
-                .unwrap_or(8000);
-            stream
-                .rtp
-                .on_packet(now, self.epoch, rate, h.sequence, h.timestamp, h.ssrc);
+            let rate = clock_rate.or_else(|| static_clock_rate(h.payload_type)).unwrap_or(8000);
+            stream.rtp.on_packet(now, self.epoch, rate, h.sequence, h.timestamp, h.ssrc);
         }
         s.last_activity = now;
         match far.destination(k) {
             Some(dst) => {
                 stream.counters.forwarded += 1;
-                Verdict::Forward {
-                    out: far.streams[k].sock,
-                    dst,
-                }
+                Verdict::Forward { out: far.streams[k].sock, dst }
             }
             None => drop(stream, DropReason::NoDestination),
         }
@@ -372,11 +336,7 @@ impl Table {
         let Some(Some(owner)) = self.socks.get(out as usize).copied() else {
             return;
         };
-        if let Some(s) = self
-            .sessions
-            .get_mut(owner.session as usize)
-            .and_then(Option::as_mut)
-        {
+        if let Some(s) = self.sessions.get_mut(owner.session as usize).and_then(Option::as_mut) {
             let st = &mut s.legs[1 - owner.leg as usize].streams[owner.kind as usize];
             st.counters.forwarded = st.counters.forwarded.saturating_sub(1);
             st.counters.drops[DropReason::SendError as usize] += 1;
@@ -537,14 +497,8 @@ mod tests {
 
     fn rtp(seq: u16) -> [u8; 172] {
         let mut p = [0u8; 172];
-        RtpHeader {
-            payload_type: 0,
-            marker: false,
-            sequence: seq,
-            timestamp: seq as u32 * 160,
-            ssrc: 9,
-        }
-        .write_to(&mut p);
+        RtpHeader { payload_type: 0, marker: false, sequence: seq, timestamp: seq as u32 * 160, ssrc: 9 }
+            .write_to(&mut p);
         p
     }
 
@@ -564,34 +518,13 @@ mod tests {
         let mut tb = Table::new(t);
         let s = tb.insert(&spec(1), t).unwrap();
         // A speaks first: B's address is unknown, so it is dropped (and A latches).
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)),
-            Verdict::Drop(DropReason::NoDestination)
-        );
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)), Verdict::Drop(DropReason::NoDestination));
         // B speaks: goes to A's latched address out of A's socket.
-        assert_eq!(
-            tb.on_packet(t, s[1][RTP], a(6000), &rtp(1)),
-            Verdict::Forward {
-                out: s[0][RTP],
-                dst: a(5000)
-            }
-        );
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &rtp(2)),
-            Verdict::Forward {
-                out: s[1][RTP],
-                dst: a(6000)
-            }
-        );
+        assert_eq!(tb.on_packet(t, s[1][RTP], a(6000), &rtp(1)), Verdict::Forward { out: s[0][RTP], dst: a(5000) });
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &rtp(2)), Verdict::Forward { out: s[1][RTP], dst: a(6000) });
         // RTCP before any RTCP latch goes to the RTP source's port + 1.
         let rtcp = [0x80, 200, 0, 1, 0, 0, 0, 9];
-        assert_eq!(
-            tb.on_packet(t, s[0][RTCP], a(5001), &rtcp),
-            Verdict::Forward {
-                out: s[1][RTCP],
-                dst: a(6001)
-            }
-        );
+        assert_eq!(tb.on_packet(t, s[0][RTCP], a(5001), &rtcp), Verdict::Forward { out: s[1][RTCP], dst: a(6001) });
         let mut ev = Vec::new();
         tb.drain_events(&mut ev);
         assert_eq!(ev.len(), 3);
@@ -604,22 +537,10 @@ mod tests {
         let mut sp = spec(1);
         sp.remotes[1] = Some(a(7000));
         let s = tb.insert(&sp, t).unwrap();
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)),
-            Verdict::Forward {
-                out: s[1][RTP],
-                dst: a(7000)
-            }
-        );
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)), Verdict::Forward { out: s[1][RTP], dst: a(7000) });
         // B's real (NATed) source differs from its SDP: it latches, and A's packets follow.
         tb.on_packet(t, s[1][RTP], a(7777), &rtp(1));
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &rtp(2)),
-            Verdict::Forward {
-                out: s[1][RTP],
-                dst: a(7777)
-            }
-        );
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &rtp(2)), Verdict::Forward { out: s[1][RTP], dst: a(7777) });
     }
 
     #[test]
@@ -628,14 +549,8 @@ mod tests {
         let mut tb = Table::new(t);
         let s = tb.insert(&spec(1), t).unwrap();
         tb.on_packet(t, s[0][RTP], a(5000), &rtp(1));
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(6666), &rtp(2)),
-            Verdict::Drop(DropReason::SourceMismatch)
-        );
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &[1, 2, 3]),
-            Verdict::Drop(DropReason::Malformed)
-        );
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(6666), &rtp(2)), Verdict::Drop(DropReason::SourceMismatch));
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &[1, 2, 3]), Verdict::Drop(DropReason::Malformed));
         let snap = tb.snapshot(1, t).unwrap();
         assert_eq!(snap.legs[0].rtp.packets, 3);
         assert_eq!(snap.legs[0].rtp.drops.get(DropReason::SourceMismatch), 1);
@@ -655,15 +570,8 @@ mod tests {
         assert_eq!(out, vec![1]);
         let socks = tb.begin_remove(1).unwrap();
         assert_eq!(socks, s);
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)),
-            Verdict::Drop(DropReason::Closing)
-        );
-        let freed: Vec<_> = socks
-            .iter()
-            .flatten()
-            .filter_map(|&k| tb.release_sock(k))
-            .collect();
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)), Verdict::Drop(DropReason::Closing));
+        let freed: Vec<_> = socks.iter().flatten().filter_map(|&k| tb.release_sock(k)).collect();
         assert_eq!(freed, vec![1]);
         assert!(tb.is_empty());
         // Slots are reused: no growth over many create/delete cycles.
@@ -685,13 +593,7 @@ mod tests {
         let s = tb.insert(&spec(1), t).unwrap();
         tb.on_packet(t, s[1][RTP], a(6000), &rtp(1));
         assert!(tb.set_remote(1, 1, Some(a(8000))));
-        assert_eq!(
-            tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)),
-            Verdict::Forward {
-                out: s[1][RTP],
-                dst: a(8000)
-            }
-        );
+        assert_eq!(tb.on_packet(t, s[0][RTP], a(5000), &rtp(1)), Verdict::Forward { out: s[1][RTP], dst: a(8000) });
         assert!(!tb.set_remote(1, 2, None));
         assert!(!tb.set_remote(99, 0, None));
     }

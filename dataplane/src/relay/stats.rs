@@ -97,25 +97,13 @@ impl RtpStats {
     /// Accounts one RTP packet that arrived at `arrival` (any clock's origin, as long as
     /// it is the same for every packet), with the stream's RTP clock rate.
     #[inline]
-    pub fn on_packet(
-        &mut self,
-        arrival: Instant,
-        epoch: Instant,
-        clock_rate: u32,
-        seq: u16,
-        ts: u32,
-        ssrc: u32,
-    ) {
+    pub fn on_packet(&mut self, arrival: Instant, epoch: Instant, clock_rate: u32, seq: u16, ts: u32, ssrc: u32) {
         if self.ssrc != Some(ssrc) {
             if self.ssrc.is_some() {
                 self.ssrc_changes += 1;
             }
             let changes = self.ssrc_changes;
-            *self = Self {
-                ssrc: Some(ssrc),
-                ssrc_changes: changes,
-                ..Self::default()
-            };
+            *self = Self { ssrc: Some(ssrc), ssrc_changes: changes, ..Self::default() };
             self.restart(seq);
         } else {
             let delta = seq.wrapping_sub(self.max_seq);
@@ -214,14 +202,7 @@ mod tests {
         for &q in seqs {
             // Perfect 20 ms pacing: arrival and timestamp advance together.
             let n = q as u64;
-            s.on_packet(
-                t0 + Duration::from_millis(20 * n),
-                t0,
-                8000,
-                q,
-                (160 * n) as u32,
-                7,
-            );
+            s.on_packet(t0 + Duration::from_millis(20 * n), t0, 8000, q, (160 * n) as u32, 7);
         }
     }
 
@@ -255,14 +236,7 @@ mod tests {
         // Every packet 10 ms (80 units) late relative to the previous one alternately.
         for n in 0..200u64 {
             let wobble = if n % 2 == 0 { 0 } else { 10 };
-            s.on_packet(
-                t0 + Duration::from_millis(20 * n + wobble),
-                t0,
-                8000,
-                n as u16,
-                (160 * n) as u32,
-                1,
-            );
+            s.on_packet(t0 + Duration::from_millis(20 * n + wobble), t0, 8000, n as u16, (160 * n) as u32, 1);
         }
         // |D| is always 80 units, so J converges to 80.
         assert!((75..=80).contains(&s.jitter()), "jitter {}", s.jitter());

@@ -19,11 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug, Clone)]
-#[command(
-    name = "hasp-rtpload",
-    version,
-    about = "RTP load through hasp relay vs a baseline forwarder"
-)]
+#[command(name = "hasp-rtpload", version, about = "RTP load through hasp relay vs a baseline forwarder")]
 struct Args {
     /// Relay REST API to create sessions on (e.g. http://127.0.0.1:8080). Without it and
     /// without --spawn-relay, only the baseline runs.
@@ -99,19 +95,12 @@ fn pin(core: usize) {
 /// Nanoseconds this task (thread) or all tasks of `pid` spent on a CPU.
 fn cpu_ns(pid: u32, tid: Option<i32>) -> u64 {
     let read = |p: &str| -> u64 {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        std::fs::read_to_string(p).ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0)
     };
     match tid {
         Some(t) => read(&format!("/proc/{pid}/task/{t}/schedstat")),
         None => std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| read(&format!("{}/schedstat", e.path().display())))
-                    .sum()
-            })
+            .map(|d| d.flatten().map(|e| read(&format!("{}/schedstat", e.path().display()))).sum())
             .unwrap_or(0),
     }
 }
@@ -137,10 +126,7 @@ fn sendmmsg(sock: &UdpSocket, bufs: &mut [[u8; 2048]], lens: &[usize], dst: &[So
     let mut iovs: Vec<libc::iovec> = bufs[..n]
         .iter_mut()
         .zip(lens)
-        .map(|(b, &l)| libc::iovec {
-            iov_base: b.as_mut_ptr() as *mut libc::c_void,
-            iov_len: l,
-        })
+        .map(|(b, &l)| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: l })
         .collect();
     // SAFETY: zeroed mmsghdr is valid; pointers below reference live locals.
     let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
@@ -153,14 +139,7 @@ fn sendmmsg(sock: &UdpSocket, bufs: &mut [[u8; 2048]], lens: &[usize], dst: &[So
     let mut off = 0;
     while off < n {
         // SAFETY: msgs[off..n] are valid mmsghdrs.
-        let r = unsafe {
-            libc::sendmmsg(
-                sock.as_raw_fd(),
-                msgs[off..].as_mut_ptr(),
-                (n - off) as u32,
-                0,
-            )
-        };
+        let r = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs[off..].as_mut_ptr(), (n - off) as u32, 0) };
         if r <= 0 {
             break;
         }
@@ -176,9 +155,7 @@ struct Histogram {
 impl Histogram {
     const MAX_US: usize = 1_000_000;
     fn new() -> Self {
-        Self {
-            us: vec![0; Self::MAX_US + 1],
-        }
+        Self { us: vec![0; Self::MAX_US + 1] }
     }
     fn add(&mut self, us: u64) {
         self.us[(us as usize).min(Self::MAX_US)] += 1;
@@ -211,29 +188,16 @@ struct RecvResult {
     hist: Histogram,
 }
 
-fn receiver(
-    sock: UdpSocket,
-    epoch: Instant,
-    late: Duration,
-    stop: Arc<AtomicBool>,
-    core: usize,
-) -> RecvResult {
+fn receiver(sock: UdpSocket, epoch: Instant, late: Duration, stop: Arc<AtomicBool>, core: usize) -> RecvResult {
     pin(core);
     let mut bufs = vec![[0u8; 2048]; BATCH];
     let mut iovs: Vec<libc::iovec> = bufs
         .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr() as *mut libc::c_void,
-            iov_len: b.len(),
-        })
+        .map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() })
         .collect();
     // SAFETY: zeroed mmsghdr is valid.
     let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    let mut r = RecvResult {
-        received: 0,
-        late: 0,
-        hist: Histogram::new(),
-    };
+    let mut r = RecvResult { received: 0, late: 0, hist: Histogram::new() };
     loop {
         for i in 0..BATCH {
             msgs[i].msg_hdr.msg_iov = &mut iovs[i];
@@ -276,12 +240,7 @@ fn receiver(
 }
 
 /// Runs the load against `endpoints` (per session: A-side and B-side address).
-fn run_load(
-    args: &Args,
-    endpoints: &[(SocketAddr, SocketAddr)],
-    ga: &UdpSocket,
-    gb: &UdpSocket,
-) -> Result<Report> {
+fn run_load(args: &Args, endpoints: &[(SocketAddr, SocketAddr)], ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let late = Duration::from_millis(args.late_ms);
@@ -321,11 +280,7 @@ fn run_load(
                     b[8..12].copy_from_slice(&((s as u32) << 1 | side).to_be_bytes());
                     b[12..20].copy_from_slice(&now.to_le_bytes());
                     lens.push(args.size.clamp(20, 2048));
-                    dsts.push(if side == 0 {
-                        endpoints[s].0
-                    } else {
-                        endpoints[s].1
-                    });
+                    dsts.push(if side == 0 { endpoints[s].0 } else { endpoints[s].1 });
                     m += 1;
                 }
                 sendmmsg(sock, &mut bufs, &lens, &dsts);
@@ -355,11 +310,7 @@ fn run_load(
         sent,
         on_time,
         late: late_n,
-        loss_pct: if sent == 0 {
-            0.0
-        } else {
-            100.0 * (sent - on_time.min(sent)) as f64 / sent as f64
-        },
+        loss_pct: if sent == 0 { 0.0 } else { 100.0 * (sent - on_time.min(sent)) as f64 / sent as f64 },
         latency_p50_us: hist.quantile(0.5),
         latency_p99_us: hist.quantile(0.99),
         ..Report::default()
@@ -392,31 +343,17 @@ fn baseline(
         bail!("epoll_create1 failed");
     }
     for (i, s) in socks.iter().enumerate() {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: i as u64,
-        };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
         // SAFETY: valid epoll fd and event.
         unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
     }
-    let endpoints = (0..n)
-        .map(|i| {
-            (
-                socks[2 * i].local_addr().unwrap(),
-                socks[2 * i + 1].local_addr().unwrap(),
-            )
-        })
-        .collect();
+    let endpoints =
+        (0..n).map(|i| (socks[2 * i].local_addr().unwrap(), socks[2 * i + 1].local_addr().unwrap())).collect();
     let _ = ready.send((endpoints, tid));
     const B: usize = 8;
     let mut bufs = vec![[0u8; 2048]; B];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr() as *mut libc::c_void,
-            iov_len: 2048,
-        })
-        .collect();
+    let mut iovs: Vec<libc::iovec> =
+        bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: 2048 }).collect();
     // SAFETY: zeroed mmsghdr is valid.
     let mut msgs: Vec<libc::mmsghdr> = (0..B).map(|_| unsafe { std::mem::zeroed() }).collect();
     let dst = [socket2::SockAddr::from(gb), socket2::SockAddr::from(ga)];
@@ -482,22 +419,8 @@ impl Drop for Spawned {
 fn spawn_relay(args: &Args) -> Result<Spawned> {
     let exe: PathBuf = std::env::current_exe()?.with_file_name("hasp");
     let mut child = Command::new(&exe)
-        .args([
-            "relay",
-            "--no-auth",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ])
-        .args([
-            "--cores",
-            &args.fwd_core.to_string(),
-            "--rtp-ports",
-            &args.rtp_ports,
-            "--io-mode",
-            &args.io_mode,
-        ])
+        .args(["relay", "--no-auth", "--listen-api", "127.0.0.1:0", "--workers", "1"])
+        .args(["--cores", &args.fwd_core.to_string(), "--rtp-ports", &args.rtp_ports, "--io-mode", &args.io_mode])
         .env("HASP_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -515,36 +438,21 @@ fn spawn_relay(args: &Args) -> Result<Spawned> {
 }
 
 fn relay_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
-    let spawned = if args.spawn_relay {
-        Some(spawn_relay(args)?)
-    } else {
-        None
-    };
-    let api = spawned
-        .as_ref()
-        .map(|s| s.api.clone())
-        .or_else(|| args.api.clone())
-        .context("--api or --spawn-relay")?;
+    let spawned = if args.spawn_relay { Some(spawn_relay(args)?) } else { None };
+    let api = spawned.as_ref().map(|s| s.api.clone()).or_else(|| args.api.clone()).context("--api or --spawn-relay")?;
     let pid = spawned.as_ref().map(|s| s.child.id()).or(args.relay_pid);
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
     let auth = args.token.as_ref().map(|t| format!("Bearer {t}"));
     let body = serde_json::json!({"legs": [{"remote": ga.local_addr()?.to_string()}, {"remote": gb.local_addr()?.to_string()}]})
         .to_string();
     let mut endpoints = Vec::with_capacity(args.sessions);
     let mut ids = Vec::with_capacity(args.sessions);
     for _ in 0..args.sessions {
-        let mut req = agent
-            .post(&format!("{api}/v1/sessions"))
-            .set("Content-Type", "application/json");
+        let mut req = agent.post(&format!("{api}/v1/sessions")).set("Content-Type", "application/json");
         if let Some(a) = &auth {
             req = req.set("Authorization", a);
         }
-        let v: serde_json::Value = req
-            .send_string(&body)
-            .context("creating a session")?
-            .into_json()?;
+        let v: serde_json::Value = req.send_string(&body).context("creating a session")?.into_json()?;
         let ip: std::net::IpAddr = v["address"].as_str().context("address")?.parse()?;
         let port = |l: usize| v["legs"][l]["rtp_port"].as_u64().unwrap_or(0) as u16;
         endpoints.push((SocketAddr::new(ip, port(0)), SocketAddr::new(ip, port(1))));
@@ -573,13 +481,7 @@ fn relay_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
 fn baseline_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
-    let (n, a, b, core, st) = (
-        args.sessions,
-        ga.local_addr()?,
-        gb.local_addr()?,
-        args.fwd_core,
-        stop.clone(),
-    );
+    let (n, a, b, core, st) = (args.sessions, ga.local_addr()?, gb.local_addr()?, args.fwd_core, stop.clone());
     let h = std::thread::spawn(move || baseline(n, a, b, core, st, tx));
     let (endpoints, tid) = rx.recv().context("baseline forwarder failed to start")?;
     let pid = std::process::id();
@@ -589,8 +491,7 @@ fn baseline_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report
     let wall = t0.elapsed();
     let cpu = cpu_ns(pid, Some(tid)) - c0;
     stop.store(true, Ordering::Relaxed);
-    h.join()
-        .map_err(|_| anyhow::anyhow!("baseline panicked"))??;
+    h.join().map_err(|_| anyhow::anyhow!("baseline panicked"))??;
     r.cpu_ns_per_packet = cpu as f64 / (r.on_time + r.late).max(1) as f64;
     r.cpu_util_pct = 100.0 * cpu as f64 / wall.as_nanos() as f64;
     r.target = "baseline recvmmsg/sendmmsg".into();
@@ -618,15 +519,7 @@ fn main() -> Result<()> {
     }
     println!(
         "{:<28} {:>8} {:>11} {:>13} {:>8} {:>8} {:>8} {:>10} {:>6}",
-        "target",
-        "sessions",
-        "offered/s",
-        "forwarded/s",
-        "loss%",
-        "p50µs",
-        "p99µs",
-        "cpu ns/pkt",
-        "cpu%"
+        "target", "sessions", "offered/s", "forwarded/s", "loss%", "p50µs", "p99µs", "cpu ns/pkt", "cpu%"
     );
     for r in &reports {
         println!(

@@ -15,11 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "hasp",
-    version,
-    about = "hasp: a highly available SIP/RTP platform"
-)]
+#[command(name = "hasp", version, about = "hasp: a highly available SIP/RTP platform")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -56,12 +52,7 @@ struct RelayArgs {
     #[arg(long, env = "HASP_CORES", value_name = "LIST", value_parser = parse_cores)]
     cores: Option<Cores>,
     /// Bearer token required by the API (send "Authorization: Bearer TOKEN").
-    #[arg(
-        long,
-        env = "HASP_API_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "HASP_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     api_token: Option<String>,
     /// Serve the API without a token. Only for a loopback lab setup.
     #[arg(long, env = "HASP_NO_AUTH")]
@@ -138,11 +129,8 @@ impl RelayArgs {
     fn resolve(&self) -> Result<RelayConfig> {
         let mut c = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                Config::from_toml(&text)
-                    .with_context(|| format!("in {}", p.display()))?
-                    .relay
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                Config::from_toml(&text).with_context(|| format!("in {}", p.display()))?.relay
             }
             None => RelayConfig::default(),
         };
@@ -197,17 +185,13 @@ impl RelayArgs {
 
 fn random_token() -> Result<String> {
     let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))?;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HASP_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HASP_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -232,11 +216,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
         print!("{}", toml::to_string(&Config { relay: cfg })?);
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("hasp-api")
-        .enable_all()
-        .build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen_api)
             .await
