@@ -13,8 +13,6 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --all-targets --quiet
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
-  # nextest does not run doctests.
-  cargo test --workspace --doc --quiet
 else
   cargo test --workspace --no-fail-fast
 fi

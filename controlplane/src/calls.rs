@@ -285,9 +285,7 @@ impl Calls {
     /// Call-IDs of live calls (calls whose every stream timed out are dropped here).
     pub fn list(&self) -> Vec<String> {
         let mut calls = self.lock();
-        calls.retain(|_, c| {
-            c.streams.is_empty() || c.streams.iter().flatten().any(|s| self.relay.exists(s.session))
-        });
+        calls.retain(|_, c| c.streams.is_empty() || c.streams.iter().flatten().any(|s| self.relay.exists(s.session)));
         let mut ids: Vec<String> = calls.keys().cloned().collect();
         ids.sort();
         ids

@@ -29,6 +29,8 @@ impl Config {
 pub struct RelayConfig {
     /// Address of the REST API.
     pub listen_api: SocketAddr,
+    /// Address (UDP and TCP) of the rtpengine NG control protocol; off when unset.
+    pub listen_ng: Option<SocketAddr>,
     /// Address media sockets bind to.
     pub media_ip: IpAddr,
     /// Address given to clients as the relay's media address (default: `media_ip`).
@@ -65,6 +67,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             listen_api: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            listen_ng: None,
             media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,
             rtp_ports: PortRange { min: 30000, max: 39999 },

@@ -8,11 +8,14 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod calls;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod ng;
 pub mod ports;
 pub mod relay;
+pub mod sdp;
 
 pub use config::{Config, PortRange, RelayConfig};
 pub use error::Error;

@@ -194,6 +194,8 @@ impl Relay {
             buffers: cfg.buffers,
             stats_interval: Duration::from_millis(cfg.stats_interval_ms.max(10)),
             batch_wait: Duration::from_micros(cfg.batch_wait_us),
+            // Each pair is two sockets; a worker holds its share of the pairs.
+            max_sockets: (2 * cfg.rtp_ports.pairs().div_ceil(workers) + 64).min(65536) as u32,
             ..DataplaneConfig::default()
         };
         let (dp, events) = Dataplane::start(dcfg)?;
@@ -360,6 +362,32 @@ impl Relay {
             self.send(worker, Command::SetRemote { id, leg: leg as u8, remote })?;
         }
         self.get(id)
+    }
+
+    /// Sets or clears signalled remotes without reading the session back (the NG and
+    /// RTPproxy paths, which answer with SDP, not with a session view).
+    pub fn set_remotes(&self, id: SessionId, changes: &[(usize, Option<SocketAddr>)]) -> Result<(), Error> {
+        let worker = {
+            let mut st = lock(&self.state);
+            let r = st.sessions.get_mut(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
+            for &(leg, remote) in changes {
+                if leg > 1 {
+                    return Err(Error::Invalid(format!("leg {leg} does not exist (0 or 1)")));
+                }
+                r.remotes[leg] = remote;
+                r.latched[leg] = Latched::default();
+            }
+            r.worker
+        };
+        for &(leg, remote) in changes {
+            self.send(worker, Command::SetRemote { id, leg: leg as u8, remote })?;
+        }
+        Ok(())
+    }
+
+    /// True while the session exists (not deleted, not timed out).
+    pub fn exists(&self, id: SessionId) -> bool {
+        lock(&self.state).sessions.contains_key(&id)
     }
 
     /// Deletes a session and returns its final state; its ports are freed once the

@@ -174,9 +174,11 @@ impl Sdp {
     /// `sendrecv`).
     pub fn direction(&self, i: usize) -> &str {
         let find = |lines: &[String]| {
-            lines.iter().filter_map(|l| attr_name(l)).find(|a| DIRECTIONS.contains(a)).map(|a| {
-                DIRECTIONS.iter().find(|d| **d == a).copied().unwrap_or("sendrecv")
-            })
+            lines
+                .iter()
+                .filter_map(|l| attr_name(l))
+                .find(|a| DIRECTIONS.contains(a))
+                .map(|a| DIRECTIONS.iter().find(|d| **d == a).copied().unwrap_or("sendrecv"))
         };
         self.media.get(i).and_then(|m| find(&m.lines)).or_else(|| find(&self.session)).unwrap_or("sendrecv")
     }
@@ -252,7 +254,8 @@ impl Sdp {
         // Codec attributes in payload-type order, an rtpmap for static types that lack one.
         if rtp {
             for f in &m.formats {
-                let has_map = attrs.iter().any(|l| l.strip_prefix("a=rtpmap:").is_some_and(|r| r.split(' ').next() == Some(f)));
+                let has_map =
+                    attrs.iter().any(|l| l.strip_prefix("a=rtpmap:").is_some_and(|r| r.split(' ').next() == Some(f)));
                 if !has_map {
                     if let Some(map) = static_rtpmap(f) {
                         let _ = write!(out, "a=rtpmap:{f} {map}\r\n");

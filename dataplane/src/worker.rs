@@ -138,7 +138,10 @@ impl Dataplane {
         if !cfg.buffers.is_power_of_two() || cfg.buffers > 32768 {
             return Err(Error::Config("buffers must be a power of two up to 32768".into()));
         }
-        raise_nofile_limit();
+        let nofile = raise_nofile_limit();
+        // The registered file table may not be larger than the open-file limit.
+        let mut cfg = cfg;
+        cfg.max_sockets = cfg.max_sockets.min(nofile.saturating_sub(64).max(64) as u32);
         let (ev_tx, ev_rx) = crossbeam_channel::bounded(cfg.event_capacity);
         let mut workers = Vec::with_capacity(cfg.workers);
         for index in 0..cfg.workers {
@@ -205,16 +208,22 @@ impl Drop for Dataplane {
 
 /// Raises the soft limit on open files to the hard limit: every leg holds two sockets,
 /// and the default soft limit of 1,024 would cap a relay near 250 sessions.
-fn raise_nofile_limit() {
+/// Returns the soft limit in force afterwards.
+fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::warn!("cannot raise the open-file limit");
-            }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
         }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+            tracing::warn!("cannot raise the open-file limit");
+        }
+        lim.rlim_cur
     }
 }
 

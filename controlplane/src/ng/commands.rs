@@ -51,7 +51,7 @@ impl<'a> Request<'a> {
 
     fn flag(&self, f: &str) -> bool {
         let f = norm(f);
-        self.flags.iter().any(|x| *x == f)
+        self.flags.contains(&f)
     }
 
     /// A flag given as `key=value` in the flags list, or as a key.

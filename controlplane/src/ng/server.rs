@@ -41,7 +41,10 @@ impl ReplyCache {
     /// Remembers an answer.
     pub fn put(&mut self, cookie: &[u8], reply: Vec<u8>, now: Instant) {
         while self.order.len() >= self.cap
-            || self.order.front().is_some_and(|c| self.map.get(c).is_some_and(|(t, _)| now.duration_since(*t) >= self.ttl))
+            || self
+                .order
+                .front()
+                .is_some_and(|c| self.map.get(c).is_some_and(|(t, _)| now.duration_since(*t) >= self.ttl))
         {
             match self.order.pop_front() {
                 Some(c) => {

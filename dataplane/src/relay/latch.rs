@@ -19,6 +19,9 @@ pub enum LatchMode {
     /// `strict-source`: accept only the signalled address if one was given, else the
     /// first source; every other source is dropped, forever.
     Strict,
+    /// `asymmetric`: never learn; accept from anyone and send to the signalled address
+    /// (for endpoints that send from a different port than they receive on).
+    Asymmetric,
 }
 
 /// Latching policy, set per relay and overridable per session.
@@ -98,6 +101,10 @@ impl Latch {
         src: SocketAddr,
         ssrc: Option<u32>,
     ) -> LatchDecision {
+        if policy.mode == LatchMode::Asymmetric {
+            self.last_seen = Some(now);
+            return LatchDecision::Accept;
+        }
         let decision = match self.addr {
             Some(a) if a == src => LatchDecision::Accept,
             None => match (policy.mode, signalled) {
@@ -105,7 +112,7 @@ impl Latch {
                 _ => LatchDecision::Latched,
             },
             Some(_) => match policy.mode {
-                LatchMode::Strict => LatchDecision::Reject,
+                LatchMode::Strict | LatchMode::Asymmetric => LatchDecision::Reject,
                 LatchMode::Learn => {
                     let idle = match (policy.relatch_idle, self.last_seen) {
                         (Some(limit), Some(seen)) => now.saturating_duration_since(seen) >= limit,
@@ -188,6 +195,16 @@ mod tests {
         assert_eq!(l.on_packet(&p, Some(addr(1000)), t0, addr(1000), None), LatchDecision::Latched);
         let late = t0 + Duration::from_secs(3600);
         assert_eq!(l.on_packet(&p, Some(addr(1000)), late, addr(2000), None), LatchDecision::Reject);
+    }
+
+    #[test]
+    fn asymmetric_never_latches() {
+        let p = LatchPolicy { mode: LatchMode::Asymmetric, ..LatchPolicy::default() };
+        let t0 = Instant::now();
+        let mut l = Latch::default();
+        assert_eq!(l.on_packet(&p, Some(addr(1000)), t0, addr(2000), None), LatchDecision::Accept);
+        assert_eq!(l.on_packet(&p, Some(addr(1000)), t0, addr(3000), None), LatchDecision::Accept);
+        assert_eq!(l.addr(), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use controlplane::api::{self, ApiState};
+use controlplane::calls::Calls;
 use controlplane::{Config, PortRange, Relay, RelayConfig};
 use dataplane::{IoMode, LatchMode};
 use std::io::Write;
@@ -41,6 +42,10 @@ struct RelayArgs {
     /// (the ready line tells which).
     #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT")]
     listen_api: Option<SocketAddr>,
+    /// rtpengine NG control protocol address (UDP and TCP), e.g. 127.0.0.1:2223, for
+    /// Kamailio's or OpenSIPS's rtpengine module. Off unless given.
+    #[arg(long, env = "HASP_LISTEN_NG", value_name = "ADDR:PORT")]
+    listen_ng: Option<SocketAddr>,
     /// RTP port range; each leg takes an even RTP port and the RTCP port after it
     /// [default: 30000-39999].
     #[arg(long, env = "HASP_RTP_PORTS", value_name = "MIN-MAX")]
@@ -120,7 +125,8 @@ fn parse_latch(s: &str) -> Result<LatchMode, String> {
     match s {
         "learn" => Ok(LatchMode::Learn),
         "strict" | "strict-source" => Ok(LatchMode::Strict),
-        _ => Err(format!("unknown latch mode {s:?} (learn, strict)")),
+        "asymmetric" => Ok(LatchMode::Asymmetric),
+        _ => Err(format!("unknown latch mode {s:?} (learn, strict, asymmetric)")),
     }
 }
 
@@ -136,6 +142,9 @@ impl RelayArgs {
         };
         if let Some(v) = self.listen_api {
             c.listen_api = v;
+        }
+        if let Some(v) = self.listen_ng {
+            c.listen_ng = Some(v);
         }
         if let Some(v) = self.rtp_ports {
             c.rtp_ports = v;
@@ -225,9 +234,17 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
         let api_addr = listener.local_addr()?;
         let relay = Relay::start(cfg.clone())?;
         let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
+        let calls = Arc::new(Calls::new(relay.clone()));
+        let mut extra = String::new();
+        if let Some(ng) = cfg.listen_ng {
+            let (bound, _) = controlplane::ng::serve(ng, calls.clone())
+                .await
+                .with_context(|| format!("binding the NG listener on {ng}"))?;
+            extra.push_str(&format!(" ng={bound}"));
+        }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
         println!(
-            "hasp {role} ready api=http://{api_addr} media={} ports={} workers={} io_mode={} auth={}",
+            "hasp {role} ready api=http://{api_addr}{extra} media={} ports={} workers={} io_mode={} auth={}",
             cfg.advertised(),
             cfg.rtp_ports,
             modes.len(),
