@@ -7,7 +7,11 @@ set -euo pipefail
 PACKAGES=(
   curl          # README demo, health checks
   iproute2      # network namespaces for multi-host tests
-  procps        # pgrep/pkill in scripts
+  procps        # pgrep/pkill in scripts and tests
+  kamailio      # interop: Kamailio's rtpengine and rtpproxy modules drive hasp
+  kamailio-extra-modules
+  sip-tester    # sipp: UAC/UAS for the interop tests
+  rtpengine-daemon  # interop: the same NG requests answered by rtpengine itself
 )
 
 missing=()

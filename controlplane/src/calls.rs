@@ -186,26 +186,7 @@ impl Calls {
                 ports.push(None);
                 continue;
             }
-            if call.streams.len() <= i {
-                call.streams.resize(i + 1, None);
-            }
-            // A stream whose session timed out or was deleted is re-created.
-            if call.streams[i].as_ref().is_some_and(|s| !self.relay.exists(s.session)) {
-                call.streams[i] = None;
-            }
-            let stream = match &mut call.streams[i] {
-                Some(s) => s,
-                slot @ None => {
-                    let req = CreateRequest { latch: opts.latch, ..CreateRequest::default() };
-                    let c = self.relay.create(req)?;
-                    let session = parse_id(&c.id).ok_or_else(|| Error::Invalid("bad session id".into()))?;
-                    slot.insert(Stream {
-                        session,
-                        ports: [c.legs[0].rtp_port, c.legs[1].rtp_port],
-                        remotes: [None, None],
-                    })
-                }
-            };
+            let stream = self.ensure_stream(call, i, opts.latch)?;
             let mut remote = sdp.endpoint(i);
             if let (Some(r), Some(ip)) = (&mut remote, opts.source_override) {
                 r.set_ip(ip);
@@ -242,6 +223,79 @@ impl Calls {
         }
         rw.origin_version = in_version.map(|x| x + v.bump);
         Ok(sdp.rewrite(&rw))
+    }
+
+    /// The relay session of media stream `i`, created if missing or gone (timed out).
+    fn ensure_stream<'c>(
+        &self,
+        call: &'c mut Call,
+        i: usize,
+        latch: Option<LatchPolicy>,
+    ) -> Result<&'c mut Stream, Error> {
+        if call.streams.len() <= i {
+            call.streams.resize(i + 1, None);
+        }
+        if call.streams[i].as_ref().is_some_and(|s| !self.relay.exists(s.session)) {
+            call.streams[i] = None;
+        }
+        match &mut call.streams[i] {
+            Some(s) => Ok(s),
+            slot @ None => {
+                let c = self.relay.create(CreateRequest { latch, ..CreateRequest::default() })?;
+                let session = parse_id(&c.id).ok_or_else(|| Error::Invalid("bad session id".into()))?;
+                Ok(slot.insert(Stream {
+                    session,
+                    ports: [c.legs[0].rtp_port, c.legs[1].rtp_port],
+                    remotes: [None, None],
+                }))
+            }
+        }
+    }
+
+    /// RTPproxy's `U` (`create`) and `L` commands: the side `sender_tag` says where it
+    /// receives media stream `index`; answers the relay port its peer must send to.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_stream(
+        &self,
+        call_id: &str,
+        sender_tag: &str,
+        other_tag: Option<&str>,
+        index: usize,
+        remote: Option<SocketAddr>,
+        create: bool,
+        latch: Option<LatchPolicy>,
+    ) -> Result<u16, Error> {
+        let mut calls = self.lock();
+        if !create && !calls.contains_key(call_id) {
+            return Err(Error::NotFound("Unknown call-id".into()));
+        }
+        let call = calls.entry(call_id.to_string()).or_insert_with(|| Call {
+            created: now(),
+            last_signal: now(),
+            tags: [Some(sender_tag.to_string()), None],
+            labels: [None, None],
+            streams: Vec::new(),
+            versions: Default::default(),
+            record: false,
+        });
+        call.last_signal = now();
+        let sender = if call.tags[0].as_deref() == Some(sender_tag) {
+            0
+        } else if call.tags[1].as_deref() == Some(sender_tag) {
+            1
+        } else if call.tags[1].is_none() && (!create || other_tag.is_some_and(|t| call.tags[0].as_deref() == Some(t))) {
+            call.tags[1] = Some(sender_tag.to_string());
+            1
+        } else {
+            call.tags[0] = Some(sender_tag.to_string());
+            0
+        };
+        let stream = self.ensure_stream(call, index, latch)?;
+        if stream.remotes[sender] != remote {
+            self.relay.set_remotes(stream.session, &[(sender, remote)])?;
+            stream.remotes[sender] = remote;
+        }
+        Ok(stream.ports[1 - sender])
     }
 
     /// Deletes a call (all its streams); returns its final statistics.

@@ -31,6 +31,8 @@ pub struct RelayConfig {
     pub listen_api: SocketAddr,
     /// Address (UDP and TCP) of the rtpengine NG control protocol; off when unset.
     pub listen_ng: Option<SocketAddr>,
+    /// RTPproxy control protocol: `ADDR:PORT` (UDP) or a Unix socket path; off when unset.
+    pub listen_rtpp: Option<String>,
     /// Address media sockets bind to.
     pub media_ip: IpAddr,
     /// Address given to clients as the relay's media address (default: `media_ip`).
@@ -68,6 +70,7 @@ impl Default for RelayConfig {
         Self {
             listen_api: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             listen_ng: None,
+            listen_rtpp: None,
             media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,
             rtp_ports: PortRange { min: 30000, max: 39999 },

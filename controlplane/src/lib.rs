@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ng;
 pub mod ports;
 pub mod relay;
+pub mod rtpp;
 pub mod sdp;
 
 pub use config::{Config, PortRange, RelayConfig};

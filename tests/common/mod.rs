@@ -30,6 +30,7 @@ pub fn hasp_bin() -> PathBuf {
 /// A `hasp relay` process; killed on drop.
 pub struct RelayProc {
     pub child: Child,
+    pub ready_line: String,
     pub api: String,
     pub token: Option<String>,
     agent: ureq::Agent,
@@ -49,7 +50,7 @@ impl RelayProc {
     pub fn spawn(args: &[&str], token: Option<String>) -> Self {
         let mut child = Command::new(hasp_bin())
             .args(args)
-            .env("HASP_LOG", "warn")
+            .env("HASP_LOG", std::env::var("HASP_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -66,7 +67,7 @@ impl RelayProc {
         let line = rx.recv_timeout(Duration::from_secs(30)).expect("hasp printed no ready line");
         let api = line.split_whitespace().find_map(|w| w.strip_prefix("api=")).expect("api= in ready line").to_string();
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-        Self { child, api, token, agent }
+        Self { child, api, token, agent, ready_line: line }
     }
 
     pub fn pid(&self) -> u32 {

@@ -46,6 +46,10 @@ struct RelayArgs {
     /// Kamailio's or OpenSIPS's rtpengine module. Off unless given.
     #[arg(long, env = "HASP_LISTEN_NG", value_name = "ADDR:PORT")]
     listen_ng: Option<SocketAddr>,
+    /// RTPproxy control protocol: ADDR:PORT (UDP, cookie-prefixed) or a Unix socket path,
+    /// for Kamailio's or OpenSIPS's rtpproxy module. Off unless given.
+    #[arg(long, env = "HASP_LISTEN_RTPP", value_name = "ADDR:PORT|PATH")]
+    listen_rtpp: Option<String>,
     /// RTP port range; each leg takes an even RTP port and the RTCP port after it
     /// [default: 30000-39999].
     #[arg(long, env = "HASP_RTP_PORTS", value_name = "MIN-MAX")]
@@ -146,6 +150,9 @@ impl RelayArgs {
         if let Some(v) = self.listen_ng {
             c.listen_ng = Some(v);
         }
+        if let Some(v) = &self.listen_rtpp {
+            c.listen_rtpp = Some(v.clone());
+        }
         if let Some(v) = self.rtp_ports {
             c.rtp_ports = v;
         }
@@ -241,6 +248,12 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
                 .await
                 .with_context(|| format!("binding the NG listener on {ng}"))?;
             extra.push_str(&format!(" ng={bound}"));
+        }
+        if let Some(rtpp) = &cfg.listen_rtpp {
+            let bound = controlplane::rtpp::serve(rtpp, calls.clone())
+                .await
+                .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
+            extra.push_str(&format!(" rtpp={bound}"));
         }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
         println!(

@@ -1,0 +1,204 @@
+//! Interop with real software: Kamailio (rtpengine and rtpproxy modules) placing sipp
+//! calls through `hasp relay`, RTP verified end to end. Needs `kamailio`,
+//! `kamailio-extra-modules` and `sip-tester` (scripts/install-deps.sh installs them).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn interop_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+/// A free UDP port on loopback (bound and released; the test binds it right after).
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hasp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Kamailio in the foreground (`-DD`); the creator and its children die on drop.
+struct Kamailio {
+    child: Child,
+    port: u16,
+}
+
+impl Kamailio {
+    fn start(template: &str, dir: &Path, subst: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let mut cfg = std::fs::read_to_string(interop_dir().join(template)).unwrap();
+        cfg = cfg.replace("{SIP_PORT}", &port.to_string());
+        for (k, v) in subst {
+            cfg = cfg.replace(k, v);
+        }
+        let path = dir.join("kamailio.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = Command::new("kamailio")
+            .args(["-DD", "-E", "-m", "64", "-M", "8", "-f"])
+            .arg(&path)
+            .arg("-Y")
+            .arg(dir)
+            .arg("-w")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("kamailio.log")).unwrap())
+            .spawn()
+            .expect("kamailio (apt-get install kamailio kamailio-extra-modules)");
+        let k = Self { child, port };
+        // Ready when it answers OPTIONS.
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let me = probe.local_addr().unwrap();
+        wait_for("kamailio to answer OPTIONS", Duration::from_secs(20), || {
+            let msg = format!(
+                "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-probe{}\r\nFrom: <sip:probe@{me}>;tag=p\r\nTo: <sip:127.0.0.1:{port}>\r\nCall-ID: probe-{}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 5\r\nContent-Length: 0\r\n\r\n",
+                rand_tag(),
+                rand_tag()
+            );
+            probe.send_to(msg.as_bytes(), ("127.0.0.1", port)).ok()?;
+            let mut buf = [0u8; 2048];
+            let (n, _) = probe.recv_from(&mut buf).ok()?;
+            String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200").then_some(())
+        });
+        k
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        // The creator's children (-DD keeps them as its own) first, then the creator.
+        let _ = Command::new("pkill").args(["-KILL", "-P", &pid]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_tag() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
+fn sipp(dir: &Path, scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]) -> Child {
+    let mut c = Command::new("sipp");
+    c.current_dir(dir)
+        .arg("-sf")
+        .arg(interop_dir().join(scenario))
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
+    for (k, v) in keys {
+        c.args(["-key", k, v]);
+    }
+    c.spawn().expect("sipp (apt-get install sip-tester)")
+}
+
+fn wait_exit(mut c: Child, what: &str) {
+    let st = wait_for(what, Duration::from_secs(40), || c.try_wait().ok().flatten());
+    assert!(st.success(), "{what} failed: {st}");
+}
+
+/// One call UAC → Kamailio → UAS with media anchored in hasp, RTP checked both ways.
+fn call_through_kamailio(relay: &RelayProc, template: &str, subst: &[(&str, String)], name: &str) {
+    let dir = tempdir(name);
+    let kam = Kamailio::start(template, &dir, subst);
+    let (alice, bob) = (udp(), udp());
+    let (uac_port, uas_port) = (free_port(), free_port());
+    let uas = sipp(
+        &dir,
+        "uas_media.xml",
+        uas_port,
+        &[("media_b", bob.local_addr().unwrap().port().to_string())],
+        &["-trace_msg", "-message_file", "uas_messages.log"],
+    );
+    let uac = sipp(
+        &dir,
+        "uac_media.xml",
+        uac_port,
+        &[("media_a", alice.local_addr().unwrap().port().to_string()), ("uas_port", uas_port.to_string())],
+        &[&format!("127.0.0.1:{}", kam.port)],
+    );
+    // The call is up once the relay knows both sides' addresses.
+    let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
+    let session = wait_for("the call's media session in hasp", Duration::from_secs(15), || {
+        let (_, v) = relay.call("GET", "/v1/sessions", None);
+        v["sessions"]
+            .as_array()?
+            .iter()
+            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
+            .cloned()
+    });
+    let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
+    let relay_ip = session["address"].as_str().unwrap().to_string();
+    // Alice was told (in the 200 OK) to send to leg A's port, Bob (in the INVITE) to leg B's.
+    for seq in 0..20u16 {
+        alice.send_to(&rtp(seq, 0xa11ce, 1), (relay_ip.as_str(), port(0))).unwrap();
+        bob.send_to(&rtp(seq, 0xb0b, 2), (relay_ip.as_str(), port(1))).unwrap();
+    }
+    for seq in 0..20u16 {
+        assert_eq!(recv(&bob), (rtp(seq, 0xa11ce, 1), format!("{relay_ip}:{}", port(1)).parse().unwrap()));
+        assert_eq!(recv(&alice), (rtp(seq, 0xb0b, 2), format!("{relay_ip}:{}", port(0)).parse().unwrap()));
+    }
+    wait_exit(uac, "sipp UAC");
+    wait_exit(uas, "sipp UAS");
+    // The SDP the UAS received points at hasp: relay address and leg B's port.
+    let log = std::fs::read_to_string(dir.join("uas_messages.log")).unwrap();
+    let invite = &log[log.find("INVITE sip:").expect("INVITE in UAS log")..];
+    assert!(invite.contains(&format!("c=IN IP4 {relay_ip}")), "{invite}");
+    assert!(
+        invite.contains(&format!("m=audio {} RTP/AVP 0 101", port(1))),
+        "UAS must be offered hasp's port: {invite}"
+    );
+    // BYE made Kamailio delete the call: the session is gone.
+    let id = session["id"].as_str().unwrap().to_string();
+    wait_for("the session to be deleted after BYE", Duration::from_secs(10), || {
+        (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
+    });
+    drop(kam);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn relay_with(extra: &[&str]) -> (RelayProc, String) {
+    let relay = RelayProc::start(extra);
+    let out = relay.ready_line.clone();
+    (relay, out)
+}
+
+fn ready_field(line: &str, key: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
+}
+
+#[test]
+fn kamailio_rtpengine_module_call_with_rtp_through_hasp() {
+    let (relay, line) = relay_with(&["--rtp-ports", "42000-42199", "--listen-ng", "127.0.0.1:0"]);
+    let ng = ready_field(&line, "ng=");
+    let ng_port = ng.rsplit(':').next().unwrap().to_string();
+    call_through_kamailio(&relay, "kamailio-rtpengine.cfg", &[("{NG_PORT}", ng_port.clone())], "kam-ng");
+    // And the NG view agrees: no call left.
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.send_to(b"c1 d7:command4:liste", ng.as_str()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"c1 d6:result2:ok5:callslee");
+}
+
+#[test]
+fn kamailio_rtpproxy_module_call_with_rtp_through_hasp() {
+    let (relay, line) = relay_with(&["--rtp-ports", "42200-42399", "--listen-rtpp", "127.0.0.1:0"]);
+    let rtpp = ready_field(&line, "rtpp=");
+    let rtpp_port = rtpp.rsplit(':').next().unwrap().to_string();
+    call_through_kamailio(&relay, "kamailio-rtpproxy.cfg", &[("{RTPP_PORT}", rtpp_port)], "kam-rtpp");
+    let (_, v): (u16, Value) = relay.call("GET", "/v1/sessions", None);
+    assert_eq!(v["count"], 0);
+}
