@@ -202,3 +202,142 @@ fn kamailio_rtpproxy_module_call_with_rtp_through_hasp() {
     let (_, v): (u16, Value) = relay.call("GET", "/v1/sessions", None);
     assert_eq!(v["count"], 0);
 }
+
+/// A tiny NG client over UDP.
+struct Ng {
+    sock: UdpSocket,
+    to: String,
+    n: u32,
+}
+
+impl Ng {
+    fn new(to: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        Self { sock, to: to.to_string(), n: 0 }
+    }
+
+    fn req(&mut self, dict: controlplane::ng::bencode::Value) -> Option<controlplane::ng::bencode::Value> {
+        self.n += 1;
+        let cookie = format!("{}_{}", std::process::id(), self.n);
+        let mut msg = format!("{cookie} ").into_bytes();
+        dict.encode_to(&mut msg);
+        self.sock.send_to(&msg, self.to.as_str()).ok()?;
+        let mut buf = vec![0u8; 65536];
+        let n = self.sock.recv(&mut buf).ok()?;
+        let body = buf[..n].strip_prefix(format!("{cookie} ").as_bytes())?;
+        controlplane::ng::bencode::decode(body).ok().map(|(v, _)| v)
+    }
+}
+
+/// rtpengine itself (Debian's rtpengine-daemon, userspace only).
+struct Rtpengine(Child);
+
+impl Drop for Rtpengine {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Masks the parts that legitimately differ between two relays: media ports.
+fn mask_ports(sdp: &str) -> Vec<String> {
+    sdp.lines()
+        .map(|l| {
+            if let Some(m) = l.strip_prefix("m=") {
+                let mut t: Vec<&str> = m.split(' ').collect();
+                if t.len() > 1 && t[1] != "0" {
+                    t[1] = "PORT";
+                }
+                format!("m={}", t.join(" "))
+            } else if let Some(r) = l.strip_prefix("a=rtcp:") {
+                format!("a=rtcp:PORT{}", r.find(' ').map(|i| &r[i..]).unwrap_or(""))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn rtpengine_and_hasp_answer_the_same_ng_requests_alike() {
+    use controlplane::ng::bencode::Value;
+    let ng_port = free_port();
+    let rtpe = Rtpengine(
+        Command::new("rtpengine")
+            .args(["--config-file=none", "--table=-1", "--interface=127.0.0.1", "--foreground", "--log-stderr"])
+            .arg(format!("--listen-ng=127.0.0.1:{ng_port}"))
+            .args(["--port-min=42400", "--port-max=42499"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rtpengine (apt-get install rtpengine-daemon)"),
+    );
+    let mut theirs = Ng::new(&format!("127.0.0.1:{ng_port}"));
+    wait_for("rtpengine to answer ping", Duration::from_secs(15), || {
+        let r = theirs.req(Value::dict([("command", Value::str("ping"))]))?;
+        (r.get("result")?.as_str()? == "pong").then_some(())
+    });
+    let (relay, line) = relay_with(&["--rtp-ports", "42500-42599", "--listen-ng", "127.0.0.1:0"]);
+    let mut ours = Ng::new(&ready_field(&line, "ng="));
+
+    let offers = [
+        // Plain G.711 with DTMF, session-level c=, ptime.
+        "v=0\r\no=- 1545997027 1 IN IP4 198.51.100.1\r\ns=tester\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\nm=audio 2000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\n",
+        // Audio + video + a rejected stream, unknown attributes, ICE, sendonly.
+        "v=0\r\no=- 1545997028 1 IN IP4 198.51.100.1\r\ns=tester\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\nm=audio 2000 RTP/AVP 0 101\r\nb=AS:64\r\na=rtpmap:101 telephone-event/8000\r\na=foo:bar\r\na=sendonly\r\na=maxptime:40\r\na=ptime:20\r\na=candidate:1 1 UDP 2130706431 10.0.0.1 2000 typ host\r\na=label:1\r\nm=video 2002 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\na=fmtp:96 profile-level-id=42e01f\r\na=inactive\r\nm=audio 0 RTP/AVP 0\r\n",
+        // Media-level c=, an a=rtcp to be replaced.
+        "v=0\r\no=- 1545997029 7 IN IP4 198.51.100.1\r\ns=-\r\nt=0 0\r\nm=audio 4000 RTP/AVP 8\r\nc=IN IP4 198.51.100.9\r\na=rtcp:4001\r\na=sendrecv\r\n",
+    ];
+    let flag_sets: [&[&str]; 3] =
+        [&["trust-address"], &["trust-address", "no-rtcp-attribute"], &["trust-address", "full-rtcp-attribute"]];
+    for (i, offer) in offers.iter().enumerate() {
+        for (j, flags) in flag_sets.iter().enumerate() {
+            let call = format!("cmp-{i}-{j}-{}", std::process::id());
+            let flags = Value::List(flags.iter().map(Value::str).collect());
+            let o = |_: ()| {
+                Value::dict([
+                    ("command", Value::str("offer")),
+                    ("call-id", Value::str(&call)),
+                    ("from-tag", Value::str("ft")),
+                    ("sdp", Value::str(offer)),
+                    ("flags", flags.clone()),
+                    ("replace", Value::List(vec![Value::str("origin"), Value::str("session-connection")])),
+                ])
+            };
+            let answer_sdp = offer.replace(" 2000 ", " 3000 ").replace(" 4000 ", " 5000 ");
+            let a = |_: ()| {
+                Value::dict([
+                    ("command", Value::str("answer")),
+                    ("call-id", Value::str(&call)),
+                    ("from-tag", Value::str("ft")),
+                    ("to-tag", Value::str("tt")),
+                    ("sdp", Value::str(&answer_sdp)),
+                    ("flags", flags.clone()),
+                ])
+            };
+            for (step, req) in [("offer", o(())), ("answer", a(()))] {
+                let t = theirs.req(req.clone()).expect("rtpengine answered");
+                let u = ours.req(req).expect("hasp answered");
+                let result = |v: &Value| v.get("result").and_then(Value::as_str).unwrap_or("").to_string();
+                assert_eq!(result(&t), "ok", "{step} {i}/{j}: rtpengine refused: {t:?}");
+                assert_eq!(result(&u), result(&t), "{step} {i}/{j}: result differs: ours {u:?} theirs {t:?}");
+                let sdp = |v: &Value| mask_ports(v.get("sdp").and_then(Value::as_str).unwrap_or(""));
+                assert_eq!(sdp(&u), sdp(&t), "{step} of offer {i} with flags {j}: SDP differs");
+            }
+            let d = Value::dict([
+                ("command", Value::str("delete")),
+                ("call-id", Value::str(&call)),
+                ("from-tag", Value::str("ft")),
+            ]);
+            let (t, u) = (theirs.req(d.clone()).unwrap(), ours.req(d).unwrap());
+            assert_eq!(u.get("result"), t.get("result"));
+        }
+    }
+    // Both answer an unknown call's query with an error.
+    let q = Value::dict([("command", Value::str("query")), ("call-id", Value::str("nope"))]);
+    let (t, u) = (theirs.req(q.clone()).unwrap(), ours.req(q).unwrap());
+    assert_eq!(u.get("result"), t.get("result"));
+    drop(rtpe);
+    drop(relay);
+}

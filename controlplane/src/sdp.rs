@@ -251,7 +251,26 @@ impl Sdp {
         }
         let attrs: Vec<&String> = m.lines.iter().filter(|l| l.starts_with("a=")).collect();
         let mux = attrs.iter().any(|l| attr_name(l) == Some("rtcp-mux"));
-        // Codec attributes in payload-type order, an rtpmap for static types that lack one.
+        // rtpengine's order, kept so its output and ours compare line by line: other
+        // attributes as they came, codec attributes in payload-type order (with an
+        // rtpmap for static types that lack one), direction, rtcp, and ptime last.
+        let codec_attr = |name: &str| rtp && matches!(name, "rtpmap" | "fmtp" | "rtcp-fb");
+        let mut direction = None;
+        let mut ptime = None;
+        for l in &attrs {
+            let name = attr_name(l).unwrap_or("");
+            if codec_attr(name) || name == "rtcp" || (rw.remove_ice && ICE_ATTRS.contains(&name)) {
+                continue;
+            }
+            if DIRECTIONS.contains(&name) {
+                direction = Some(name);
+            } else if name == "ptime" {
+                ptime = Some(*l);
+            } else {
+                out.push_str(l);
+                out.push_str("\r\n");
+            }
+        }
         if rtp {
             for f in &m.formats {
                 let has_map =
@@ -262,8 +281,7 @@ impl Sdp {
                     }
                 }
                 for l in &attrs {
-                    let Some(name) = attr_name(l) else { continue };
-                    if matches!(name, "rtpmap" | "fmtp" | "rtcp-fb") {
+                    if attr_name(l).is_some_and(codec_attr) {
                         let pt = l.split_once(':').map(|(_, r)| r.split(' ').next().unwrap_or(""));
                         if pt == Some(f.as_str()) {
                             out.push_str(l);
@@ -272,22 +290,6 @@ impl Sdp {
                     }
                 }
             }
-        }
-        let mut direction = None;
-        for l in &attrs {
-            let name = attr_name(l).unwrap_or("");
-            if rtp && matches!(name, "rtpmap" | "fmtp" | "rtcp-fb") {
-                continue;
-            }
-            if DIRECTIONS.contains(&name) {
-                direction = Some(name);
-                continue;
-            }
-            if name == "rtcp" || (rw.remove_ice && ICE_ATTRS.contains(&name)) {
-                continue;
-            }
-            out.push_str(l);
-            out.push_str("\r\n");
         }
         let direction = direction.unwrap_or_else(|| {
             // Session-level direction applies when the media has none; written
@@ -311,6 +313,10 @@ impl Sdp {
                 }
                 RtcpAttr::None => {}
             }
+        }
+        if let Some(p) = ptime {
+            out.push_str(p);
+            out.push_str("\r\n");
         }
     }
 }
@@ -347,7 +353,7 @@ mod tests {
     fn rewrites_ports_connection_rtcp_and_keeps_other_lines() {
         let s = Sdp::parse(OFFER).unwrap();
         let out = s.rewrite(&rw(vec![Some(30000), None]));
-        let want = "v=0\r\no=- 1545997027 1 IN IP4 198.51.100.1\r\ns=tester\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0 8 101\r\nc=IN IP4 203.0.113.1\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\na=rtcp:30001\r\nm=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n";
+        let want = "v=0\r\no=- 1545997027 1 IN IP4 198.51.100.1\r\ns=tester\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0 8 101\r\nc=IN IP4 203.0.113.1\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=sendrecv\r\na=rtcp:30001\r\na=ptime:20\r\nm=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n";
         assert_eq!(out, want);
         // The rewrite is stable: rewriting our own output changes nothing but ports.
         let again = Sdp::parse(&out).unwrap().rewrite(&rw(vec![Some(30000), None]));
