@@ -82,10 +82,20 @@ pub struct CallStats {
 }
 
 /// The registry of calls.
-#[derive(Debug)]
 pub struct Calls {
     relay: Arc<Relay>,
     calls: Mutex<HashMap<String, Call>>,
+    stream_hook: Mutex<Option<StreamHook>>,
+}
+
+/// Called (with no lock held by the caller's thread beyond the registry's own) whenever
+/// a media stream's relay session is created; must not call back into `Calls`.
+pub type StreamHook = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Calls").finish_non_exhaustive()
+    }
 }
 
 fn now() -> u64 {
@@ -95,7 +105,26 @@ fn now() -> u64 {
 impl Calls {
     /// An empty registry over `relay`.
     pub fn new(relay: Arc<Relay>) -> Self {
-        Self { relay, calls: Mutex::new(HashMap::new()) }
+        Self { relay, calls: Mutex::new(HashMap::new()), stream_hook: Mutex::new(None) }
+    }
+
+    /// Installs the hook told about new streams (lawful intercept uses it to tap a
+    /// target's new media at once).
+    pub fn set_stream_hook(&self, hook: StreamHook) {
+        *self.stream_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Relay sessions of a call's media streams.
+    pub fn sessions_of(&self, call_id: &str) -> Vec<SessionId> {
+        self.lock().get(call_id).map(|c| c.streams.iter().flatten().map(|s| s.session).collect()).unwrap_or_default()
+    }
+
+    /// The Call-ID a relay session belongs to, if a call created it.
+    pub fn call_of(&self, session: SessionId) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|(_, c)| c.streams.iter().flatten().any(|s| s.session == session))
+            .map(|(id, _)| id.clone())
     }
 
     /// The relay underneath.
@@ -243,6 +272,9 @@ impl Calls {
             slot @ None => {
                 let c = self.relay.create(CreateRequest { latch, ..CreateRequest::default() })?;
                 let session = parse_id(&c.id).ok_or_else(|| Error::Invalid("bad session id".into()))?;
+                if let Some(h) = self.stream_hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    h();
+                }
                 Ok(slot.insert(Stream {
                     session,
                     ports: [c.legs[0].rtp_port, c.legs[1].rtp_port],

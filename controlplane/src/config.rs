@@ -33,6 +33,15 @@ pub struct RelayConfig {
     pub listen_ng: Option<SocketAddr>,
     /// RTPproxy control protocol: `ADDR:PORT` (UDP) or a Unix socket path; off when unset.
     pub listen_rtpp: Option<String>,
+    /// Lawful-intercept administration API address; off when unset.
+    pub listen_li: Option<SocketAddr>,
+    /// Bearer token of the LI API; required with `listen_li`, and never the API token.
+    pub li_token: Option<String>,
+    /// Append-only audit log of LI actions.
+    pub li_audit_log: std::path::PathBuf,
+    /// Bytes buffered per mediation function while it is slow or away; then PDUs are
+    /// dropped and counted.
+    pub li_buffer_bytes: usize,
     /// Address media sockets bind to.
     pub media_ip: IpAddr,
     /// Address given to clients as the relay's media address (default: `media_ip`).
@@ -71,6 +80,10 @@ impl Default for RelayConfig {
             listen_api: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             listen_ng: None,
             listen_rtpp: None,
+            listen_li: None,
+            li_token: None,
+            li_audit_log: "hasp-data/li-audit.log".into(),
+            li_buffer_bytes: 8 << 20,
             media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,
             rtp_ports: PortRange { min: 30000, max: 39999 },
@@ -116,6 +129,15 @@ impl RelayConfig {
         }
         if self.advertised().is_unspecified() {
             return Err(Error::Config("media_ip is a wildcard: set advertise_ip to the address clients reach".into()));
+        }
+        if self.listen_li.is_some() {
+            match self.li_token.as_deref() {
+                None | Some("") => return Err(Error::Config("listen_li needs li_token (--li-token)".into())),
+                Some(t) if Some(t) == self.api_token.as_deref() => {
+                    return Err(Error::Config("li_token must differ from api_token".into()))
+                }
+                _ => {}
+            }
         }
         if self.inactivity_timeout_secs == 0 {
             return Err(Error::Config("inactivity_timeout_secs must be at least 1".into()));

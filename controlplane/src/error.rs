@@ -13,6 +13,9 @@ pub enum Error {
     /// No such session.
     #[error("no session with id {0:?}")]
     NotFound(String),
+    /// The thing to create exists already.
+    #[error("{0}")]
+    Conflict(String),
     /// The request was understood but its content is invalid.
     #[error("{0}")]
     Invalid(String),

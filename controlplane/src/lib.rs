@@ -11,6 +11,7 @@ pub mod api;
 pub mod calls;
 pub mod config;
 pub mod error;
+pub mod li;
 pub mod metrics;
 pub mod ng;
 pub mod ports;

@@ -385,6 +385,23 @@ impl Relay {
         Ok(())
     }
 
+    /// Starts or stops intercepting a session (LI only; invisible to the session API).
+    pub fn set_tap(&self, id: SessionId, tap: Option<dataplane::TapSpec>) -> Result<(), Error> {
+        let worker =
+            lock(&self.state).sessions.get(&id).map(|r| r.worker).ok_or_else(|| Error::NotFound(format_id(id)))?;
+        self.send(worker, Command::SetTap { id, tap })
+    }
+
+    /// The data plane's intercept queue.
+    pub fn tap_receiver(&self) -> crossbeam_channel::Receiver<dataplane::TapRecord> {
+        self.dp.lock().unwrap_or_else(|e| e.into_inner()).tap_receiver()
+    }
+
+    /// The data plane's intercept counters.
+    pub fn tap_counters(&self) -> Arc<dataplane::TapCounters> {
+        self.dp.lock().unwrap_or_else(|e| e.into_inner()).tap_counters()
+    }
+
     /// True while the session exists (not deleted, not timed out).
     pub fn exists(&self, id: SessionId) -> bool {
         lock(&self.state).sessions.contains_key(&id)

@@ -43,6 +43,14 @@ pub enum Command {
         /// Where to answer.
         reply: crossbeam_channel::Sender<Option<SessionSnapshot>>,
     },
+    /// Start (`Some`) or stop (`None`) intercepting a session; takes effect before the
+    /// next packet the worker handles.
+    SetTap {
+        /// Session.
+        id: SessionId,
+        /// Task and labels, or `None` to stop.
+        tap: Option<crate::tap::TapSpec>,
+    },
     /// Stop the worker after closing every socket.
     Shutdown,
 }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod io;
 pub mod relay;
 pub mod rtp;
+pub mod tap;
 pub mod worker;
 
 pub use command::{Command, Event, NewSession};
@@ -27,4 +28,5 @@ pub use io::IoMode;
 pub use relay::latch::{LatchMode, LatchPolicy};
 pub use relay::stats::DropReason;
 pub use relay::{LegSnapshot, SessionId, SessionSnapshot, StreamSnapshot};
+pub use tap::{TapCounters, TapRecord, TapSpec};
 pub use worker::{Dataplane, DataplaneConfig, WorkerHandle};

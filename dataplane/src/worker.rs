@@ -14,6 +14,7 @@ use crate::io::bufs::{BufRing, Buffers, Slots, Target};
 use crate::io::IoMode;
 use crate::relay::stats::DropReason;
 use crate::relay::{SessionSnapshot, SockIdx, Table, TableEvent, Verdict};
+use crate::tap::{TapCounters, TapRecord, TAP_MAX};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use io_uring::types::{Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
@@ -54,6 +55,8 @@ pub struct DataplaneConfig {
     pub batch_wait: Duration,
     /// Most sockets one worker holds at once (sizes its registered file table).
     pub max_sockets: u32,
+    /// Capacity of the intercept queue (packets) shared by the workers.
+    pub tap_capacity: usize,
 }
 
 impl Default for DataplaneConfig {
@@ -71,6 +74,7 @@ impl Default for DataplaneConfig {
             stats_interval: Duration::from_secs(1),
             batch_wait: Duration::ZERO,
             max_sockets: 65536,
+            tap_capacity: 4096,
         }
     }
 }
@@ -126,6 +130,8 @@ impl WorkerHandle {
 #[derive(Debug)]
 pub struct Dataplane {
     workers: Vec<WorkerHandle>,
+    tap_rx: Receiver<TapRecord>,
+    tap_counters: Arc<TapCounters>,
 }
 
 impl Dataplane {
@@ -143,6 +149,8 @@ impl Dataplane {
         let mut cfg = cfg;
         cfg.max_sockets = cfg.max_sockets.min(nofile.saturating_sub(64).max(64) as u32);
         let (ev_tx, ev_rx) = crossbeam_channel::bounded(cfg.event_capacity);
+        let (tap_tx, tap_rx) = crossbeam_channel::bounded(cfg.tap_capacity.max(1));
+        let tap_counters = Arc::new(TapCounters::default());
         let mut workers = Vec::with_capacity(cfg.workers);
         for index in 0..cfg.workers {
             let (tx, rx) = crossbeam_channel::bounded(cfg.command_capacity);
@@ -157,12 +165,13 @@ impl Dataplane {
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[index % cfg.cores.len()]);
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let (c, w, cnt, ev) = (cfg.clone(), wake.clone(), counters.clone(), ev_tx.clone());
+            let (ttx, tcnt) = (tap_tx.clone(), tap_counters.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("hasp-worker-{index}"))
                 .spawn(move || {
                     let worker = match core.map(crate::affinity::pin_current_thread) {
                         Some(Err(source)) => Err(Error::Affinity { core: core.unwrap_or(0), source }),
-                        _ => Worker::new(index, &c, rx, ev, w, cnt),
+                        _ => Worker::new(index, &c, rx, ev, w, cnt, ttx, tcnt),
                     };
                     match worker {
                         Ok(mut w) => {
@@ -179,12 +188,22 @@ impl Dataplane {
             tracing::info!(worker = index, ?core, mode = mode.as_str(), "worker started");
             workers.push(WorkerHandle { index, tx, wake, counters, mode, core, thread: Some(thread) });
         }
-        Ok((Self { workers }, ev_rx))
+        Ok((Self { workers, tap_rx, tap_counters }, ev_rx))
     }
 
     /// The workers.
     pub fn workers(&self) -> &[WorkerHandle] {
         &self.workers
+    }
+
+    /// The intercept queue's receiving end (every tapped packet of every worker).
+    pub fn tap_receiver(&self) -> Receiver<TapRecord> {
+        self.tap_rx.clone()
+    }
+
+    /// Intercept counters.
+    pub fn tap_counters(&self) -> Arc<TapCounters> {
+        self.tap_counters.clone()
     }
 
     /// Asks every worker to stop and waits for them.
@@ -248,6 +267,8 @@ fn send_ud(bid: u16, out: SockIdx) -> u64 {
 
 struct SockIo {
     sock: Socket,
+    /// Its bound address (the destination of what it receives), for intercept records.
+    local: Option<std::net::SocketAddr>,
     gen: u16,
     /// user_data of the receive in flight, if any.
     armed: Option<u64>,
@@ -294,6 +315,10 @@ struct Worker {
     next_housekeeping: Instant,
     next_stats: Instant,
     shutting_down: bool,
+    tap_tx: Sender<TapRecord>,
+    tap_counters: Arc<TapCounters>,
+    /// Wall-clock time read once per loop, for intercept timestamps.
+    wall_now: std::time::SystemTime,
 }
 
 fn build_ring(entries: u32) -> io::Result<IoUring> {
@@ -309,6 +334,7 @@ fn build_ring(entries: u32) -> io::Result<IoUring> {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         index: usize,
         cfg: &DataplaneConfig,
@@ -316,6 +342,8 @@ impl Worker {
         events: Sender<Event>,
         wake: Arc<OwnedFd>,
         counters: Arc<WorkerCounters>,
+        tap_tx: Sender<TapRecord>,
+        tap_counters: Arc<TapCounters>,
     ) -> Result<Self, Error> {
         let ring = build_ring(cfg.ring_entries).map_err(Error::Uring)?;
         let batch_wait_us = if ring.params().is_feature_min_timeout() {
@@ -357,6 +385,9 @@ impl Worker {
             next_housekeeping: now,
             next_stats: now + cfg.stats_interval,
             shutting_down: false,
+            tap_tx,
+            tap_counters,
+            wall_now: std::time::SystemTime::now(),
         };
         match cfg.io_mode {
             IoMode::Oneshot => {}
@@ -474,6 +505,9 @@ impl Worker {
                 break;
             }
             let now = Instant::now();
+            if self.table.tapped() > 0 {
+                self.wall_now = std::time::SystemTime::now();
+            }
             let mut cqes = std::mem::take(&mut self.cqes);
             loop {
                 cqes.clear();
@@ -647,7 +681,11 @@ impl Worker {
             (Some(src), false) => {
                 // SAFETY: as above; the payload lies within the buffer.
                 let pkt = unsafe { std::slice::from_raw_parts(self.bufs.ptr(bid).add(payload_off), len) };
-                self.table.on_packet(now, idx, src, pkt)
+                let v = self.table.on_packet(now, idx, src, pkt);
+                if self.table.tapped() > 0 && matches!(v, Verdict::Forward { .. }) {
+                    self.tap(idx, src, pkt);
+                }
+                v
             }
             (_, true) => Verdict::Drop(DropReason::Truncated),
             (None, false) => Verdict::Drop(DropReason::Malformed),
@@ -682,6 +720,32 @@ impl Worker {
                 self.recycle(bid);
             }
         }
+    }
+
+    /// Copies an accepted packet of a tapped session into the intercept queue. Never
+    /// blocks: a full queue drops the copy (counted for LI administrators only).
+    #[cold]
+    fn tap(&mut self, idx: SockIdx, src: std::net::SocketAddr, pkt: &[u8]) {
+        let Some((spec, leg, rtcp)) = self.table.tap_of(idx) else { return };
+        let Some(Some(s)) = self.socks.get(idx as usize) else { return };
+        let len = pkt.len().min(TAP_MAX);
+        let mut rec = TapRecord {
+            xid: spec.xid,
+            correlation: spec.correlation,
+            from_target: leg == spec.target_leg,
+            rtcp,
+            src,
+            dst: s.local.unwrap_or(src),
+            at: self.wall_now,
+            orig_len: pkt.len() as u16,
+            len: len as u16,
+            data: [0; TAP_MAX],
+        };
+        rec.data[..len].copy_from_slice(&pkt[..len]);
+        match self.tap_tx.try_send(rec) {
+            Ok(()) => self.tap_counters.copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            Err(_) => self.tap_counters.queue_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
     }
 
     #[inline]
@@ -763,6 +827,9 @@ impl Worker {
             Command::Query { id, reply } => {
                 let _ = reply.try_send(self.table.snapshot(id, now));
             }
+            Command::SetTap { id, tap } => {
+                self.table.set_tap(id, tap);
+            }
             Command::Shutdown => self.begin_shutdown(),
         }
         self.local.sessions = self.table.len() as u64;
@@ -803,7 +870,8 @@ impl Worker {
                         tracing::error!(worker = self.index, error = %e, "cannot register socket");
                     }
                 }
-                self.socks[i] = Some(SockIo { sock, gen: self.next_gen, armed: None, closing: false });
+                let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+                self.socks[i] = Some(SockIo { sock, local, gen: self.next_gen, armed: None, closing: false });
                 self.arm_recv(i as SockIdx);
             }
         }

@@ -80,7 +80,19 @@ impl RelayProc {
     }
 
     pub fn call_with(&self, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.agent.request(method, &format!("{}{}", self.api, path));
+        self.call_with_base(&self.api, method, path, body, token)
+    }
+
+    /// Like `call_with`, against another listener of the same process (e.g. LI).
+    pub fn call_with_base(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self.agent.request(method, &format!("{base}{path}"));
         if let Some(t) = token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -95,7 +107,8 @@ impl RelayProc {
         };
         let status = resp.status();
         let text = resp.into_string().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, v)
     }
 
     pub fn metrics(&self) -> String {

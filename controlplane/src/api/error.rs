@@ -37,6 +37,7 @@ impl From<Error> for ApiError {
             Error::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         Self::new(status, code, e.to_string())

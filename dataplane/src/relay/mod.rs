@@ -128,6 +128,7 @@ struct Session {
     closing: bool,
     open_socks: u8,
     dirty: bool,
+    tap: Option<crate::tap::TapSpec>,
 }
 
 /// A worker's sessions and the sockets that belong to them.
@@ -140,6 +141,7 @@ pub struct Table {
     by_id: HashMap<SessionId, u32>,
     epoch: Instant,
     events: Vec<TableEvent>,
+    tapped: usize,
 }
 
 impl Table {
@@ -153,6 +155,7 @@ impl Table {
             by_id: HashMap::new(),
             epoch,
             events: Vec::with_capacity(1024),
+            tapped: 0,
         }
     }
 
@@ -214,6 +217,7 @@ impl Table {
             closing: false,
             open_socks: 4,
             dirty: false,
+            tap: None,
         });
         self.by_id.insert(spec.id, slot);
         Some(idx)
@@ -234,6 +238,33 @@ impl Table {
         }
         s.dirty = true;
         true
+    }
+
+    /// Starts or stops intercepting a session; false if it does not exist.
+    pub fn set_tap(&mut self, id: SessionId, tap: Option<crate::tap::TapSpec>) -> bool {
+        let Some(s) = self.session_mut(id) else { return false };
+        let was = s.tap.is_some();
+        s.tap = tap;
+        match (was, tap.is_some()) {
+            (false, true) => self.tapped += 1,
+            (true, false) => self.tapped -= 1,
+            _ => {}
+        }
+        true
+    }
+
+    /// Number of tapped sessions: the worker looks for taps only when this is non-zero.
+    #[inline]
+    pub fn tapped(&self) -> usize {
+        self.tapped
+    }
+
+    /// The tap of the session owning `sock`, with the socket's leg and whether it is RTCP.
+    #[inline]
+    pub fn tap_of(&self, sock: SockIdx) -> Option<(crate::tap::TapSpec, u8, bool)> {
+        let owner = (*self.socks.get(sock as usize)?)?;
+        let s = self.sessions.get(owner.session as usize)?.as_ref()?;
+        s.tap.map(|t| (t, owner.leg, owner.kind as usize == RTCP))
     }
 
     /// Marks a session as closing and returns its sockets, which the caller must release
@@ -261,6 +292,9 @@ impl Table {
             return None;
         }
         let id = s.id;
+        if s.tap.is_some() {
+            self.tapped -= 1;
+        }
         self.sessions[owner.session as usize] = None;
         self.free_sessions.push(owner.session);
         self.by_id.remove(&id);

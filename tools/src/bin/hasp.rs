@@ -50,6 +50,20 @@ struct RelayArgs {
     /// for Kamailio's or OpenSIPS's rtpproxy module. Off unless given.
     #[arg(long, env = "HASP_LISTEN_RTPP", value_name = "ADDR:PORT|PATH")]
     listen_rtpp: Option<String>,
+    /// Lawful-intercept administration API (X1-like), e.g. 127.0.0.1:8443. Off unless
+    /// given; requires --li-token.
+    #[arg(long, env = "HASP_LISTEN_LI", value_name = "ADDR:PORT")]
+    listen_li: Option<SocketAddr>,
+    /// Bearer token of the LI API (never the same as --api-token).
+    #[arg(long, env = "HASP_LI_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    li_token: Option<String>,
+    /// Append-only LI audit log [default: hasp-data/li-audit.log].
+    #[arg(long, env = "HASP_LI_AUDIT_LOG", value_name = "FILE")]
+    li_audit_log: Option<PathBuf>,
+    /// Bytes buffered per mediation function while it is slow or away, before PDUs are
+    /// dropped and counted [default: 8388608].
+    #[arg(long, env = "HASP_LI_BUFFER_BYTES", value_name = "BYTES")]
+    li_buffer_bytes: Option<usize>,
     /// RTP port range; each leg takes an even RTP port and the RTCP port after it
     /// [default: 30000-39999].
     #[arg(long, env = "HASP_RTP_PORTS", value_name = "MIN-MAX")]
@@ -153,6 +167,18 @@ impl RelayArgs {
         if let Some(v) = &self.listen_rtpp {
             c.listen_rtpp = Some(v.clone());
         }
+        if let Some(v) = self.listen_li {
+            c.listen_li = Some(v);
+        }
+        if let Some(v) = &self.li_token {
+            c.li_token = Some(v.clone());
+        }
+        if let Some(v) = self.li_buffer_bytes {
+            c.li_buffer_bytes = v;
+        }
+        if let Some(v) = &self.li_audit_log {
+            c.li_audit_log = v.clone();
+        }
         if let Some(v) = self.rtp_ports {
             c.rtp_ports = v;
         }
@@ -254,6 +280,19 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
                 .await
                 .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
             extra.push_str(&format!(" rtpp={bound}"));
+        }
+        if let Some(addr) = cfg.listen_li {
+            let li = controlplane::li::Li::start(relay.clone(), calls.clone(), &cfg.li_audit_log, cfg.li_buffer_bytes)?;
+            let l =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
+            extra.push_str(&format!(" li=http://{}", l.local_addr()?));
+            let st =
+                controlplane::li::api::LiApiState { li, token: Arc::from(cfg.li_token.clone().unwrap_or_default()) };
+            tokio::spawn(async move {
+                if let Err(e) = controlplane::li::api::serve(l, st).await {
+                    tracing::error!(error = %e, "LI API stopped");
+                }
+            });
         }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
         println!(

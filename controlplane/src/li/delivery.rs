@@ -1,0 +1,246 @@
+//! Delivery of X2/X3 PDUs to mediation functions over TCP.
+//!
+//! One writer thread per destination owns its connection: it reconnects with
+//! exponential backoff, sends keep-alives when idle, and drains a byte-bounded queue.
+//! Producers (the tap dispatcher, the X2 hook) only append to that queue; past the
+//! bound a PDU is dropped and counted. Nothing here can slow the packet path, which
+//! only ever `try_send`s into the data plane's tap channel.
+
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often an idle connection sends a keep-alive PDU.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Counters of one destination.
+#[derive(Debug, Default, Serialize)]
+pub struct DestStats {
+    /// PDUs written to the socket.
+    pub delivered: AtomicU64,
+    /// PDUs dropped because the queue was at its bound.
+    pub dropped: AtomicU64,
+    /// Bytes waiting.
+    pub queued_bytes: AtomicUsize,
+    /// Connection attempts that failed.
+    pub connect_failures: AtomicU64,
+    /// Keep-alives sent.
+    pub keepalives: AtomicU64,
+    /// Currently connected.
+    pub connected: AtomicBool,
+}
+
+struct Dest {
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    ready: Condvar,
+    stats: DestStats,
+    bound: usize,
+    stop: AtomicBool,
+}
+
+impl Dest {
+    fn push(&self, pdu: Vec<u8>) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let queued = self.stats.queued_bytes.load(Relaxed);
+        if queued + pdu.len() > self.bound {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        self.stats.queued_bytes.fetch_add(pdu.len(), Relaxed);
+        q.push_back(pdu);
+        self.ready.notify_one();
+    }
+}
+
+/// The set of destinations, created on first use.
+#[derive(Clone)]
+pub struct Delivery {
+    dests: Arc<Mutex<HashMap<SocketAddr, Arc<Dest>>>>,
+    bound: usize,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("bound", &self.bound).finish()
+    }
+}
+
+impl Delivery {
+    /// Each destination buffers at most `bound` bytes while its mediation function is
+    /// slow or away.
+    pub fn new(bound: usize) -> Self {
+        Self { dests: Arc::new(Mutex::new(HashMap::new())), bound }
+    }
+
+    fn dest(&self, addr: SocketAddr) -> Arc<Dest> {
+        let mut m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(addr)
+            .or_insert_with(|| {
+                let d = Arc::new(Dest {
+                    queue: Mutex::new(VecDeque::new()),
+                    ready: Condvar::new(),
+                    stats: DestStats::default(),
+                    bound: self.bound,
+                    stop: AtomicBool::new(false),
+                });
+                let w = d.clone();
+                let _ = std::thread::Builder::new().name("hasp-li-x".into()).spawn(move || writer(addr, w));
+                d
+            })
+            .clone()
+    }
+
+    /// Queues a PDU for `addr`.
+    pub fn send(&self, addr: SocketAddr, pdu: Vec<u8>) {
+        self.dest(addr).push(pdu);
+    }
+
+    /// Stops destinations no task uses any more (their queued PDUs are discarded).
+    pub fn retain(&self, keep: &[SocketAddr]) {
+        let mut m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|a, d| {
+            let k = keep.contains(a);
+            if !k {
+                d.stop.store(true, Relaxed);
+                d.ready.notify_all();
+            }
+            k
+        });
+    }
+
+    /// Per-destination counters.
+    pub fn stats(&self) -> Vec<(SocketAddr, serde_json::Value)> {
+        let m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(a, d)| (*a, serde_json::to_value(&d.stats).unwrap_or_default())).collect();
+        v.sort_by_key(|(a, _)| *a);
+        v
+    }
+}
+
+fn writer(addr: SocketAddr, d: Arc<Dest>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut conn: Option<TcpStream> = None;
+    let mut last_write = Instant::now();
+    while !d.stop.load(Relaxed) {
+        let Some(c) = conn.as_mut() else {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(c) => {
+                    let _ = c.set_nodelay(true);
+                    let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
+                    conn = Some(c);
+                    d.stats.connected.store(true, Relaxed);
+                    backoff = BACKOFF_MIN;
+                    last_write = Instant::now();
+                }
+                Err(_) => {
+                    d.stats.connect_failures.fetch_add(1, Relaxed);
+                    // Wait out the backoff, but wake for a stop.
+                    let q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = d.ready.wait_timeout_while(q, backoff, |_| !d.stop.load(Relaxed));
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+            continue;
+        };
+        // Take everything queued (or wait until something is, or a keep-alive is due).
+        let batch: Vec<Vec<u8>> = {
+            let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.is_empty() {
+                let wait = KEEPALIVE.saturating_sub(last_write.elapsed());
+                q = d.ready.wait_timeout(q, wait).map(|(q, _)| q).unwrap_or_else(|e| e.into_inner().0);
+            }
+            q.drain(..).collect()
+        };
+        let mut out = Vec::with_capacity(batch.iter().map(Vec::len).sum::<usize>() + 40);
+        if batch.is_empty() {
+            if last_write.elapsed() < KEEPALIVE {
+                continue;
+            }
+            super::pdu::encode_keepalive(&mut out, false);
+        } else {
+            for p in &batch {
+                out.extend_from_slice(p);
+            }
+        }
+        match c.write_all(&out) {
+            Ok(()) => {
+                last_write = Instant::now();
+                let bytes: usize = batch.iter().map(Vec::len).sum();
+                d.stats.queued_bytes.fetch_sub(bytes, Relaxed);
+                if batch.is_empty() {
+                    d.stats.keepalives.fetch_add(1, Relaxed);
+                } else {
+                    d.stats.delivered.fetch_add(batch.len() as u64, Relaxed);
+                }
+            }
+            Err(_) => {
+                // The connection failed: keep the batch, in order, for the next one.
+                conn = None;
+                d.stats.connected.store(false, Relaxed);
+                let mut q = d.queue.lock().unwrap_or_else(|e| e.into_inner());
+                for p in batch.into_iter().rev() {
+                    q.push_front(p);
+                }
+            }
+        }
+    }
+}
+
+/// Writes intercepted packets as a pcap file (LINKTYPE_RAW: IPv4/UDP headers are
+/// synthesised from the recorded addresses), readable by tshark and Wireshark.
+#[derive(Debug)]
+pub struct PcapWriter {
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl PcapWriter {
+    /// Creates the file and writes the global header.
+    pub fn create(path: &str) -> std::io::Result<Self> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut h = Vec::with_capacity(24);
+        h.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        h.extend_from_slice(&2u16.to_le_bytes());
+        h.extend_from_slice(&4u16.to_le_bytes());
+        h.extend_from_slice(&[0; 8]);
+        h.extend_from_slice(&65535u32.to_le_bytes());
+        h.extend_from_slice(&101u32.to_le_bytes()); // LINKTYPE_RAW
+        file.write_all(&h)?;
+        Ok(Self { file })
+    }
+
+    /// Appends one UDP packet.
+    pub fn write(&mut self, at: std::time::SystemTime, src: SocketAddr, dst: SocketAddr, data: &[u8]) {
+        let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else { return };
+        let t = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let total = 28 + data.len();
+        let mut p = Vec::with_capacity(16 + total);
+        p.extend_from_slice(&(t.as_secs() as u32).to_le_bytes());
+        p.extend_from_slice(&t.subsec_micros().to_le_bytes());
+        p.extend_from_slice(&(total as u32).to_le_bytes());
+        p.extend_from_slice(&(total as u32).to_le_bytes());
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&s.ip().octets());
+        ip[16..20].copy_from_slice(&d.ip().octets());
+        let sum = ip.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum::<u32>();
+        let sum = (sum & 0xffff) + (sum >> 16);
+        ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
+        p.extend_from_slice(&ip);
+        p.extend_from_slice(&s.port().to_be_bytes());
+        p.extend_from_slice(&d.port().to_be_bytes());
+        p.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(data);
+        let _ = self.file.write_all(&p);
+        let _ = self.file.flush();
+    }
+}

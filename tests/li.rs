@@ -1,0 +1,439 @@
+//! Lawful intercept end to end: X1 over the LI listener, X3 media PDUs and X2
+//! signalling PDUs decoded by a mediation function (a TCP server in the test).
+
+mod common;
+
+use common::*;
+use controlplane::li::pdu::{self, Pdu};
+use serde_json::Value;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const LI_TOKEN: &str = "li-secret-token-42";
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("hasp-li-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A mediation function: accepts connections on `l` and decodes every PDU.
+fn mediation_function(l: TcpListener) -> mpsc::Receiver<Pdu> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    while let Ok(Some((p, n))) = pdu::decode(&buf) {
+                        buf.drain(..n);
+                        if tx.send(p).is_err() {
+                            return;
+                        }
+                    }
+                    match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    rx
+}
+
+/// Two UDP sockets on consecutive ports (RTP, RTCP), as a phone would have.
+fn udp_pair(base: u16) -> (UdpSocket, UdpSocket) {
+    for p in (base..base + 200).step_by(2) {
+        if let (Ok(a), Ok(b)) = (UdpSocket::bind(("127.0.0.1", p)), UdpSocket::bind(("127.0.0.1", p + 1))) {
+            for s in [&a, &b] {
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            }
+            return (a, b);
+        }
+    }
+    panic!("no free port pair near {base}");
+}
+
+fn li_relay(ports: &str, extra: &[&str]) -> (RelayProc, String, std::path::PathBuf) {
+    let dir = tmp(ports);
+    let audit = dir.join("audit.log");
+    let mut args = vec!["--rtp-ports", ports, "--listen-li", "127.0.0.1:0", "--li-token", LI_TOKEN, "--li-audit-log"];
+    let audit_s = audit.to_str().unwrap().to_string();
+    args.push(&audit_s);
+    args.extend_from_slice(extra);
+    let relay = RelayProc::start(&args);
+    let li = relay.ready_line.split_whitespace().find_map(|w| w.strip_prefix("li=")).unwrap().to_string();
+    (relay, li, audit)
+}
+
+fn li_call(
+    relay: &RelayProc,
+    li: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    // Same HTTP helper, pointed at the LI listener.
+    let mut r = relay.call_with_base(li, method, path, body, token);
+    if r.1.is_null() {
+        r.1 = Value::Null;
+    }
+    r
+}
+
+fn task(xid: &str, target: &str, mf: SocketAddr) -> String {
+    format!(r#"{{"xid":"{xid}","targets":[{target}],"destinations":[{{"tcp":"{mf}"}}]}}"#)
+}
+
+fn xid_bytes(x: &str) -> [u8; 16] {
+    controlplane::li::tasks::parse_uuid(x).unwrap()
+}
+
+#[test]
+fn mediation_function_gets_every_packet_both_ways_in_order() {
+    let (relay, li, audit) = li_relay("43100-43199", &[]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let (alice, alice_c) = udp_pair(47000);
+    let (bob, bob_c) = udp_pair(47300);
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, rtp_p, rtcp_p) = relay.create(&body);
+    let xid = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
+    let (s, v) = li_call(
+        &relay,
+        &li,
+        "POST",
+        "/v1/li/tasks",
+        Some(&task(xid, &format!(r#"{{"session":"{id}"}}"#), mf)),
+        Some(LI_TOKEN),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["active"], true);
+    let mut sent = Vec::new(); // (from_alice, bytes)
+    for seq in 0..30u16 {
+        let (a, b) = (rtp(seq, 0xa, 1), rtp(seq, 0xb, 2));
+        alice.send_to(&a, rtp_p[0]).unwrap();
+        assert_eq!(recv(&bob).0, a, "forwarded byte for byte");
+        sent.push((true, a));
+        bob.send_to(&b, rtp_p[1]).unwrap();
+        assert_eq!(recv(&alice).0, b);
+        sent.push((false, b));
+        if seq % 10 == 0 {
+            let (ca, cb) = (rtcp(0xa, seq as u8), rtcp(0xb, seq as u8));
+            alice_c.send_to(&ca, rtcp_p[0]).unwrap();
+            assert_eq!(recv(&bob_c).0, ca);
+            sent.push((true, ca));
+            bob_c.send_to(&cb, rtcp_p[1]).unwrap();
+            assert_eq!(recv(&alice_c).0, cb);
+            sent.push((false, cb));
+        }
+    }
+    let got: Vec<Pdu> = (0..sent.len())
+        .map(|i| pdus.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("PDU {i} of {}", sent.len())))
+        .collect();
+    let corr = got[0].correlation;
+    for (i, (p, (from_alice, bytes))) in got.iter().zip(&sent).enumerate() {
+        assert_eq!(p.pdu_type, 2, "X3");
+        assert_eq!(p.payload_format, pdu::format::RTP);
+        assert_eq!(p.xid, xid_bytes(xid));
+        assert_eq!(p.correlation, corr, "one correlation id for the call");
+        assert_eq!(p.direction, if *from_alice { 3 } else { 2 }, "leg A is the target");
+        assert_eq!(&p.payload, bytes, "PDU {i} carries the packet unchanged");
+        assert_eq!(p.sequence(), Some(i as u32 + 1));
+        assert!(p.attr(pdu::attr::TIMESTAMP).is_some());
+    }
+    // Deactivation stops tapping before the next packet.
+    let (s, _) = li_call(&relay, &li, "DELETE", &format!("/v1/li/tasks/{xid}"), None, Some(LI_TOKEN));
+    assert_eq!(s, 204);
+    let copied = |r: &RelayProc| {
+        li_call(r, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1["packets_copied"].as_u64().unwrap()
+    };
+    let before = copied(&relay);
+    for seq in 100..110u16 {
+        alice.send_to(&rtp(seq, 0xa, 1), rtp_p[0]).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+    }
+    assert_eq!(copied(&relay), before);
+    assert!(pdus.recv_timeout(Duration::from_millis(200)).is_err(), "no PDU after deactivation");
+    // Activating mid-call taps from the very next packet.
+    let (s, _) = li_call(
+        &relay,
+        &li,
+        "POST",
+        "/v1/li/tasks",
+        Some(&task(xid, &format!(r#"{{"session":"{id}"}}"#), mf)),
+        Some(LI_TOKEN),
+    );
+    assert_eq!(s, 201);
+    alice.send_to(&rtp(200, 0xa, 1), rtp_p[0]).unwrap();
+    assert_eq!(recv(&bob).0, rtp(200, 0xa, 1));
+    assert_eq!(pdus.recv_timeout(Duration::from_secs(5)).unwrap().payload, rtp(200, 0xa, 1));
+    let audit = std::fs::read_to_string(audit).unwrap();
+    let actions: Vec<String> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["action"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        actions.starts_with(&["activate".into(), "deactivate".into()]) || actions.contains(&"deactivate".into()),
+        "{actions:?}"
+    );
+    assert_eq!(actions.iter().filter(|a| *a == "activate").count(), 2);
+}
+
+#[test]
+fn mediation_function_outage_buffers_then_drops_and_forwarding_never_pauses() {
+    let (relay, li, _) = li_relay("43200-43299", &["--li-buffer-bytes", "20000"]);
+    // Reserve a port for the mediation function, which is down for now.
+    let mf = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (alice, bob) = (udp(), udp());
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, rtp_p, _) = relay.create(&body);
+    let xid = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+    let (s, _) = li_call(
+        &relay,
+        &li,
+        "POST",
+        "/v1/li/tasks",
+        Some(&task(xid, &format!(r#"{{"session":"{id}"}}"#), mf)),
+        Some(LI_TOKEN),
+    );
+    assert_eq!(s, 201);
+    // 2 s of G.711 (one packet per 10 ms here) while the mediation function is away.
+    let n = 200u16;
+    let mut worst = Duration::ZERO;
+    let start = Instant::now();
+    for seq in 0..n {
+        let t = Instant::now();
+        alice.send_to(&rtp(seq, 0xa, 1), rtp_p[0]).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+        worst = worst.max(t.elapsed());
+        let next = start + Duration::from_millis(10 * (seq as u64 + 1));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    assert!(worst < Duration::from_millis(50), "forwarding paused for {worst:?} while the MF was down");
+    // The mediation function comes back: what was buffered arrives, the rest was dropped.
+    let pdus = mediation_function(TcpListener::bind(mf).unwrap());
+    let stats = wait_for("buffered PDUs delivered", Duration::from_secs(15), || {
+        let v = li_call(&relay, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
+        let d = &v["destinations"][0]["stats"];
+        (d["connected"] == true && d["queued_bytes"] == 0).then(|| v.clone())
+    });
+    let d = &stats["destinations"][0]["stats"];
+    let (delivered, dropped) = (d["delivered"].as_u64().unwrap(), d["dropped"].as_u64().unwrap());
+    assert_eq!(delivered + dropped, n as u64, "{stats}");
+    assert!(delivered > 0 && dropped > 0, "bounded buffer: {stats}");
+    assert!(delivered * 150 <= 20_000 + 150, "no more than the bound was kept: {stats}");
+    let got: Vec<Pdu> = (0..delivered).map(|_| pdus.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+    // The oldest were kept, in order.
+    for (i, p) in got.iter().enumerate() {
+        assert_eq!(p.sequence(), Some(i as u32 + 1));
+    }
+}
+
+#[test]
+fn interception_is_invisible_without_li_credentials() {
+    let (relay, li, audit) = li_relay("43300-43399", &[]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let _pdus = mediation_function(l);
+    let (tapped, ..) = relay.create("");
+    let (plain, ..) = relay.create("");
+    let xid = "9b2c1d3e-0000-4000-8000-00000000abcd";
+    let t = task(xid, &format!(r#"{{"session":"{tapped}"}}"#), mf);
+    // The session API's token is not an LI credential; nor is none.
+    for tok in [Some(TOKEN), None, Some("wrong")] {
+        let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), tok);
+        assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")));
+        let (s, v) = li_call(&relay, &li, "GET", "/v1/li/tasks", None, tok);
+        assert_eq!(s, 401);
+        assert!(!v.to_string().contains(xid));
+    }
+    assert_eq!(li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), Some(LI_TOKEN)).0, 201);
+    // The session API shows tapped and untapped sessions alike and never names the task.
+    let shape = |v: &Value| -> Vec<String> {
+        let mut keys = Vec::new();
+        fn walk(v: &Value, p: &str, out: &mut Vec<String>) {
+            if let Value::Object(m) = v {
+                for (k, x) in m {
+                    out.push(format!("{p}.{k}"));
+                    walk(x, &format!("{p}.{k}"), out);
+                }
+            } else if let Value::Array(a) = v {
+                for x in a {
+                    walk(x, &format!("{p}[]"), out);
+                }
+            }
+        }
+        walk(v, "", &mut keys);
+        keys.sort();
+        keys.dedup();
+        keys
+    };
+    let (_, a) = relay.call("GET", &format!("/v1/sessions/{tapped}"), None);
+    let (_, b) = relay.call("GET", &format!("/v1/sessions/{plain}"), None);
+    assert_eq!(shape(&a), shape(&b));
+    let everything = format!("{a}{b}{}{}", relay.call("GET", "/v1/sessions", None).1, relay.metrics());
+    for word in [xid, "tap", "intercept", "li_", "lawful"] {
+        assert!(!everything.to_lowercase().contains(word), "session API or metrics mention {word:?}");
+    }
+    let audit = std::fs::read_to_string(audit).unwrap();
+    assert_eq!(audit.lines().filter(|l| l.contains("\"denied\"")).count(), 6, "{audit}");
+    assert!(audit.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()));
+}
+
+#[test]
+fn malformed_x1_requests_get_clear_errors() {
+    let (relay, li, audit) = li_relay("43400-43499", &[]);
+    let mf = "127.0.0.1:9";
+    let ok = r#"{"xid":"11111111-2222-3333-4444-555555555555","targets":[{"call_id":"c1"}],"destinations":[{"tcp":"127.0.0.1:9"}]}"#;
+    let cases: &[(&str, &str, Option<String>, u16, &str)] = &[
+        ("POST", "/v1/li/tasks", Some("{oops".into()), 400, "bad_json"),
+        ("POST", "/v1/li/tasks", Some(r#"{"xid":"x"}"#.into()), 422, "invalid_request"),
+        (
+            "POST",
+            "/v1/li/tasks",
+            Some(task("not-a-uuid", r#"{"call_id":"c"}"#, mf.parse().unwrap())),
+            422,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/li/tasks",
+            Some(task("11111111-2222-3333-4444-555555555555", r#"{"phone":"1"}"#, mf.parse().unwrap())),
+            422,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/li/tasks",
+            Some(task("11111111-2222-3333-4444-555555555555", r#"{"aor":"nodomain"}"#, mf.parse().unwrap())),
+            422,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/li/tasks",
+            Some(
+                r#"{"xid":"11111111-2222-3333-4444-555555555555","targets":[],"destinations":[{"tcp":"127.0.0.1:9"}]}"#
+                    .into(),
+            ),
+            422,
+            "invalid_request",
+        ),
+        ("POST", "/v1/li/tasks", Some(ok.into()), 201, ""),
+        ("POST", "/v1/li/tasks", Some(ok.into()), 409, "conflict"),
+        (
+            "PATCH",
+            "/v1/li/tasks/11111111-2222-3333-4444-555555555555",
+            Some(r#"{"targets":[]}"#.into()),
+            422,
+            "invalid_request",
+        ),
+        (
+            "PATCH",
+            "/v1/li/tasks/11111111-2222-3333-4444-555555555555",
+            Some(r#"{"start":10,"end":5}"#.into()),
+            422,
+            "invalid_request",
+        ),
+        ("PATCH", "/v1/li/tasks/11111111-2222-3333-4444-555555555555", Some(r#"{"end":4102444800}"#.into()), 200, ""),
+        ("GET", "/v1/li/tasks/00000000-0000-0000-0000-000000000000", None, 404, "not_found"),
+        ("DELETE", "/v1/li/tasks/00000000-0000-0000-0000-000000000000", None, 404, "not_found"),
+        ("DELETE", "/v1/li/tasks/11111111-2222-3333-4444-555555555555", None, 204, ""),
+    ];
+    for (m, p, b, status, code) in cases {
+        let (s, v) = li_call(&relay, &li, m, p, b.as_deref(), Some(LI_TOKEN));
+        assert_eq!(s, *status, "{m} {p} {b:?} → {v}");
+        if !code.is_empty() {
+            assert_eq!(v["code"], *code, "{m} {p} → {v}");
+            assert!(!v["message"].as_str().unwrap_or("").is_empty());
+        }
+    }
+    let lines = std::fs::read_to_string(audit).unwrap().lines().count();
+    assert_eq!(lines, cases.len(), "every X1 request is audited");
+}
+
+#[test]
+fn x2_signalling_and_x3_media_of_an_aor_target_share_a_correlation_id() {
+    use controlplane::calls::{AnchorOptions, Calls};
+    use controlplane::li::{correlation_of, Li, SipEvent};
+    use std::sync::Arc;
+    let dir = tmp("x2");
+    let cfg =
+        controlplane::RelayConfig { rtp_ports: "43500-43599".parse().unwrap(), no_auth: true, ..Default::default() };
+    let relay = controlplane::Relay::start(cfg).unwrap();
+    let calls = Arc::new(Calls::new(relay.clone()));
+    let li = Li::start(relay.clone(), calls.clone(), &dir.join("audit.log"), 1 << 20).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let xid = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee";
+    let t: controlplane::li::tasks::Task =
+        serde_json::from_str(&task(xid, r#"{"aor":"bob@example.com"}"#, mf)).unwrap();
+    li.create(t).unwrap();
+    let call_id = "x2-call@example.com";
+    let (caller, callee): (SocketAddr, SocketAddr) =
+        ("127.0.0.1:5061".parse().unwrap(), "127.0.0.1:5062".parse().unwrap());
+    let invite = b"INVITE sip:bob@example.com SIP/2.0\r\nCall-ID: x2-call@example.com\r\n\r\n";
+    let ev = |msg: &'static [u8], from_caller: bool| SipEvent {
+        call_id,
+        from_aor: "alice@example.com",
+        to_aor: "bob@example.com",
+        from_caller,
+        src: if from_caller { caller } else { callee },
+        dst: if from_caller { callee } else { caller },
+        message: msg,
+    };
+    li.sip_event(&ev(invite, true));
+    li.sip_event(&ev(b"SIP/2.0 200 OK\r\nCall-ID: x2-call@example.com\r\n\r\n", false));
+    let (alice, bob) = (udp(), udp());
+    let sdp = |a: &UdpSocket| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\n",
+            a.local_addr().unwrap().port()
+        )
+    };
+    let offer = calls.offer(call_id, "ftag", None, &sdp(&alice), &AnchorOptions::default()).unwrap();
+    let answer = calls.answer(call_id, "ftag", "ttag", &sdp(&bob), &AnchorOptions::default()).unwrap();
+    let port = |s: &str| {
+        s.lines().find_map(|l| l.strip_prefix("m=audio ")).unwrap().split(' ').next().unwrap().parse::<u16>().unwrap()
+    };
+    // Media is tapped as soon as the stream exists: poll the first packets through.
+    let stats_tapped = || li.stats()["tapped_sessions"].as_u64().unwrap();
+    wait_for("the AOR's call to be tapped", Duration::from_secs(5), || (stats_tapped() == 1).then_some(()));
+    alice.send_to(&rtp(1, 0xa, 1), ("127.0.0.1", port(&answer))).unwrap();
+    assert_eq!(recv(&bob).0, rtp(1, 0xa, 1));
+    bob.send_to(&rtp(1, 0xb, 2), ("127.0.0.1", port(&offer))).unwrap();
+    assert_eq!(recv(&alice).0, rtp(1, 0xb, 2));
+    let got: Vec<Pdu> = (0..4).map(|_| pdus.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+    let corr = correlation_of(call_id);
+    assert!(got.iter().all(|p| p.correlation == corr && p.xid == xid_bytes(xid)));
+    assert_eq!(
+        (got[0].pdu_type, got[0].payload_format, got[0].direction),
+        (1, 9, 2),
+        "INVITE goes to the target (bob)"
+    );
+    assert_eq!(got[0].payload, invite);
+    assert_eq!((got[1].pdu_type, got[1].direction), (1, 3), "200 OK comes from the target");
+    // Bob is the callee (leg B): alice's RTP is "to target", bob's "from target".
+    assert_eq!((got[2].pdu_type, got[2].direction, &got[2].payload), (2, 2, &rtp(1, 0xa, 1)));
+    assert_eq!((got[3].pdu_type, got[3].direction, &got[3].payload), (2, 3, &rtp(1, 0xb, 2)));
+    relay.shutdown();
+}
