@@ -45,16 +45,25 @@ struct Dest {
 }
 
 impl Dest {
-    fn push(&self, pdu: Vec<u8>) {
+    /// Queues PDUs in order, dropping (and counting) those past the bound; one lock and
+    /// one wake-up per batch.
+    fn push(&self, pdus: impl IntoIterator<Item = Vec<u8>>) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let queued = self.stats.queued_bytes.load(Relaxed);
-        if queued + pdu.len() > self.bound {
-            self.stats.dropped.fetch_add(1, Relaxed);
-            return;
+        let mut queued = self.stats.queued_bytes.load(Relaxed);
+        let mut added = 0;
+        for pdu in pdus {
+            if queued + pdu.len() > self.bound {
+                self.stats.dropped.fetch_add(1, Relaxed);
+                continue;
+            }
+            queued += pdu.len();
+            added += pdu.len();
+            q.push_back(pdu);
         }
-        self.stats.queued_bytes.fetch_add(pdu.len(), Relaxed);
-        q.push_back(pdu);
-        self.ready.notify_one();
+        if added > 0 {
+            self.stats.queued_bytes.fetch_add(added, Relaxed);
+            self.ready.notify_one();
+        }
     }
 }
 
@@ -98,7 +107,12 @@ impl Delivery {
 
     /// Queues a PDU for `addr`.
     pub fn send(&self, addr: SocketAddr, pdu: Vec<u8>) {
-        self.dest(addr).push(pdu);
+        self.dest(addr).push([pdu]);
+    }
+
+    /// Queues several PDUs for `addr`, in order.
+    pub fn send_many(&self, addr: SocketAddr, pdus: Vec<Vec<u8>>) {
+        self.dest(addr).push(pdus);
     }
 
     /// Stops destinations no task uses any more (their queued PDUs are discarded).
@@ -124,6 +138,7 @@ impl Delivery {
 }
 
 fn writer(addr: SocketAddr, d: Arc<Dest>) {
+    super::lower_priority();
     let mut backoff = BACKOFF_MIN;
     let mut conn: Option<TcpStream> = None;
     let mut last_write = Instant::now();

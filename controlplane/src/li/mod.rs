@@ -28,6 +28,18 @@ use tasks::{Target, Task, TaskPatch};
 
 /// Correlation id of a call: a stable hash of its Call-ID, so its media and signalling
 /// PDUs carry the same one wherever they are produced.
+/// Lowers the calling thread's scheduling priority: interception work must yield to
+/// forwarding when a core is contended (it buffers, then drops and counts).
+pub(crate) fn lower_priority() {
+    // SAFETY: setpriority on our own thread id.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
+/// Correlation id of a call: a stable hash of its Call-ID, so its media and signalling
+/// PDUs carry the same one wherever they are produced.
 pub fn correlation_of(call_id: &str) -> u64 {
     // FNV-1a 64.
     call_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
@@ -109,9 +121,31 @@ impl Li {
         let rx = li.relay.tap_receiver();
         let d = Arc::downgrade(&li);
         std::thread::Builder::new().name("hasp-li-x3".into()).spawn(move || {
-            for rec in rx {
+            // Polled, never blocked on: a worker's try_send then never has a sleeping
+            // receiver to wake, so tapping costs the packet path no syscall.
+            lower_priority();
+            let mut pending: HashMap<SocketAddr, Vec<Vec<u8>>> = HashMap::new();
+            loop {
                 let Some(li) = d.upgrade() else { return };
-                li.deliver_x3(&rec);
+                let mut n = 0;
+                {
+                    let mut st = li.lock();
+                    while n < 4096 {
+                        match rx.try_recv() {
+                            Ok(rec) => li.deliver_x3(&mut st, &rec, &mut pending),
+                            Err(crossbeam_channel::TryRecvError::Empty) => break,
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                        }
+                        n += 1;
+                    }
+                }
+                for (addr, pdus) in pending.drain() {
+                    li.delivery.send_many(addr, pdus);
+                }
+                drop(li);
+                if n == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         })?;
         let r = Arc::downgrade(&li);
@@ -292,8 +326,7 @@ impl Li {
         self.delivery.retain(&dests);
     }
 
-    fn deliver_x3(&self, rec: &TapRecord) {
-        let mut st = self.lock();
+    fn deliver_x3(&self, st: &mut State, rec: &TapRecord, out: &mut HashMap<SocketAddr, Vec<Vec<u8>>>) {
         let Some(e) = st.tasks.values_mut().find(|e| e.xid == rec.xid) else { return };
         e.seq = e.seq.wrapping_add(1);
         let meta = Meta {
@@ -314,8 +347,10 @@ impl Li {
             p.write(rec.at, rec.src, rec.dst, rec.bytes());
         }
         e.delivered_x3 += 1;
-        for d in &e.task.destinations {
-            self.delivery.send(d.tcp, pdu.clone());
+        let n = e.task.destinations.len();
+        for (i, d) in e.task.destinations.iter().enumerate() {
+            let p = if i + 1 == n { std::mem::take(&mut pdu) } else { pdu.clone() };
+            out.entry(d.tcp).or_default().push(p);
         }
     }
 

@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value = "auto")]
     io_mode: String,
     /// RTP port range for the spawned relay.
-    #[arg(long, default_value = "50000-59999")]
+    #[arg(long, default_value = "20000-29999")]
     rtp_ports: String,
     /// Sessions.
     #[arg(long, default_value_t = 200)]
@@ -68,6 +68,10 @@ struct Args {
     /// Print one JSON object per target as well.
     #[arg(long)]
     json: bool,
+    /// Run the relay target once per value, with that percentage of sessions under a
+    /// lawful-intercept task delivering to a sink in this tool (needs --spawn-relay).
+    #[arg(long, value_delimiter = ',')]
+    tap_percent: Vec<u32>,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -84,12 +88,53 @@ struct Report {
     latency_p99_us: u64,
     cpu_ns_per_packet: f64,
     cpu_util_pct: f64,
+    worker_cpu_ns_per_packet: f64,
+    tapped_sessions: usize,
 }
 
 fn pin(core: usize) {
     if let Err(e) = dataplane::affinity::pin_current_thread(core) {
         eprintln!("warning: cannot pin to core {core}: {e}");
     }
+}
+
+/// Nanoseconds the threads of `pid` whose name starts with `prefix` spent on a CPU.
+fn cpu_ns_named(pid: u32, prefix: &str) -> u64 {
+    let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    d.flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .filter_map(|e| {
+            std::fs::read_to_string(e.path().join("schedstat")).ok()?.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// A mediation-function sink: accepts and reads everything, counting bytes.
+fn li_sink() -> Result<(SocketAddr, Arc<std::sync::atomic::AtomicU64>)> {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let b = bytes.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                // The sink is not what is measured: let it yield to the generator.
+                // SAFETY: setpriority on our own thread.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+                let mut c = c;
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    b.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    Ok((addr, bytes))
 }
 
 /// Nanoseconds this task (thread) or all tasks of `pid` spent on a CPU.
@@ -118,6 +163,7 @@ fn gen_socket() -> Result<UdpSocket> {
 }
 
 const BATCH: usize = 64;
+const LI_TOKEN: &str = "hasp-rtpload-li";
 
 /// Sends `msgs` datagrams with sendmmsg; `dst[i]` and `bufs[i]`.
 fn sendmmsg(sock: &UdpSocket, bufs: &mut [[u8; 2048]], lens: &[usize], dst: &[SocketAddr]) {
@@ -407,6 +453,7 @@ fn baseline(
 struct Spawned {
     child: Child,
     api: String,
+    li: Option<String>,
 }
 
 impl Drop for Spawned {
@@ -421,6 +468,19 @@ fn spawn_relay(args: &Args) -> Result<Spawned> {
     let mut child = Command::new(&exe)
         .args(["relay", "--no-auth", "--listen-api", "127.0.0.1:0", "--workers", "1"])
         .args(["--cores", &args.fwd_core.to_string(), "--rtp-ports", &args.rtp_ports, "--io-mode", &args.io_mode])
+        .args(if args.tap_percent.is_empty() {
+            vec![]
+        } else {
+            let audit = std::env::temp_dir().join(format!("hasp-rtpload-li-{}.log", std::process::id()));
+            vec![
+                "--listen-li".to_string(),
+                "127.0.0.1:0".into(),
+                "--li-token".into(),
+                LI_TOKEN.into(),
+                "--li-audit-log".into(),
+                audit.display().to_string(),
+            ]
+        })
         .env("HASP_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -434,11 +494,17 @@ fn spawn_relay(args: &Args) -> Result<Spawned> {
         .with_context(|| format!("no ready line from relay: {line:?}"))?
         .to_string();
     eprintln!("spawned: {}", line.trim());
-    Ok(Spawned { child, api })
+    let li = line.split_whitespace().find_map(|w| w.strip_prefix("li=")).map(str::to_string);
+    Ok(Spawned { child, api, li })
 }
 
-fn relay_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
-    let spawned = if args.spawn_relay { Some(spawn_relay(args)?) } else { None };
+fn relay_target(
+    args: &Args,
+    ga: &UdpSocket,
+    gb: &UdpSocket,
+    spawned: Option<&Spawned>,
+    tap_pct: u32,
+) -> Result<Report> {
     let api = spawned.as_ref().map(|s| s.api.clone()).or_else(|| args.api.clone()).context("--api or --spawn-relay")?;
     let pid = spawned.as_ref().map(|s| s.child.id()).or(args.relay_pid);
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
@@ -458,15 +524,40 @@ fn relay_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
         endpoints.push((SocketAddr::new(ip, port(0)), SocketAddr::new(ip, port(1))));
         ids.push(v["id"].as_str().unwrap_or_default().to_string());
     }
-    let cpu0 = pid.map(|p| cpu_ns(p, None));
+    let tapped = (args.sessions * tap_pct as usize).div_ceil(100);
+    let xid = format!("00000000-0000-4000-8000-{:012x}", std::process::id() as u64 * 1000 + tap_pct as u64);
+    let li = spawned.and_then(|s| s.li.clone());
+    if tapped > 0 {
+        let li = li.as_ref().context("--tap-percent needs --spawn-relay")?;
+        let (sink, _) = li_sink()?;
+        let targets: Vec<_> = ids[..tapped].iter().map(|id| serde_json::json!({"session": id})).collect();
+        let task = serde_json::json!({"xid": xid, "targets": targets, "destinations": [{"tcp": sink.to_string()}]});
+        agent
+            .post(&format!("{li}/v1/li/tasks"))
+            .set("Authorization", &format!("Bearer {LI_TOKEN}"))
+            .send_string(&task.to_string())
+            .context("creating the LI task")?;
+    }
+    let cpu0 = pid.map(|p| (cpu_ns(p, None), cpu_ns_named(p, "hasp-worker")));
     let t0 = Instant::now();
     let mut r = run_load(args, &endpoints, ga, gb)?;
     let wall = t0.elapsed();
-    if let (Some(p), Some(c0)) = (pid, cpu0) {
+    if let (Some(p), Some((c0, w0))) = (pid, cpu0) {
         let cpu = cpu_ns(p, None) - c0;
-        r.cpu_ns_per_packet = cpu as f64 / (r.on_time + r.late).max(1) as f64;
+        let pkts = (r.on_time + r.late).max(1) as f64;
+        r.cpu_ns_per_packet = cpu as f64 / pkts;
+        r.worker_cpu_ns_per_packet = (cpu_ns_named(p, "hasp-worker") - w0) as f64 / pkts;
         r.cpu_util_pct = 100.0 * cpu as f64 / wall.as_nanos() as f64;
     }
+    if tapped > 0 {
+        if let Some(li) = &li {
+            let _ = agent
+                .delete(&format!("{li}/v1/li/tasks/{xid}"))
+                .set("Authorization", &format!("Bearer {LI_TOKEN}"))
+                .call();
+        }
+    }
+    r.tapped_sessions = tapped;
     for id in ids {
         let mut req = agent.delete(&format!("{api}/v1/sessions/{id}"));
         if let Some(a) = &auth {
@@ -474,7 +565,11 @@ fn relay_target(args: &Args, ga: &UdpSocket, gb: &UdpSocket) -> Result<Report> {
         }
         let _ = req.call();
     }
-    r.target = "hasp relay".into();
+    r.target = if tap_pct > 0 || !args.tap_percent.is_empty() {
+        format!("hasp relay, {tap_pct}% tapped")
+    } else {
+        "hasp relay".into()
+    };
     Ok(r)
 }
 
@@ -505,9 +600,17 @@ fn main() -> Result<()> {
     }
     let (ga, gb) = (gen_socket()?, gen_socket()?);
     let mut reports = Vec::new();
+    let spawned =
+        if args.spawn_relay && args.targets.iter().any(|t| t == "relay") { Some(spawn_relay(&args)?) } else { None };
     for t in &args.targets {
         let r = match t.as_str() {
-            "relay" if args.api.is_some() || args.spawn_relay => relay_target(&args, &ga, &gb)?,
+            "relay" if args.api.is_some() || args.spawn_relay => {
+                let pcts = if args.tap_percent.is_empty() { vec![0] } else { args.tap_percent.clone() };
+                for p in &pcts[..pcts.len() - 1] {
+                    reports.push(relay_target(&args, &ga, &gb, spawned.as_ref(), *p)?);
+                }
+                relay_target(&args, &ga, &gb, spawned.as_ref(), pcts[pcts.len() - 1])?
+            }
             "relay" => {
                 eprintln!("skipping relay: give --api or --spawn-relay");
                 continue;
@@ -518,12 +621,12 @@ fn main() -> Result<()> {
         reports.push(r);
     }
     println!(
-        "{:<28} {:>8} {:>11} {:>13} {:>8} {:>8} {:>8} {:>10} {:>6}",
-        "target", "sessions", "offered/s", "forwarded/s", "loss%", "p50µs", "p99µs", "cpu ns/pkt", "cpu%"
+        "{:<28} {:>8} {:>11} {:>13} {:>8} {:>8} {:>8} {:>10} {:>10} {:>6}",
+        "target", "sessions", "offered/s", "forwarded/s", "loss%", "p50µs", "p99µs", "cpu ns/pkt", "wrk ns/pkt", "cpu%"
     );
     for r in &reports {
         println!(
-            "{:<28} {:>8} {:>11.0} {:>13.0} {:>8.3} {:>8} {:>8} {:>10.0} {:>6.1}",
+            "{:<28} {:>8} {:>11.0} {:>13.0} {:>8.3} {:>8} {:>8} {:>10.0} {:>10.0} {:>6.1}",
             r.target,
             r.sessions,
             r.offered_pps,
@@ -532,10 +635,24 @@ fn main() -> Result<()> {
             r.latency_p50_us,
             r.latency_p99_us,
             r.cpu_ns_per_packet,
+            r.worker_cpu_ns_per_packet,
             r.cpu_util_pct
         );
         if args.json {
             println!("{}", serde_json::to_string(r)?);
+        }
+    }
+    if !args.tap_percent.is_empty() {
+        if let Some(base) = reports.iter().find(|r| r.target.starts_with("hasp relay") && r.tapped_sessions == 0) {
+            for r in reports.iter().filter(|r| r.tapped_sessions > 0) {
+                println!(
+                    "ratio {} / untapped: forwarded/s {:.3}, worker cpu per packet {:.2}, process cpu per packet {:.2}",
+                    r.target,
+                    r.forwarded_pps / base.forwarded_pps.max(1.0),
+                    r.worker_cpu_ns_per_packet / base.worker_cpu_ns_per_packet.max(1.0),
+                    r.cpu_ns_per_packet / base.cpu_ns_per_packet.max(1.0)
+                );
+            }
         }
     }
     if let [a, b] = &reports[..] {
