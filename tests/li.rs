@@ -112,14 +112,12 @@ fn mediation_function_gets_every_packet_both_ways_in_order() {
     );
     let (id, _, rtp_p, rtcp_p) = relay.create(&body);
     let xid = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
-    let (s, v) = li_call(
-        &relay,
-        &li,
-        "POST",
-        "/v1/li/tasks",
-        Some(&task(xid, &format!(r#"{{"session":"{id}"}}"#), mf)),
-        Some(LI_TOKEN),
+    let pcap = audit.with_file_name("task.pcap");
+    let body = format!(
+        r#"{{"xid":"{xid}","targets":[{{"session":"{id}"}}],"destinations":[{{"tcp":"{mf}"}}],"pcap":"{}"}}"#,
+        pcap.display()
     );
+    let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&body), Some(LI_TOKEN));
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["active"], true);
     let mut sent = Vec::new(); // (from_alice, bytes)
@@ -155,6 +153,19 @@ fn mediation_function_gets_every_packet_both_ways_in_order() {
         assert_eq!(p.sequence(), Some(i as u32 + 1));
         assert!(p.attr(pdu::attr::TIMESTAMP).is_some());
     }
+    // The pcap file holds the same packets, as raw IPv4/UDP.
+    let cap = std::fs::read(&pcap).unwrap();
+    assert_eq!(&cap[..4], &0xa1b2_c3d4u32.to_le_bytes());
+    assert_eq!(u32::from_le_bytes(cap[20..24].try_into().unwrap()), 101, "LINKTYPE_RAW");
+    let (mut off, mut n) = (24, 0);
+    while off + 16 <= cap.len() {
+        let len = u32::from_le_bytes(cap[off + 8..off + 12].try_into().unwrap()) as usize;
+        let pkt = &cap[off + 16..off + 16 + len];
+        assert_eq!(&pkt[28..], &sent[n].1[..], "pcap record {n}");
+        off += 16 + len;
+        n += 1;
+    }
+    assert_eq!(n, sent.len());
     // Deactivation stops tapping before the next packet.
     let (s, _) = li_call(&relay, &li, "DELETE", &format!("/v1/li/tasks/{xid}"), None, Some(LI_TOKEN));
     assert_eq!(s, 204);
