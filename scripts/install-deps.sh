@@ -12,6 +12,7 @@ PACKAGES=(
   kamailio-extra-modules
   sip-tester    # sipp: UAC/UAS for the interop tests
   rtpengine-daemon  # interop: the same NG requests answered by rtpengine itself
+  cmake         # builds the bundled libopus (opus crate, conference mixing)
 )
 
 missing=()

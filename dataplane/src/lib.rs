@@ -16,6 +16,7 @@ pub mod command;
 pub mod counters;
 pub mod error;
 pub mod io;
+pub mod mixer;
 pub mod relay;
 pub mod rtp;
 pub mod tap;
