@@ -131,6 +131,7 @@ pub struct Room {
     shared_len: [usize; 3],
     shared_ready: [bool; 3],
     talkers: usize,
+    talking: Vec<(u32, usize)>,
 }
 
 impl std::fmt::Debug for Room {
@@ -189,6 +190,7 @@ impl Room {
             shared_len: [0; 3],
             shared_ready: [false; 3],
             talkers: 0,
+            talking: Vec::with_capacity(64),
         }
     }
 
@@ -327,10 +329,11 @@ impl Room {
             p.talker = !p.mute && p.has_audio && self.tick <= p.talk_until;
         }
         // 2. At most K talkers: the loudest of those talking.
-        let mut talking: Vec<(u32, usize)> =
-            self.participants.iter().enumerate().filter(|(_, p)| p.talker).map(|(i, p)| (p.energy, i)).collect();
+        let mut talking = std::mem::take(&mut self.talking);
+        talking.clear();
+        talking.extend(self.participants.iter().enumerate().filter(|(_, p)| p.talker).map(|(i, p)| (p.energy, i)));
         if talking.len() > self.cfg.max_talkers {
-            talking.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            talking.sort_unstable_by_key(|t| std::cmp::Reverse(t.0));
             for &(_, i) in &talking[self.cfg.max_talkers..] {
                 self.participants[i].talker = false;
             }
@@ -344,6 +347,7 @@ impl Room {
                 *t += s as i32;
             }
         }
+        self.talking = talking;
         // 4. Out: N−1 for talkers, the shared mix (encoded once per codec) for the rest.
         self.shared_ready = [false; 3];
         let mut pkt = [0u8; 1500];
