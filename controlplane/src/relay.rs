@@ -137,8 +137,60 @@ pub struct Totals {
 }
 
 #[derive(Debug)]
+struct ConfRecord {
+    worker: usize,
+    created: u64,
+    participants: HashMap<u32, PartRecord>,
+}
+
+#[derive(Debug, Clone)]
+struct PartRecord {
+    port: u16,
+    codec: dataplane::mixer::Codec,
+    payload_type: u8,
+    remote: Option<SocketAddr>,
+}
+
+/// A participant just added.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParticipantCreated {
+    /// Participant id.
+    pub id: String,
+    /// The relay's media address.
+    pub address: IpAddr,
+    /// Where the participant sends RTP (RTCP: the next port).
+    pub rtp_port: u16,
+    /// The payload type both directions use.
+    pub payload_type: u8,
+}
+
+/// A conference as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfView {
+    /// Room id.
+    pub id: String,
+    /// Worker that mixes it.
+    pub worker: usize,
+    /// Creation time, Unix seconds.
+    pub created: u64,
+    /// Mixing rate in Hz.
+    pub rate: Option<u32>,
+    /// Talkers mixed in the last tick.
+    pub talkers: Option<usize>,
+    /// Ticks run and ticks started late.
+    pub ticks: Option<u64>,
+    /// Ticks that started more than 5 ms late.
+    pub late_ticks: Option<u64>,
+    /// Participants.
+    pub participants: Vec<serde_json::Value>,
+}
+
+#[derive(Debug)]
 struct State {
     alloc: PortAllocator,
+    confs: HashMap<u64, ConfRecord>,
+    releasing_parts: HashMap<(u64, u32), u16>,
+    next_participant: u32,
     sessions: HashMap<SessionId, Record>,
     /// Deleted or timed out, waiting for the worker to release the ports.
     releasing: HashMap<SessionId, [u16; 2]>,
@@ -203,6 +255,9 @@ impl Relay {
         let counters = dp.workers().iter().map(|w| w.counters_arc()).collect();
         let state = Arc::new(Mutex::new(State {
             alloc: PortAllocator::new(cfg.rtp_ports, workers),
+            confs: HashMap::new(),
+            releasing_parts: HashMap::new(),
+            next_participant: 1,
             sessions: HashMap::new(),
             releasing: HashMap::new(),
             totals: Totals::default(),
@@ -457,6 +512,155 @@ impl Relay {
         self.modes.iter().zip(&self.counters).map(|(&(m, c), k)| (m, c, k.snapshot())).collect()
     }
 
+    /// Creates a conference room on the next worker with a free port pair.
+    pub fn conf_create(&self, cfg: dataplane::mixer::RoomConfig) -> Result<String, Error> {
+        let id = scramble(self.seed ^ 0x5a5a_5a5a ^ self.next.fetch_add(1, Ordering::Relaxed));
+        let mut st = lock(&self.state);
+        let Some(worker) = st.alloc.pick_worker(1) else {
+            st.totals.exhausted += 1;
+            return Err(Error::PortsExhausted(st.alloc.total_pairs()));
+        };
+        self.send(worker, Command::ConfAdd { conf: id, cfg })?;
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        st.confs.insert(id, ConfRecord { worker, created, participants: HashMap::new() });
+        Ok(format_id(id))
+    }
+
+    /// Deletes a room and its participants.
+    pub fn conf_delete(&self, conf: u64) -> Result<(), Error> {
+        let mut st = lock(&self.state);
+        let c = st.confs.remove(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+        self.send(c.worker, Command::ConfRemove { conf })?;
+        for (id, p) in c.participants {
+            st.releasing_parts.insert((conf, id), p.port);
+        }
+        Ok(())
+    }
+
+    /// Adds a participant: one RTP/RTCP port pair on the room's worker.
+    pub fn participant_add(
+        &self,
+        conf: u64,
+        codec: dataplane::mixer::Codec,
+        payload_type: Option<u8>,
+        remote: Option<SocketAddr>,
+    ) -> Result<ParticipantCreated, Error> {
+        let mut st = lock(&self.state);
+        let worker = st.confs.get(&conf).map(|c| c.worker).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+        let mut failed = Vec::new();
+        let mut bound = None;
+        for _ in 0..BIND_ATTEMPTS {
+            let Some(port) = st.alloc.take(worker) else { break };
+            match self.bind_pair(port) {
+                Ok(s) => {
+                    bound = Some((port, s));
+                    break;
+                }
+                Err(_) => failed.push(port),
+            }
+        }
+        for p in failed {
+            st.alloc.put(p);
+        }
+        let Some((port, sockets)) = bound else {
+            st.totals.exhausted += 1;
+            return Err(Error::PortsExhausted(st.alloc.total_pairs()));
+        };
+        let id = st.next_participant;
+        st.next_participant = st.next_participant.wrapping_add(1).max(1);
+        let payload_type = payload_type.unwrap_or(codec.default_payload_type());
+        let ssrc = scramble(self.seed ^ ((conf as u32 as u64) << 32) ^ id as u64) as u32;
+        let new = dataplane::NewParticipant { conf, id, codec, payload_type, ssrc, remote, sockets };
+        if let Err(e) = self.send(worker, Command::ParticipantAdd(Box::new(new))) {
+            st.alloc.put(port);
+            return Err(e);
+        }
+        if let Some(c) = st.confs.get_mut(&conf) {
+            c.participants.insert(id, PartRecord { port, codec, payload_type, remote });
+        }
+        Ok(ParticipantCreated { id: format!("{id:08x}"), address: self.cfg.advertised(), rtp_port: port, payload_type })
+    }
+
+    /// Changes a participant's remote, mute or deaf.
+    pub fn participant_update(
+        &self,
+        conf: u64,
+        id: u32,
+        remote: Option<Option<SocketAddr>>,
+        mute: Option<bool>,
+        deaf: Option<bool>,
+    ) -> Result<(), Error> {
+        let mut st = lock(&self.state);
+        let c = st.confs.get_mut(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+        let p = c.participants.get_mut(&id).ok_or_else(|| Error::NotFound(format!("{id:08x}")))?;
+        if let Some(r) = remote {
+            p.remote = r;
+        }
+        let worker = c.worker;
+        self.send(worker, Command::ParticipantUpdate { conf, id, remote, mute, deaf })
+    }
+
+    /// Removes (kicks) a participant.
+    pub fn participant_delete(&self, conf: u64, id: u32) -> Result<(), Error> {
+        let mut st = lock(&self.state);
+        let c = st.confs.get_mut(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+        let p = c.participants.remove(&id).ok_or_else(|| Error::NotFound(format!("{id:08x}")))?;
+        let worker = c.worker;
+        st.releasing_parts.insert((conf, id), p.port);
+        self.send(worker, Command::ParticipantRemove { conf, id })
+    }
+
+    /// A room with fresh statistics from its worker.
+    pub fn conf_get(&self, conf: u64) -> Result<ConfView, Error> {
+        let (worker, created, parts) = {
+            let st = lock(&self.state);
+            let c = st.confs.get(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+            (c.worker, c.created, c.participants.clone())
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let snap = match self.send(worker, Command::ConfQuery { conf, reply: tx }) {
+            Ok(()) => rx.recv_timeout(Duration::from_millis(500)).ok().flatten(),
+            Err(_) => None,
+        };
+        let mut ids: Vec<&u32> = parts.keys().collect();
+        ids.sort();
+        let participants = ids
+            .into_iter()
+            .map(|id| {
+                let p = &parts[id];
+                let stats = snap.as_ref().and_then(|s| s.participants.iter().find(|x| x.id == *id));
+                let latched = snap.as_ref().and_then(|s| s.remotes.iter().find(|r| r.0 == *id)).and_then(|r| r.1);
+                serde_json::json!({
+                    "id": format!("{id:08x}"),
+                    "codec": p.codec.name(),
+                    "payload_type": p.payload_type,
+                    "rtp_port": p.port,
+                    "rtcp_port": p.port + 1,
+                    "remote": p.remote,
+                    "media_to": latched,
+                    "stats": stats,
+                })
+            })
+            .collect();
+        Ok(ConfView {
+            id: format_id(conf),
+            worker,
+            created,
+            rate: snap.as_ref().map(|s| s.rate),
+            talkers: snap.as_ref().map(|s| s.talkers),
+            ticks: snap.as_ref().map(|s| s.ticks),
+            late_ticks: snap.as_ref().map(|s| s.late_ticks),
+            participants,
+        })
+    }
+
+    /// Ids of every room.
+    pub fn conf_list(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.state).confs.keys().map(|k| format_id(*k)).collect();
+        v.sort();
+        v
+    }
+
     /// Stops the workers (closing every socket).
     pub fn shutdown(&self) {
         self.dp.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
@@ -489,6 +693,15 @@ fn apply_event(state: &Mutex<State>, ev: Event) {
                 for p in ports {
                     st.alloc.put(p);
                 }
+            }
+        }
+        Event::ParticipantReleased { conf, id } => {
+            let port = st
+                .releasing_parts
+                .remove(&(conf, id))
+                .or_else(|| st.confs.get_mut(&conf).and_then(|c| c.participants.remove(&id)).map(|p| p.port));
+            if let Some(p) = port {
+                st.alloc.put(p);
             }
         }
         Event::Stats(s) => {

@@ -51,8 +51,87 @@ pub enum Command {
         /// Task and labels, or `None` to stop.
         tap: Option<crate::tap::TapSpec>,
     },
+    /// Create a conference room.
+    ConfAdd {
+        /// Room id.
+        conf: u64,
+        /// Mixer settings.
+        cfg: crate::mixer::RoomConfig,
+    },
+    /// Delete a room and all its participants.
+    ConfRemove {
+        /// Room id.
+        conf: u64,
+    },
+    /// Add a participant with its bound RTP and RTCP sockets.
+    ParticipantAdd(Box<NewParticipant>),
+    /// Change a participant.
+    ParticipantUpdate {
+        /// Room.
+        conf: u64,
+        /// Participant.
+        id: u32,
+        /// New signalled remote (`Some(None)` clears it).
+        remote: Option<Option<SocketAddr>>,
+        /// Mute.
+        mute: Option<bool>,
+        /// Deaf.
+        deaf: Option<bool>,
+    },
+    /// Remove a participant; answered by [`Event::ParticipantReleased`].
+    ParticipantRemove {
+        /// Room.
+        conf: u64,
+        /// Participant.
+        id: u32,
+    },
+    /// Room statistics, answered on `reply` (`None`: no such room).
+    ConfQuery {
+        /// Room.
+        conf: u64,
+        /// Where to answer.
+        reply: crossbeam_channel::Sender<Option<ConfSnapshot>>,
+    },
     /// Stop the worker after closing every socket.
     Shutdown,
+}
+
+/// A participant to add.
+#[derive(Debug)]
+pub struct NewParticipant {
+    /// Room.
+    pub conf: u64,
+    /// Participant id.
+    pub id: u32,
+    /// Codec.
+    pub codec: crate::mixer::Codec,
+    /// Payload type it sends and receives.
+    pub payload_type: u8,
+    /// SSRC of what the room sends it.
+    pub ssrc: u32,
+    /// Signalled remote RTP address (learned by latching when absent).
+    pub remote: Option<SocketAddr>,
+    /// RTP and RTCP sockets.
+    pub sockets: [Socket; 2],
+}
+
+/// A room's state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfSnapshot {
+    /// Room.
+    pub conf: u64,
+    /// Mixing rate.
+    pub rate: u32,
+    /// Talkers in the last tick.
+    pub talkers: usize,
+    /// Ticks run.
+    pub ticks: u64,
+    /// Ticks that started more than 5 ms late.
+    pub late_ticks: u64,
+    /// Participants.
+    pub participants: Vec<crate::mixer::ParticipantStats>,
+    /// Latched remote per participant id.
+    pub remotes: Vec<(u32, Option<SocketAddr>)>,
 }
 
 /// Something a worker reports to the control plane.
@@ -84,4 +163,11 @@ pub enum Event {
     },
     /// Periodic statistics of a session that saw traffic.
     Stats(Box<SessionSnapshot>),
+    /// A conference participant's sockets are closed and its ports may be reused.
+    ParticipantReleased {
+        /// Room.
+        conf: u64,
+        /// Participant.
+        id: u32,
+    },
 }

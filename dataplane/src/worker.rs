@@ -6,12 +6,14 @@
 //! completion or the housekeeping deadline. A packet costs no syscall of its own: all
 //! packets that completed since the last enter share one.
 
-use crate::command::{Command, Event, NewSession};
+use crate::command::{Command, ConfSnapshot, Event, NewParticipant, NewSession};
 use crate::counters::{WorkerCounters, WorkerCountersSnapshot};
 use crate::error::Error;
 use crate::io::addr::{read_sockaddr, SOCKADDR_LEN};
 use crate::io::bufs::{BufRing, Buffers, Slots, Target};
 use crate::io::IoMode;
+use crate::mixer::Room;
+use crate::relay::latch::{Latch, LatchDecision, LatchPolicy};
 use crate::relay::stats::DropReason;
 use crate::relay::{SessionSnapshot, SockIdx, Table, TableEvent, Verdict};
 use crate::tap::{TapCounters, TapRecord, TAP_MAX};
@@ -19,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use io_uring::types::{Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use socket2::Socket;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -252,6 +254,11 @@ const OP_SEND: u64 = 2 << 56;
 const OP_WAKE: u64 = 3 << 56;
 const OP_CANCEL: u64 = 4 << 56;
 const OP_PROBE: u64 = 5 << 56;
+const OP_MIXSEND: u64 = 6 << 56;
+/// Send buffers of the mixer per worker.
+const MIX_BUFFERS: u16 = 2048;
+/// The conference tick.
+const TICK: Duration = Duration::from_millis(20);
 const OP_MASK: u64 = 0xff << 56;
 const BGID: u16 = 0;
 /// Completions a worker waits for before the min-wait expires.
@@ -265,8 +272,16 @@ fn send_ud(bid: u16, out: SockIdx) -> u64 {
     OP_SEND | (out as u64) << 16 | bid as u64
 }
 
+/// What a socket belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Relay,
+    Conf { conf: u64, pid: u32, rtcp: bool },
+}
+
 struct SockIo {
     sock: Socket,
+    role: Role,
     /// Its bound address (the destination of what it receives), for intercept records.
     local: Option<std::net::SocketAddr>,
     gen: u16,
@@ -319,6 +334,49 @@ struct Worker {
     tap_counters: Arc<TapCounters>,
     /// Wall-clock time read once per loop, for intercept timestamps.
     wall_now: std::time::SystemTime,
+    confs: HashMap<u64, ConfHost>,
+    /// Participants whose sockets are closing: sockets still open.
+    closing_parts: HashMap<(u64, u32), u8>,
+    next_tick: Option<Instant>,
+    next_sr: Instant,
+    mix: MixPool,
+}
+
+/// A room on this worker and its participants' sockets and addresses.
+struct ConfHost {
+    room: Room,
+    parts: HashMap<u32, PartIo>,
+    ticks: u64,
+    late_ticks: u64,
+}
+
+struct PartIo {
+    socks: [SockIdx; 2],
+    signalled: Option<std::net::SocketAddr>,
+    latch: Latch,
+    rtcp_latch: Latch,
+}
+
+impl PartIo {
+    fn rtp_dest(&self) -> Option<std::net::SocketAddr> {
+        self.latch.addr().or(self.signalled)
+    }
+
+    fn rtcp_dest(&self) -> Option<std::net::SocketAddr> {
+        self.rtcp_latch.addr().or_else(|| {
+            self.rtp_dest().map(|mut a| {
+                a.set_port(a.port().wrapping_add(1));
+                a
+            })
+        })
+    }
+}
+
+/// Buffers for what the mixer sends (received packets use the ring's own).
+struct MixPool {
+    bufs: Buffers,
+    slots: Slots,
+    free: Vec<u16>,
 }
 
 fn build_ring(entries: u32) -> io::Result<IoUring> {
@@ -388,6 +446,15 @@ impl Worker {
             tap_tx,
             tap_counters,
             wall_now: std::time::SystemTime::now(),
+            confs: HashMap::new(),
+            closing_parts: HashMap::new(),
+            next_tick: None,
+            next_sr: now,
+            mix: MixPool {
+                bufs: Buffers::new(MIX_BUFFERS, 1536),
+                slots: Slots::new(MIX_BUFFERS),
+                free: (0..MIX_BUFFERS).rev().collect(),
+            },
         };
         match cfg.io_mode {
             IoMode::Oneshot => {}
@@ -501,7 +568,7 @@ impl Worker {
     fn run(&mut self) {
         loop {
             self.drain_commands();
-            if self.shutting_down && self.table.is_empty() {
+            if self.shutting_down && self.table.is_empty() && self.closing_parts.is_empty() {
                 break;
             }
             let now = Instant::now();
@@ -522,6 +589,9 @@ impl Worker {
                 self.after_batch();
             }
             self.cqes = cqes;
+            if self.next_tick.is_some_and(|t| now >= t) {
+                self.conf_tick(now);
+            }
             if now >= self.next_housekeeping {
                 self.housekeep(now);
             }
@@ -551,7 +621,11 @@ impl Worker {
 
     fn enter(&mut self) {
         self.push_sqes();
-        let wait = self.next_housekeeping.saturating_duration_since(Instant::now()).min(self.housekeeping);
+        let deadline = match self.next_tick {
+            Some(t) => t.min(self.next_housekeeping),
+            None => self.next_housekeeping,
+        };
+        let wait = deadline.saturating_duration_since(Instant::now()).min(self.housekeeping);
         let ts = Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
         self.local.enters += 1;
         // With min-wait, ask for a full batch: the kernel returns after `batch_wait_us`
@@ -613,7 +687,16 @@ impl Worker {
                 }
                 self.recycle(bid);
             }
-            OP_WAKE if !self.shutting_down || !self.table.is_empty() => self.arm_wake(),
+            OP_MIXSEND => {
+                if cqe.result() < 0 {
+                    self.local.drops[DropReason::SendError as usize] += 1;
+                } else {
+                    self.local.tx_packets += 1;
+                    self.local.tx_bytes += cqe.result() as u64;
+                }
+                self.mix.free.push(ud as u16);
+            }
+            OP_WAKE if !self.shutting_down || !self.table.is_empty() || !self.confs.is_empty() => self.arm_wake(),
             _ => {}
         }
     }
@@ -677,6 +760,18 @@ impl Worker {
         };
         self.local.rx_packets += 1;
         self.local.rx_bytes += len as u64;
+        if let Some(Some(SockIo { role: Role::Conf { conf, pid, rtcp }, .. })) = self.socks.get(idx as usize) {
+            let (conf, pid, rtcp) = (*conf, *pid, *rtcp);
+            if let (Some(src), false) = (src, truncated) {
+                // SAFETY: as below; the payload lies within the buffer.
+                let pkt = unsafe { std::slice::from_raw_parts(self.bufs.ptr(bid).add(payload_off), len) };
+                self.conf_packet(now, conf, pid, rtcp, src, pkt);
+            } else {
+                self.local.drops[DropReason::Malformed as usize] += 1;
+            }
+            self.recycle(bid);
+            return;
+        }
         let verdict = match (src, truncated) {
             (Some(src), false) => {
                 // SAFETY: as above; the payload lies within the buffer.
@@ -827,6 +922,52 @@ impl Worker {
             Command::Query { id, reply } => {
                 let _ = reply.try_send(self.table.snapshot(id, now));
             }
+            Command::ConfAdd { conf, cfg } => {
+                self.confs.entry(conf).or_insert_with(|| ConfHost {
+                    room: Room::new(cfg),
+                    parts: HashMap::new(),
+                    ticks: 0,
+                    late_ticks: 0,
+                });
+                if self.next_tick.is_none() {
+                    self.next_tick = Some(now + TICK);
+                }
+            }
+            Command::ConfRemove { conf } => {
+                let ids: Vec<u32> =
+                    self.confs.get(&conf).map(|c| c.parts.keys().copied().collect()).unwrap_or_default();
+                for id in ids {
+                    self.remove_participant(conf, id);
+                }
+                self.confs.remove(&conf);
+                if self.confs.is_empty() {
+                    self.next_tick = None;
+                }
+            }
+            Command::ParticipantAdd(p) => self.add_participant(*p),
+            Command::ParticipantUpdate { conf, id, remote, mute, deaf } => {
+                if let Some(c) = self.confs.get_mut(&conf) {
+                    c.room.set_flags(id, mute, deaf);
+                    if let (Some(r), Some(p)) = (remote, c.parts.get_mut(&id)) {
+                        p.signalled = r;
+                        p.latch.reset();
+                        p.rtcp_latch.reset();
+                    }
+                }
+            }
+            Command::ParticipantRemove { conf, id } => self.remove_participant(conf, id),
+            Command::ConfQuery { conf, reply } => {
+                let snap = self.confs.get(&conf).map(|c| ConfSnapshot {
+                    conf,
+                    rate: c.room.rate(),
+                    talkers: c.room.talkers(),
+                    ticks: c.ticks,
+                    late_ticks: c.late_ticks,
+                    participants: c.room.stats(),
+                    remotes: c.parts.iter().map(|(id, p)| (*id, p.rtp_dest())).collect(),
+                });
+                let _ = reply.try_send(snap);
+            }
             Command::SetTap { id, tap } => {
                 self.table.set_tap(id, tap);
             }
@@ -837,6 +978,15 @@ impl Worker {
 
     fn begin_shutdown(&mut self) {
         self.shutting_down = true;
+        let confs: Vec<(u64, Vec<u32>)> =
+            self.confs.iter().map(|(k, c)| (*k, c.parts.keys().copied().collect())).collect();
+        for (conf, ids) in confs {
+            for id in ids {
+                self.remove_participant(conf, id);
+            }
+        }
+        self.confs.clear();
+        self.next_tick = None;
         for id in self.table.ids() {
             self.remove(id);
         }
@@ -871,7 +1021,8 @@ impl Worker {
                     }
                 }
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket());
-                self.socks[i] = Some(SockIo { sock, local, gen: self.next_gen, armed: None, closing: false });
+                self.socks[i] =
+                    Some(SockIo { sock, role: Role::Relay, local, gen: self.next_gen, armed: None, closing: false });
                 self.arm_recv(i as SockIdx);
             }
         }
@@ -898,7 +1049,160 @@ impl Worker {
         }
     }
 
+    fn add_participant(&mut self, p: NewParticipant) {
+        let NewParticipant { conf, id, codec, payload_type, ssrc, remote, sockets } = p;
+        let Some(c) = self.confs.get_mut(&conf) else {
+            // No such room: the sockets close with the command, the ports come back.
+            drop(sockets);
+            self.emit(Event::ParticipantReleased { conf, id }, true);
+            return;
+        };
+        if c.room.add(id, codec, payload_type, ssrc).is_err() {
+            drop(sockets);
+            self.emit(Event::ParticipantReleased { conf, id }, true);
+            return;
+        }
+        let mut idxs = [0; 2];
+        for (k, sock) in sockets.into_iter().enumerate() {
+            let i = self.table.alloc_external();
+            idxs[k] = i;
+            let i = i as usize;
+            if self.socks.len() <= i {
+                self.socks.resize_with(i + 1, || None);
+            }
+            self.next_gen = self.next_gen.wrapping_add(1);
+            if self.fixed_files {
+                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[sock.as_raw_fd()]) {
+                    tracing::error!(worker = self.index, error = %e, "cannot register socket");
+                }
+            }
+            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            let role = Role::Conf { conf, pid: id, rtcp: k == 1 };
+            self.socks[i] = Some(SockIo { sock, role, local, gen: self.next_gen, armed: None, closing: false });
+            self.arm_recv(i as SockIdx);
+        }
+        if let Some(c) = self.confs.get_mut(&conf) {
+            c.parts.insert(
+                id,
+                PartIo { socks: idxs, signalled: remote, latch: Latch::default(), rtcp_latch: Latch::default() },
+            );
+        }
+    }
+
+    fn remove_participant(&mut self, conf: u64, id: u32) {
+        let Some(c) = self.confs.get_mut(&conf) else { return };
+        c.room.remove(id);
+        let Some(p) = c.parts.remove(&id) else { return };
+        self.closing_parts.insert((conf, id), 2);
+        for idx in p.socks {
+            let Some(Some(s)) = self.socks.get_mut(idx as usize) else { continue };
+            s.closing = true;
+            match s.armed {
+                Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
+                None => {
+                    if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
+                        waiting.retain(|&w| w != idx);
+                    }
+                    self.to_close.push(idx);
+                }
+            }
+        }
+    }
+
+    fn conf_packet(&mut self, now: Instant, conf: u64, pid: u32, rtcp: bool, src: std::net::SocketAddr, pkt: &[u8]) {
+        let Some(c) = self.confs.get_mut(&conf) else { return };
+        let Some(p) = c.parts.get_mut(&pid) else { return };
+        let policy = LatchPolicy::default();
+        if rtcp {
+            if p.rtcp_latch.on_packet(&policy, None, now, src, None) == LatchDecision::Reject {
+                self.local.drops[DropReason::SourceMismatch as usize] += 1;
+            }
+            return;
+        }
+        let ssrc = crate::rtp::RtpHeader::parse(pkt).map(|h| h.ssrc);
+        if p.latch.on_packet(&policy, p.signalled, now, src, ssrc) == LatchDecision::Reject {
+            self.local.drops[DropReason::SourceMismatch as usize] += 1;
+            return;
+        }
+        if c.room.on_rtp(pid, pkt).is_err() {
+            self.local.drops[DropReason::Malformed as usize] += 1;
+        }
+    }
+
+    /// Runs every room's 20 ms tick and queues what it sends.
+    fn conf_tick(&mut self, now: Instant) {
+        let Some(due) = self.next_tick else { return };
+        let late = now.saturating_duration_since(due) > Duration::from_millis(5);
+        // Keep the 20 ms grid; after a long stall, start a new grid rather than
+        // bursting to catch up.
+        self.next_tick = Some(if now.saturating_duration_since(due) > 3 * TICK { now + TICK } else { due + TICK });
+        let Self { confs, socks, mix, sqes, local, fixed_files, .. } = self;
+        for c in confs.values_mut() {
+            c.ticks += 1;
+            if late {
+                c.late_ticks += 1;
+            }
+            let parts = &c.parts;
+            c.room.tick(&mut |pid, pkt| {
+                let Some(p) = parts.get(&pid) else { return };
+                let Some(dst) = p.rtp_dest() else { return };
+                let Some(Some(s)) = socks.get(p.socks[0] as usize) else { return };
+                let Some(bid) = mix.free.pop() else {
+                    local.drops[DropReason::SendError as usize] += 1;
+                    return;
+                };
+                let base = mix.bufs.ptr(bid);
+                // SAFETY: the buffer is ours until its send completes.
+                unsafe { std::ptr::copy_nonoverlapping(pkt.as_ptr(), base, pkt.len().min(mix.bufs.size())) };
+                let target = if *fixed_files { Target::Fixed(p.socks[0]) } else { Target::Fd(s.sock.as_raw_fd()) };
+                // SAFETY: slot and buffer stay put until the send completes.
+                let e =
+                    unsafe { mix.slots.get(bid).send_to_entry(target, base, pkt.len(), &dst, OP_MIXSEND | bid as u64) };
+                sqes.push(e);
+            });
+        }
+        if now >= self.next_sr {
+            self.next_sr = now + Duration::from_secs(5);
+            self.conf_sender_reports();
+        }
+    }
+
+    fn conf_sender_reports(&mut self) {
+        let ntp = {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let secs = t.as_secs() + 2_208_988_800;
+            (secs << 32) | (((t.subsec_nanos() as u64) << 32) / 1_000_000_000)
+        };
+        let Self { confs, socks, mix, sqes, fixed_files, .. } = self;
+        for c in confs.values() {
+            for (pid, p) in &c.parts {
+                let mut sr = [0u8; 28];
+                let (Some(dst), true) = (p.rtcp_dest(), c.room.sender_report(*pid, ntp, &mut sr)) else { continue };
+                let Some(Some(s)) = socks.get(p.socks[1] as usize) else { continue };
+                let Some(bid) = mix.free.pop() else { return };
+                let base = mix.bufs.ptr(bid);
+                // SAFETY: as in conf_tick.
+                unsafe { std::ptr::copy_nonoverlapping(sr.as_ptr(), base, sr.len()) };
+                let target = if *fixed_files { Target::Fixed(p.socks[1]) } else { Target::Fd(s.sock.as_raw_fd()) };
+                // SAFETY: as in conf_tick.
+                let e =
+                    unsafe { mix.slots.get(bid).send_to_entry(target, base, sr.len(), &dst, OP_MIXSEND | bid as u64) };
+                sqes.push(e);
+            }
+        }
+    }
+
     fn close_sock(&mut self, idx: SockIdx) {
+        if let Some(Some(SockIo { role: Role::Conf { conf, pid, .. }, .. })) = self.socks.get(idx as usize) {
+            let key = (*conf, *pid);
+            if let Some(left) = self.closing_parts.get_mut(&key) {
+                *left -= 1;
+                if *left == 0 {
+                    self.closing_parts.remove(&key);
+                    self.emit(Event::ParticipantReleased { conf: key.0, id: key.1 }, true);
+                }
+            }
+        }
         if let Some(slot) = self.socks.get_mut(idx as usize) {
             // Dropping the socket closes the fd; the port is free once the kernel's last
             // reference (an in-flight send, if any) goes.

@@ -4,6 +4,7 @@
 //! `GET /metrics`. Every error is JSON `{"code": "...", "message": "..."}` with a stable
 //! code; no input reaches a panic.
 
+mod conferences;
 mod error;
 mod sessions;
 
@@ -37,6 +38,15 @@ pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route("/v1/sessions", get(sessions::list).post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::get).patch(sessions::update).delete(sessions::delete))
+        .route("/v1/conferences", get(conferences::list).post(conferences::create))
+        .route("/v1/conferences/{id}", get(conferences::get).delete(conferences::delete))
+        .route("/v1/conferences/{id}/participants", axum::routing::post(conferences::add_participant))
+        .route(
+            "/v1/conferences/{id}/participants/{pid}",
+            get(conferences::get_participant)
+                .patch(conferences::update_participant)
+                .delete(conferences::delete_participant),
+        )
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

@@ -281,6 +281,22 @@ impl Table {
         ])
     }
 
+    /// Reserves a socket slot for a socket that is not a relay session's (a conference
+    /// participant's); [`Table::on_packet`] ignores it and [`Table::release_sock`] frees it.
+    pub fn alloc_external(&mut self) -> SockIdx {
+        let owner = SockOwner { session: u32::MAX, leg: 0, kind: 0 };
+        match self.free_socks.pop() {
+            Some(s) => {
+                self.socks[s as usize] = Some(owner);
+                s
+            }
+            None => {
+                self.socks.push(Some(owner));
+                (self.socks.len() - 1) as SockIdx
+            }
+        }
+    }
+
     /// Frees a socket slot; when it was its session's last, frees the session and returns
     /// its id.
     pub fn release_sock(&mut self, sock: SockIdx) -> Option<SessionId> {

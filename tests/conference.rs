@@ -1,0 +1,172 @@
+//! The conference engine end to end: participants added over REST, RTP over real
+//! sockets to and from `hasp relay`, the mixed audio checked by tone detection.
+
+mod common;
+
+use common::*;
+use dataplane::mixer::codec::{Decoder, Encoder};
+use dataplane::mixer::Codec;
+use dataplane::rtp::RtpHeader;
+use serde_json::Value;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+const TONES: [f64; 3] = [400.0, 700.0, 1100.0];
+
+fn goertzel(x: &[f64], freq: f64, rate: f64) -> f64 {
+    let k = 2.0 * (2.0 * std::f64::consts::PI * freq / rate).cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &v in x {
+        let s0 = v + k * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    (s1 * s1 + s2 * s2 - k * s1 * s2) / (x.len() as f64 * x.len() as f64)
+}
+
+/// Three participants each send a tone in real time for `frames` × 20 ms; returns what
+/// each heard (decoded) and the conference's JSON afterwards.
+fn run_room(relay: &RelayProc, codec: Codec, frames: u64) -> (Vec<Vec<f64>>, Value) {
+    let (s, v) = relay.call("POST", "/v1/conferences", Some("{}"));
+    assert_eq!(s, 201, "{v}");
+    let conf = v["id"].as_str().unwrap().to_string();
+    let mut socks = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.set_nonblocking(true).unwrap();
+        let body = format!(r#"{{"codec":"{}","remote":"{}"}}"#, codec.name(), u.local_addr().unwrap());
+        let (s, p) = relay.call("POST", &format!("/v1/conferences/{conf}/participants"), Some(&body));
+        assert_eq!(s, 201, "{p}");
+        assert_eq!(p["payload_type"], codec.default_payload_type());
+        let addr: SocketAddr = format!("{}:{}", p["address"].as_str().unwrap(), p["rtp_port"]).parse().unwrap();
+        ports.push(addr);
+        socks.push(u);
+    }
+    let mut encs: Vec<Encoder> = (0..3).map(|_| Encoder::new(codec, 5).unwrap()).collect();
+    let mut decs: Vec<Decoder> = (0..3).map(|_| Decoder::new(codec).unwrap()).collect();
+    let mut heard: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut pcm_out = vec![0i16; 960];
+    let n = codec.frame();
+    let start = Instant::now();
+    let mut buf = [0u8; 2048];
+    for f in 0..frames {
+        for (i, u) in socks.iter().enumerate() {
+            let pcm: Vec<i16> = (0..n)
+                .map(|k| {
+                    let t = (f as usize * n + k) as f64 / codec.rate() as f64;
+                    (6000.0 * (2.0 * std::f64::consts::PI * TONES[i] * t).sin()) as i16
+                })
+                .collect();
+            let mut p = vec![0u8; 1500];
+            RtpHeader {
+                payload_type: codec.default_payload_type(),
+                marker: f == 0,
+                sequence: f as u16,
+                timestamp: (f as usize * n) as u32,
+                ssrc: 7 + i as u32,
+            }
+            .write_to(&mut p);
+            let len = encs[i].encode(&pcm, &mut p[12..]);
+            u.send_to(&p[..12 + len], ports[i]).unwrap();
+        }
+        // Real-time pacing: the mixer runs on a 20 ms clock.
+        let next = start + Duration::from_millis(20 * (f + 1));
+        while Instant::now() < next {
+            for (i, u) in socks.iter().enumerate() {
+                while let Ok((len, _)) = u.recv_from(&mut buf) {
+                    let h = RtpHeader::parse(&buf[..len]).expect("RTP from the mixer");
+                    assert_eq!(h.payload_type, codec.default_payload_type());
+                    let k = decs[i].decode(&buf[12..len], &mut pcm_out).expect("decodable");
+                    if f > frames / 3 {
+                        heard[i].extend(pcm_out[..k].iter().map(|&s| s as f64));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let (_, view) = relay.call("GET", &format!("/v1/conferences/{conf}"), None);
+    (heard, view)
+}
+
+fn tones_test(codec: Codec, ports: &str) {
+    let relay = RelayProc::start(&["--rtp-ports", ports]);
+    let (heard, view) = run_room(&relay, codec, 75);
+    for (i, x) in heard.iter().enumerate() {
+        assert!(x.len() > codec.rate() as usize / 2, "participant {i} heard only {} samples", x.len());
+        let p: Vec<f64> = TONES.iter().map(|&f| goertzel(x, f, codec.rate() as f64)).collect();
+        for (j, &q) in p.iter().enumerate() {
+            if j != i {
+                assert!(
+                    q > 30.0 * p[i].max(1e-3),
+                    "{codec:?}: participant {i} hears tone {j} ({q:.1}) over its own ({:.3})",
+                    p[i]
+                );
+            }
+        }
+    }
+    assert_eq!(view["participants"].as_array().unwrap().len(), 3, "{view}");
+    for p in view["participants"].as_array().unwrap() {
+        assert!(p["stats"]["packets_in"].as_u64().unwrap() >= 70, "{p}");
+        assert!(p["stats"]["packets_out"].as_u64().unwrap() >= 60, "{p}");
+    }
+    assert!(view["ticks"].as_u64().unwrap() >= 70);
+}
+
+#[test]
+fn three_tones_pcmu_each_hears_the_others_not_itself() {
+    tones_test(Codec::Pcmu, "43600-43699");
+}
+
+#[test]
+fn three_tones_opus_each_hears_the_others_not_itself() {
+    tones_test(Codec::Opus, "43700-43799");
+}
+
+#[test]
+fn conference_api_controls_and_errors() {
+    let relay = RelayProc::start(&["--rtp-ports", "43800-43807"]);
+    let (_, v) = relay.call("POST", "/v1/conferences", None);
+    let conf = v["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/conferences/{conf}/participants");
+    for (body, code) in [
+        (r#"{"codec":"G729"}"#, "invalid_codec"),
+        (r#"{}"#, "invalid_codec"),
+        (r#"{"codec":"PCMU","remote":"nope"}"#, "invalid_remote"),
+        (r#"{"codec":"PCMU","payload_type":300}"#, "invalid_request"),
+    ] {
+        let (s, v) = relay.call("POST", &path, Some(body));
+        assert_eq!((s, v["code"].as_str()), (422, Some(code)), "{body}: {v}");
+    }
+    assert_eq!(relay.call("POST", &path, Some("{oops")).0, 400);
+    // Four pairs in the range: the room takes none, four participants take them all.
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            let (s, v) = relay.call("POST", &path, Some(r#"{"codec":"PCMA"}"#));
+            assert_eq!(s, 201, "{v}");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (s, v) = relay.call("POST", &path, Some(r#"{"codec":"PCMA"}"#));
+    assert_eq!((s, v["code"].as_str()), (503, Some("ports_exhausted")));
+    let p0 = format!("{path}/{}", ids[0]);
+    let (s, v) = relay.call("PATCH", &p0, Some(r#"{"mute":true,"deaf":true,"remote":"127.0.0.1:40000"}"#));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["stats"]["mute"], true);
+    assert_eq!(v["stats"]["deaf"], true);
+    assert_eq!(v["remote"], "127.0.0.1:40000");
+    assert_eq!(relay.call("PATCH", &p0, Some(r#"{"mute":"yes"}"#)).0, 422);
+    // Kick: the port comes back.
+    assert_eq!(relay.call("DELETE", &p0, None).0, 204);
+    assert_eq!(relay.call("GET", &p0, None).0, 404);
+    wait_for("the kicked participant's port", Duration::from_secs(5), || {
+        (relay.call("POST", &path, Some(r#"{"codec":"PCMA"}"#)).0 == 201).then_some(())
+    });
+    assert_eq!(relay.call("GET", "/v1/conferences/zzz", None).0, 404);
+    assert_eq!(relay.call("DELETE", &format!("/v1/conferences/{conf}"), None).0, 204);
+    assert_eq!(relay.call("GET", &format!("/v1/conferences/{conf}"), None).0, 404);
+    wait_for("every port back", Duration::from_secs(5), || {
+        (relay.metric("hasp_relay_port_pairs_free") == 4).then_some(())
+    });
+}
