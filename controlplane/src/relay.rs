@@ -179,7 +179,7 @@ pub struct ConfView {
     pub talkers: Option<usize>,
     /// Ticks run and ticks started late.
     pub ticks: Option<u64>,
-    /// Ticks that started more than 5 ms late.
+    /// Ticks that finished more than 20 ms after they were due.
     pub late_ticks: Option<u64>,
     /// Participants.
     pub participants: Vec<serde_json::Value>,

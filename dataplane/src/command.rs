@@ -126,7 +126,7 @@ pub struct ConfSnapshot {
     pub talkers: usize,
     /// Ticks run.
     pub ticks: u64,
-    /// Ticks that started more than 5 ms late.
+    /// Ticks that finished more than 20 ms after they were due (missed their budget).
     pub late_ticks: u64,
     /// Participants.
     pub participants: Vec<crate::mixer::ParticipantStats>,

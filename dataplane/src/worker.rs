@@ -587,6 +587,13 @@ impl Worker {
                     self.on_completion(now, cqe);
                 }
                 self.after_batch();
+                // A flood of packets must not delay the mixer's tick.
+                if self.next_tick.is_some() {
+                    let t = Instant::now();
+                    if self.next_tick.is_some_and(|d| t >= d) {
+                        self.conf_tick(t);
+                    }
+                }
             }
             self.cqes = cqes;
             if self.next_tick.is_some_and(|t| now >= t) {
@@ -1132,16 +1139,12 @@ impl Worker {
     /// Runs every room's 20 ms tick and queues what it sends.
     fn conf_tick(&mut self, now: Instant) {
         let Some(due) = self.next_tick else { return };
-        let late = now.saturating_duration_since(due) > Duration::from_millis(5);
         // Keep the 20 ms grid; after a long stall, start a new grid rather than
         // bursting to catch up.
         self.next_tick = Some(if now.saturating_duration_since(due) > 3 * TICK { now + TICK } else { due + TICK });
         let Self { confs, socks, mix, sqes, local, fixed_files, .. } = self;
         for c in confs.values_mut() {
             c.ticks += 1;
-            if late {
-                c.late_ticks += 1;
-            }
             let parts = &c.parts;
             c.room.tick(&mut |pid, pkt| {
                 let Some(p) = parts.get(&pid) else { return };
@@ -1160,6 +1163,10 @@ impl Worker {
                     unsafe { mix.slots.get(bid).send_to_entry(target, base, pkt.len(), &dst, OP_MIXSEND | bid as u64) };
                 sqes.push(e);
             });
+            // A tick that ends more than 20 ms after it was due missed its budget.
+            if Instant::now().saturating_duration_since(due) > TICK {
+                c.late_ticks += 1;
+            }
         }
         if now >= self.next_sr {
             self.next_sr = now + Duration::from_secs(5);
