@@ -144,12 +144,12 @@ fn cpu_mode(a: &Args, codec: Codec) -> Result<()> {
         for i in 0..a.size as usize {
             decs[i].decode(&audio[i][t % 50].0, &mut pcm[i][..n]);
         }
-        for i in 0..a.size as usize {
+        for (i, enc) in encs.iter_mut().enumerate() {
             for (k, m) in mix.iter_mut().enumerate() {
                 let s: i32 = (0..a.size as usize).filter(|&j| j != i).map(|j| pcm[j][k] as i32).sum();
                 *m = s.clamp(-32768, 32767) as i16;
             }
-            std::hint::black_box(encs[i].encode(&mix, &mut out));
+            std::hint::black_box(enc.encode(&mix, &mut out));
         }
         ntimes.push(start.elapsed().as_secs_f64() * 1e6);
     }
