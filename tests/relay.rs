@@ -137,6 +137,10 @@ fn patch_sets_remote_and_stats_count_loss_and_reordering() {
     let (id, _, port, _) = relay.create("");
     // Nobody known yet: Alice's packet has nowhere to go.
     alice.send_to(&rtp(1, 0xa, 1), port[0]).unwrap();
+    wait_for("the relay to see Alice's first packet", Duration::from_secs(5), || {
+        let (_, v) = relay.call("GET", &format!("/v1/sessions/{id}"), None);
+        (v["legs"][0]["stats"]["rtp"]["packets"] == 1).then_some(())
+    });
     let patch = format!(r#"{{"legs":[{{}},{{"remote":"{}"}}]}}"#, bob.local_addr().unwrap());
     let (s, v) = relay.call("PATCH", &format!("/v1/sessions/{id}"), Some(&patch));
     assert_eq!(s, 200, "{v}");

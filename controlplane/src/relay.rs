@@ -600,6 +600,40 @@ impl Relay {
         self.send(worker, Command::ParticipantUpdate { conf, id, remote, mute, deaf })
     }
 
+    /// Moves a participant to another room, keeping its ports, SSRC, sequence numbers
+    /// and timestamps: it hears a gap of a tick or two, the far end a continuous stream.
+    /// Rooms on different workers hand the participant's open sockets over (packets wait
+    /// in them meanwhile).
+    pub fn participant_move(&self, conf: u64, id: u32, to: u64) -> Result<(), Error> {
+        let (from_w, to_w) = {
+            let mut st = lock(&self.state);
+            let to_w = st.confs.get(&to).map(|c| c.worker).ok_or_else(|| Error::NotFound(format_id(to)))?;
+            let c = st.confs.get_mut(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+            let from_w = c.worker;
+            let p = c.participants.remove(&id).ok_or_else(|| Error::NotFound(format!("{id:08x}")))?;
+            if conf == to {
+                c.participants.insert(id, p);
+                return Ok(());
+            }
+            if from_w == to_w {
+                self.send(from_w, Command::ParticipantMove { conf, id, to })?;
+            }
+            if let Some(t) = st.confs.get_mut(&to) {
+                t.participants.insert(id, p);
+            }
+            (from_w, to_w)
+        };
+        if from_w == to_w {
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(from_w, Command::ParticipantDetach { conf, id, reply: tx })?;
+        let p = rx
+            .recv_timeout(Duration::from_secs(2))
+            .map_err(|_| Error::Busy(format!("participant {id:08x} did not detach from worker {from_w}")))?;
+        self.send(to_w, Command::ParticipantAttach { conf: to, p })
+    }
+
     /// Removes (kicks) a participant.
     pub fn participant_delete(&self, conf: u64, id: u32) -> Result<(), Error> {
         let mut st = lock(&self.state);

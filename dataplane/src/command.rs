@@ -85,6 +85,32 @@ pub enum Command {
         /// Participant.
         id: u32,
     },
+    /// Move a participant to another room on the same worker.
+    ParticipantMove {
+        /// Room it is in.
+        conf: u64,
+        /// Participant.
+        id: u32,
+        /// Room it goes to.
+        to: u64,
+    },
+    /// Take a participant (sockets and state) off this worker, to attach it to a room on
+    /// another; answered on `reply` once its receives have stopped.
+    ParticipantDetach {
+        /// Room it is in.
+        conf: u64,
+        /// Participant.
+        id: u32,
+        /// Where to hand it.
+        reply: crossbeam_channel::Sender<Box<DetachedParticipant>>,
+    },
+    /// Attach a detached participant to a room on this worker.
+    ParticipantAttach {
+        /// Room it joins.
+        conf: u64,
+        /// The participant.
+        p: Box<DetachedParticipant>,
+    },
     /// Room statistics, answered on `reply` (`None`: no such room).
     ConfQuery {
         /// Room.
@@ -113,6 +139,22 @@ pub struct NewParticipant {
     pub remote: Option<SocketAddr>,
     /// RTP and RTCP sockets.
     pub sockets: [Socket; 2],
+}
+
+/// A participant between workers: its open sockets (packets queue in them meanwhile)
+/// and its mixer state.
+#[derive(Debug)]
+pub struct DetachedParticipant {
+    /// Participant id.
+    pub id: u32,
+    /// RTP and RTCP sockets.
+    pub sockets: [Socket; 2],
+    /// Mixer state.
+    pub state: crate::mixer::MovedParticipant,
+    /// Signalled remote.
+    pub signalled: Option<SocketAddr>,
+    /// Latched RTP and RTCP sources.
+    pub latched: [Option<SocketAddr>; 2],
 }
 
 /// A room's state.

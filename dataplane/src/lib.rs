@@ -22,7 +22,7 @@ pub mod rtp;
 pub mod tap;
 pub mod worker;
 
-pub use command::{Command, ConfSnapshot, Event, NewParticipant, NewSession};
+pub use command::{Command, ConfSnapshot, DetachedParticipant, Event, NewParticipant, NewSession};
 pub use counters::{WorkerCounters, WorkerCountersSnapshot};
 pub use error::Error;
 pub use io::IoMode;

@@ -6,7 +6,7 @@
 //! completion or the housekeeping deadline. A packet costs no syscall of its own: all
 //! packets that completed since the last enter share one.
 
-use crate::command::{Command, ConfSnapshot, Event, NewParticipant, NewSession};
+use crate::command::{Command, ConfSnapshot, DetachedParticipant, Event, NewParticipant, NewSession};
 use crate::counters::{WorkerCounters, WorkerCountersSnapshot};
 use crate::error::Error;
 use crate::io::addr::{read_sockaddr, SOCKADDR_LEN};
@@ -337,6 +337,7 @@ struct Worker {
     confs: HashMap<u64, ConfHost>,
     /// Participants whose sockets are closing: sockets still open.
     closing_parts: HashMap<(u64, u32), u8>,
+    detaching: HashMap<(u64, u32), Detaching>,
     next_tick: Option<Instant>,
     next_sr: Instant,
     mix: MixPool,
@@ -370,6 +371,17 @@ impl PartIo {
             })
         })
     }
+}
+
+/// A participant whose receives are being stopped so its sockets can move to another
+/// worker.
+struct Detaching {
+    state: Option<crate::mixer::MovedParticipant>,
+    signalled: Option<std::net::SocketAddr>,
+    latched: [Option<std::net::SocketAddr>; 2],
+    sockets: [Option<Socket>; 2],
+    socks: [SockIdx; 2],
+    reply: Sender<Box<DetachedParticipant>>,
 }
 
 /// Buffers for what the mixer sends (received packets use the ring's own).
@@ -448,6 +460,7 @@ impl Worker {
             wall_now: std::time::SystemTime::now(),
             confs: HashMap::new(),
             closing_parts: HashMap::new(),
+            detaching: HashMap::new(),
             next_tick: None,
             next_sr: now,
             mix: MixPool {
@@ -963,6 +976,9 @@ impl Worker {
                 }
             }
             Command::ParticipantRemove { conf, id } => self.remove_participant(conf, id),
+            Command::ParticipantMove { conf, id, to } => self.move_participant(conf, id, to),
+            Command::ParticipantDetach { conf, id, reply } => self.detach_participant(conf, id, reply),
+            Command::ParticipantAttach { conf, p } => self.attach_participant(conf, *p),
             Command::ConfQuery { conf, reply } => {
                 let snap = self.confs.get(&conf).map(|c| ConfSnapshot {
                     conf,
@@ -1096,6 +1112,92 @@ impl Worker {
         }
     }
 
+    fn move_participant(&mut self, conf: u64, id: u32, to: u64) {
+        if !self.confs.contains_key(&to) {
+            return;
+        }
+        let Some(c) = self.confs.get_mut(&conf) else { return };
+        let (Some(state), Some(part)) = (c.room.take(id), c.parts.remove(&id)) else { return };
+        for idx in part.socks {
+            if let Some(Some(s)) = self.socks.get_mut(idx as usize) {
+                if let Role::Conf { rtcp, .. } = s.role {
+                    s.role = Role::Conf { conf: to, pid: id, rtcp };
+                }
+            }
+        }
+        if let Some(t) = self.confs.get_mut(&to) {
+            t.room.insert(state);
+            t.parts.insert(id, part);
+        }
+    }
+
+    fn detach_participant(&mut self, conf: u64, id: u32, reply: Sender<Box<DetachedParticipant>>) {
+        let Some(c) = self.confs.get_mut(&conf) else { return };
+        let (Some(state), Some(part)) = (c.room.take(id), c.parts.remove(&id)) else { return };
+        self.detaching.insert(
+            (conf, id),
+            Detaching {
+                state: Some(state),
+                signalled: part.signalled,
+                latched: [part.latch.addr(), part.rtcp_latch.addr()],
+                sockets: [None, None],
+                socks: part.socks,
+                reply,
+            },
+        );
+        for idx in part.socks {
+            let Some(Some(s)) = self.socks.get_mut(idx as usize) else { continue };
+            s.closing = true;
+            match s.armed {
+                Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
+                None => {
+                    if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
+                        waiting.retain(|&w| w != idx);
+                    }
+                    self.to_close.push(idx);
+                }
+            }
+        }
+    }
+
+    fn attach_participant(&mut self, conf: u64, p: DetachedParticipant) {
+        let DetachedParticipant { id, sockets, state, signalled, latched } = p;
+        let Some(c) = self.confs.get_mut(&conf) else {
+            drop(sockets);
+            self.emit(Event::ParticipantReleased { conf, id }, true);
+            return;
+        };
+        c.room.insert(state);
+        let mut idxs = [0; 2];
+        for (k, sock) in sockets.into_iter().enumerate() {
+            let i = self.table.alloc_external();
+            idxs[k] = i;
+            let i = i as usize;
+            if self.socks.len() <= i {
+                self.socks.resize_with(i + 1, || None);
+            }
+            self.next_gen = self.next_gen.wrapping_add(1);
+            if self.fixed_files {
+                let _ = self.ring.submitter().register_files_update(i as u32, &[sock.as_raw_fd()]);
+            }
+            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            let role = Role::Conf { conf, pid: id, rtcp: k == 1 };
+            self.socks[i] = Some(SockIo { sock, role, local, gen: self.next_gen, armed: None, closing: false });
+            self.arm_recv(i as SockIdx);
+        }
+        if let Some(c) = self.confs.get_mut(&conf) {
+            c.parts.insert(
+                id,
+                PartIo {
+                    socks: idxs,
+                    signalled,
+                    latch: Latch::latched_to(latched[0]),
+                    rtcp_latch: Latch::latched_to(latched[1]),
+                },
+            );
+        }
+    }
+
     fn remove_participant(&mut self, conf: u64, id: u32) {
         let Some(c) = self.confs.get_mut(&conf) else { return };
         c.room.remove(id);
@@ -1200,8 +1302,34 @@ impl Worker {
     }
 
     fn close_sock(&mut self, idx: SockIdx) {
-        if let Some(Some(SockIo { role: Role::Conf { conf, pid, .. }, .. })) = self.socks.get(idx as usize) {
-            let key = (*conf, *pid);
+        if let Some(Some(SockIo { role: Role::Conf { conf, pid, rtcp }, .. })) = self.socks.get(idx as usize) {
+            let (key, k) = ((*conf, *pid), *rtcp as usize);
+            if self.detaching.get(&key).is_some_and(|d| d.socks[k] == idx) {
+                // Not closed: handed over to another worker with its queued packets.
+                let sock = self.socks[idx as usize].take().map(|s| s.sock);
+                if self.fixed_files {
+                    let _ = self.ring.submitter().register_files_update(idx, &[-1]);
+                }
+                self.table.release_sock(idx);
+                let d = self.detaching.get_mut(&key).expect("checked above");
+                d.sockets[k] = sock;
+                if d.sockets.iter().all(Option::is_some) {
+                    let mut d = self.detaching.remove(&key).expect("present");
+                    if let (Some(state), [Some(a), Some(b)]) =
+                        (d.state.take(), [d.sockets[0].take(), d.sockets[1].take()])
+                    {
+                        let out = DetachedParticipant {
+                            id: key.1,
+                            sockets: [a, b],
+                            state,
+                            signalled: d.signalled,
+                            latched: d.latched,
+                        };
+                        let _ = d.reply.try_send(Box::new(out));
+                    }
+                }
+                return;
+            }
             if let Some(left) = self.closing_parts.get_mut(&key) {
                 *left -= 1;
                 if *left == 0 {

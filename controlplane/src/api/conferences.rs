@@ -157,7 +157,19 @@ pub(super) async fn update_participant(
     let (conf, pid) = (conf_id(&id)?, part_id(&pid)?);
     let v = body_json(body)?;
     let (r, mute, deaf) = (remote(&v)?, flag(&v, "mute")?, flag(&v, "deaf")?);
+    let to = match v.get("conference") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            Some(parse_id(s).ok_or_else(|| invalid("invalid_request", format!("no conference {s:?}")))?)
+        }
+        Some(_) => return Err(invalid("invalid_request", "conference must be a conference id")),
+    };
     let view = blocking(move || {
+        let mut conf = conf;
+        if let Some(to) = to {
+            st.relay.participant_move(conf, pid, to)?;
+            conf = to;
+        }
         st.relay.participant_update(conf, pid, r, mute, deaf)?;
         st.relay.conf_get(conf)
     })

@@ -9,4 +9,4 @@ pub mod jitter;
 pub mod room;
 
 pub use codec::Codec;
-pub use room::{ParticipantId, ParticipantStats, Room, RoomConfig};
+pub use room::{MovedParticipant, ParticipantId, ParticipantStats, Room, RoomConfig};

@@ -17,6 +17,22 @@ const SILENT_DBOV: u8 = 50;
 /// A participant's id within its room.
 pub type ParticipantId = u32;
 
+/// A participant in transit between rooms (opaque).
+pub struct MovedParticipant(Box<Participant>);
+
+impl std::fmt::Debug for MovedParticipant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MovedParticipant({})", self.0.id)
+    }
+}
+
+impl MovedParticipant {
+    /// Its id.
+    pub fn id(&self) -> ParticipantId {
+        self.0.id
+    }
+}
+
 /// Room settings.
 #[derive(Debug, Clone, Copy)]
 pub struct RoomConfig {
@@ -255,6 +271,26 @@ impl Room {
             decode_errors: 0,
         });
         Ok(())
+    }
+
+    /// Takes a participant out with all its state (jitter buffer, codecs, outgoing
+    /// sequence and timestamp), to [`Room::insert`] it into another room: the far end
+    /// sees one continuous stream.
+    pub fn take(&mut self, id: ParticipantId) -> Option<MovedParticipant> {
+        let i = self.participants.iter().position(|p| p.id == id)?;
+        Some(MovedParticipant(Box::new(self.participants.swap_remove(i))))
+    }
+
+    /// Puts a participant taken from another room into this one.
+    pub fn insert(&mut self, p: MovedParticipant) {
+        let mut p = *p.0;
+        // The new room's rate may differ: resampling state starts over.
+        p.up_last = 0;
+        p.down_last = 0;
+        p.talk_until = 0;
+        p.talker = false;
+        self.remove(p.id);
+        self.participants.push(p);
     }
 
     /// Removes a participant; false if absent.

@@ -85,6 +85,11 @@ impl Latch {
         self.addr
     }
 
+    /// A latch already holding `addr` (a participant moved from another worker).
+    pub fn latched_to(addr: Option<SocketAddr>) -> Self {
+        Self { addr, last_seen: None, ssrc: None }
+    }
+
     /// Forgets the latched address (the remote was re-signalled).
     pub fn reset(&mut self) {
         *self = Self::default();
