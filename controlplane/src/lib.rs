@@ -18,6 +18,7 @@ pub mod ports;
 pub mod relay;
 pub mod rtpp;
 pub mod sdp;
+pub mod sip;
 
 pub use config::{Config, PortRange, RelayConfig};
 pub use error::Error;

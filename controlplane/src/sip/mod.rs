@@ -1,0 +1,6 @@
+//! SIP: messages, transactions (sans IO), and later the proxy and registrar.
+
+pub mod message;
+pub mod transaction;
+
+pub use message::{Message, ParseError, StartLine};
