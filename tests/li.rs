@@ -448,3 +448,104 @@ fn x2_signalling_and_x3_media_of_an_aor_target_share_a_correlation_id() {
     assert_eq!((got[3].pdu_type, got[3].direction, &got[3].payload), (2, 3, &rtp(1, 0xb, 2)));
     relay.shutdown();
 }
+
+#[test]
+fn mediation_function_over_mutual_tls() {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let dir = tmp("tls");
+    // A CA; the mediation function's certificate for "mf.test"; the relay's client
+    // certificate. All made here, for this test.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv =
+        rcgen::CertificateParams::new(vec!["mf.test".to_string()]).unwrap().signed_by(&srv_key, &ca, &ca_key).unwrap();
+    let cli_key = rcgen::KeyPair::generate().unwrap();
+    let cli = rcgen::CertificateParams::new(vec!["hasp-relay".to_string()])
+        .unwrap()
+        .signed_by(&cli_key, &ca, &ca_key)
+        .unwrap();
+    let (ca_pem, cli_pem, cli_key_pem) = (dir.join("ca.pem"), dir.join("client.pem"), dir.join("client.key"));
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&cli_pem, cli.pem()).unwrap();
+    std::fs::write(&cli_key_pem, cli_key.serialize_pem()).unwrap();
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().unwrap();
+    let server_cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(srv.der().to_vec())],
+                PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
+            )
+            .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let (tx, pdus) = mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let (cfg, tx) = (server_cfg.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, c);
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16384];
+                loop {
+                    while let Ok(Some((p, n))) = pdu::decode(&buf) {
+                        buf.drain(..n);
+                        let _ = tx.send(p);
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+
+    let (relay, li, _) = li_relay("44000-44099", &[]);
+    let (alice, bob) = (udp(), udp());
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, port, _) = relay.create(&body);
+    let tls = format!(
+        r#"{{"server_name":"mf.test","ca":"{}","cert":"{}","key":"{}"}}"#,
+        ca_pem.display(),
+        cli_pem.display(),
+        cli_key_pem.display()
+    );
+    // A CA file that does not exist is refused at once.
+    let bad = format!(
+        r#"{{"xid":"11111111-2222-4333-8444-555555555555","targets":[{{"session":"{id}"}}],"destinations":[{{"tcp":"{mf}","tls":{{"server_name":"mf.test","ca":"/nonexistent.pem"}}}}]}}"#
+    );
+    let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&bad), Some(LI_TOKEN));
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid_request")), "{v}");
+    let task = format!(
+        r#"{{"xid":"22222222-2222-4333-8444-555555555555","targets":[{{"session":"{id}"}}],"destinations":[{{"tcp":"{mf}","tls":{tls}}}]}}"#
+    );
+    let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&task), Some(LI_TOKEN));
+    assert_eq!(s, 201, "{v}");
+    for seq in 0..5u16 {
+        alice.send_to(&rtp(seq, 0xa, 1), port[0]).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+    }
+    for seq in 0..5u16 {
+        let p = pdus.recv_timeout(Duration::from_secs(10)).expect("PDU over mutual TLS");
+        assert_eq!(p.payload, rtp(seq, 0xa, 1));
+    }
+}

@@ -6,6 +6,7 @@
 //! bound a PDU is dropped and counted. Nothing here can slow the packet path, which
 //! only ever `try_send`s into the data plane's tap channel.
 
+use super::tasks::Destination;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -70,7 +71,7 @@ impl Dest {
 /// The set of destinations, created on first use.
 #[derive(Clone)]
 pub struct Delivery {
-    dests: Arc<Mutex<HashMap<SocketAddr, Arc<Dest>>>>,
+    dests: Arc<Mutex<HashMap<Destination, Arc<Dest>>>>,
     bound: usize,
 }
 
@@ -87,9 +88,13 @@ impl Delivery {
         Self { dests: Arc::new(Mutex::new(HashMap::new())), bound }
     }
 
-    fn dest(&self, addr: SocketAddr) -> Arc<Dest> {
+    fn dest(&self, addr: &Destination) -> Arc<Dest> {
         let mut m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(addr)
+        if let Some(d) = m.get(addr) {
+            return d.clone();
+        }
+        let addr = addr.clone();
+        m.entry(addr.clone())
             .or_insert_with(|| {
                 let d = Arc::new(Dest {
                     queue: Mutex::new(VecDeque::new()),
@@ -106,17 +111,17 @@ impl Delivery {
     }
 
     /// Queues a PDU for `addr`.
-    pub fn send(&self, addr: SocketAddr, pdu: Vec<u8>) {
+    pub fn send(&self, addr: &Destination, pdu: Vec<u8>) {
         self.dest(addr).push([pdu]);
     }
 
     /// Queues several PDUs for `addr`, in order.
-    pub fn send_many(&self, addr: SocketAddr, pdus: Vec<Vec<u8>>) {
+    pub fn send_many(&self, addr: &Destination, pdus: Vec<Vec<u8>>) {
         self.dest(addr).push(pdus);
     }
 
     /// Stops destinations no task uses any more (their queued PDUs are discarded).
-    pub fn retain(&self, keep: &[SocketAddr]) {
+    pub fn retain(&self, keep: &[Destination]) {
         let mut m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
         m.retain(|a, d| {
             let k = keep.contains(a);
@@ -131,23 +136,42 @@ impl Delivery {
     /// Per-destination counters.
     pub fn stats(&self) -> Vec<(SocketAddr, serde_json::Value)> {
         let m = self.dests.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = m.iter().map(|(a, d)| (*a, serde_json::to_value(&d.stats).unwrap_or_default())).collect();
+        let mut v: Vec<_> =
+            m.iter().map(|(a, d)| (a.tcp, serde_json::to_value(&d.stats).unwrap_or_default())).collect();
         v.sort_by_key(|(a, _)| *a);
         v
     }
 }
 
-fn writer(addr: SocketAddr, d: Arc<Dest>) {
+/// A connection to a mediation function: plain TCP or TLS over it.
+type Conn = Box<dyn Write + Send>;
+
+fn connect(dest: &Destination) -> std::io::Result<Conn> {
+    let c = TcpStream::connect_timeout(&dest.tcp, Duration::from_secs(1))?;
+    let _ = c.set_nodelay(true);
+    let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let Some(tls) = &dest.tls else { return Ok(Box::new(c)) };
+    let cfg = tls.client_config().map_err(std::io::Error::other)?;
+    let name = rustls_pki_types::ServerName::try_from(tls.server_name.clone()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, c);
+    // Complete the handshake now, so a bad certificate counts as a failed connection.
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(Box::new(s))
+}
+
+fn writer(dest: Destination, d: Arc<Dest>) {
     super::lower_priority();
     let mut backoff = BACKOFF_MIN;
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Conn> = None;
     let mut last_write = Instant::now();
     while !d.stop.load(Relaxed) {
         let Some(c) = conn.as_mut() else {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            match connect(&dest) {
                 Ok(c) => {
-                    let _ = c.set_nodelay(true);
-                    let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
                     conn = Some(c);
                     d.stats.connected.store(true, Relaxed);
                     backoff = BACKOFF_MIN;
@@ -183,7 +207,7 @@ fn writer(addr: SocketAddr, d: Arc<Dest>) {
                 out.extend_from_slice(p);
             }
         }
-        match c.write_all(&out) {
+        match c.write_all(&out).and_then(|()| c.flush()) {
             Ok(()) => {
                 last_write = Instant::now();
                 let bytes: usize = batch.iter().map(Vec::len).sum();

@@ -124,7 +124,7 @@ impl Li {
             // Polled, never blocked on: a worker's try_send then never has a sleeping
             // receiver to wake, so tapping costs the packet path no syscall.
             lower_priority();
-            let mut pending: HashMap<SocketAddr, Vec<Vec<u8>>> = HashMap::new();
+            let mut pending: HashMap<tasks::Destination, Vec<Vec<u8>>> = HashMap::new();
             loop {
                 let Some(li) = d.upgrade() else { return };
                 let mut n = 0;
@@ -140,7 +140,7 @@ impl Li {
                     }
                 }
                 for (addr, pdus) in pending.drain() {
-                    li.delivery.send_many(addr, pdus);
+                    li.delivery.send_many(&addr, pdus);
                 }
                 drop(li);
                 if n == 0 {
@@ -262,7 +262,7 @@ impl Li {
         let mut want: HashMap<SessionId, TapSpec> = HashMap::new();
         let mut dests = Vec::new();
         for e in st.tasks.values() {
-            dests.extend(e.task.destinations.iter().map(|d| d.tcp));
+            dests.extend(e.task.destinations.iter().cloned());
             if !e.task.active_at(now) {
                 continue;
             }
@@ -326,7 +326,7 @@ impl Li {
         self.delivery.retain(&dests);
     }
 
-    fn deliver_x3(&self, st: &mut State, rec: &TapRecord, out: &mut HashMap<SocketAddr, Vec<Vec<u8>>>) {
+    fn deliver_x3(&self, st: &mut State, rec: &TapRecord, out: &mut HashMap<tasks::Destination, Vec<Vec<u8>>>) {
         let Some(e) = st.tasks.values_mut().find(|e| e.xid == rec.xid) else { return };
         e.seq = e.seq.wrapping_add(1);
         let meta = Meta {
@@ -350,7 +350,7 @@ impl Li {
         let n = e.task.destinations.len();
         for (i, d) in e.task.destinations.iter().enumerate() {
             let p = if i + 1 == n { std::mem::take(&mut pdu) } else { pdu.clone() };
-            out.entry(d.tcp).or_default().push(p);
+            out.entry(d.clone()).or_default().push(p);
         }
     }
 
@@ -400,7 +400,7 @@ impl Li {
             e.delivered_x2 += 1;
             self.x2_events.fetch_add(1, Relaxed);
             for d in &e.task.destinations {
-                self.delivery.send(d.tcp, pdu.clone());
+                self.delivery.send(d, pdu.clone());
             }
         }
         drop(st);

@@ -16,11 +16,65 @@ pub enum Target {
 }
 
 /// Where PDUs go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     /// A mediation function's TCP address.
     pub tcp: SocketAddr,
+    /// TLS on that connection (plain TCP when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// TLS to a mediation function, mutual when a client certificate is given.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Name the mediation function's certificate must carry.
+    pub server_name: String,
+    /// PEM file of the CA(s) that sign the mediation function's certificate.
+    pub ca: String,
+    /// PEM certificate chain presented to the mediation function (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    /// PEM private key of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl Tls {
+    /// Loads the CA and client certificate into a rustls client configuration.
+    pub fn client_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        let cas = CertificateDer::pem_file_iter(&self.ca).map_err(|e| format!("tls.ca {}: {e}", self.ca))?;
+        for c in cas {
+            roots
+                .add(c.map_err(|e| format!("tls.ca {}: {e}", self.ca))?)
+                .map_err(|e| format!("tls.ca {}: {e}", self.ca))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("tls.ca {} holds no certificate", self.ca));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let cfg = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                let chain = CertificateDer::pem_file_iter(c)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("tls.cert {c}: {e}"))?;
+                let key = PrivateKeyDer::from_pem_file(k).map_err(|e| format!("tls.key {k}: {e}"))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| format!("tls client certificate: {e}"))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => return Err("tls.cert and tls.key go together".into()),
+        };
+        Ok(std::sync::Arc::new(cfg))
+    }
 }
 
 /// A task as provisioned.
@@ -93,6 +147,13 @@ impl Task {
                 if !a.contains('@') {
                     return Err(format!("aor {a:?} is not user@domain"));
                 }
+            }
+        }
+        for d in &self.destinations {
+            if let Some(t) = &d.tls {
+                rustls_pki_types::ServerName::try_from(t.server_name.as_str())
+                    .map_err(|_| format!("tls.server_name {:?} is not a host name", t.server_name))?;
+                t.client_config()?;
             }
         }
         if let (Some(s), Some(e)) = (self.start, self.end) {
