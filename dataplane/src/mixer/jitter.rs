@@ -7,12 +7,15 @@ pub const CAPACITY: usize = 16;
 /// Largest payload kept (Opus at 510 kbit/s and 20 ms is 1275 bytes; voice is < 200).
 pub const MAX_PAYLOAD: usize = 1280;
 
+/// A slot is written in place (only the payload's bytes) and marked `full`: no
+/// 1.3 KB struct is built, zeroed or moved per packet.
 #[derive(Clone)]
 struct Slot {
+    full: bool,
     seq: u16,
     len: u16,
     level: Option<u8>,
-    data: [u8; MAX_PAYLOAD],
+    data: Box<[u8; MAX_PAYLOAD]>,
 }
 
 /// What the tick gets.
@@ -45,7 +48,7 @@ pub struct JitterStats {
 
 /// The buffer.
 pub struct JitterBuffer {
-    slots: Vec<Option<Slot>>,
+    slots: Vec<Slot>,
     next: Option<u16>,
     playing: bool,
     target: u8,
@@ -66,7 +69,9 @@ impl JitterBuffer {
     pub fn new(target: u8, max: u8) -> Self {
         let max = max.clamp(1, CAPACITY as u8 - 2);
         Self {
-            slots: vec![None; CAPACITY],
+            slots: (0..CAPACITY)
+                .map(|_| Slot { full: false, seq: 0, len: 0, level: None, data: Box::new([0; MAX_PAYLOAD]) })
+                .collect(),
             next: None,
             playing: false,
             target: target.clamp(1, max),
@@ -83,7 +88,7 @@ impl JitterBuffer {
     }
 
     fn buffered(&self) -> usize {
-        self.slots.iter().flatten().count()
+        self.slots.iter().filter(|s| s.full).count()
     }
 
     /// Takes a packet's payload.
@@ -121,21 +126,21 @@ impl JitterBuffer {
             }
             None => self.next = Some(seq),
         }
-        let i = seq as usize % CAPACITY;
-        if let Some(s) = &self.slots[i] {
-            if s.seq == seq {
-                self.stats.duplicate += 1;
-                return;
-            }
+        let slot = &mut self.slots[seq as usize % CAPACITY];
+        if slot.full && slot.seq == seq {
+            self.stats.duplicate += 1;
+            return;
         }
-        let mut slot = Slot { seq, len: payload.len() as u16, level, data: [0; MAX_PAYLOAD] };
+        slot.full = true;
+        slot.seq = seq;
+        slot.len = payload.len() as u16;
+        slot.level = level;
         slot.data[..payload.len()].copy_from_slice(payload);
-        self.slots[i] = Some(slot);
         self.stats.received += 1;
     }
 
     fn reset(&mut self, seq: u16) {
-        self.slots.iter_mut().for_each(|s| *s = None);
+        self.slots.iter_mut().for_each(|s| s.full = false);
         self.next = Some(seq);
         self.playing = false;
         self.missing_run = 0;
@@ -152,19 +157,21 @@ impl JitterBuffer {
         }
         self.next = Some(n.wrapping_add(1));
         let i = n as usize % CAPACITY;
-        match self.slots[i].take() {
-            Some(s) if s.seq == n => {
+        let hit = self.slots[i].full && self.slots[i].seq == n;
+        match hit {
+            true => {
+                self.slots[i].full = false;
                 self.missing_run = 0;
                 // Shrink slowly when the buffer holds more than it needs.
                 if self.buffered() > self.target as usize + 2 && self.target > 1 {
                     self.target -= 1;
                 }
+                let s = &self.slots[i];
                 let len = s.len as usize;
                 self.out[..len].copy_from_slice(&s.data[..len]);
                 Pop::Frame(&self.out[..len], s.level)
             }
-            other => {
-                self.slots[i] = other;
+            false => {
                 self.missing_run += 1;
                 if self.missing_run > 10 && self.buffered() == 0 {
                     // The sender stopped (hold, DTX, silence suppression): stop
