@@ -1,5 +1,6 @@
 //! SIP: messages, transactions (sans IO), and later the proxy and registrar.
 
+pub mod digest;
 pub mod message;
 pub mod transaction;
 
