@@ -22,6 +22,9 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The store (credentials, registrations) failed or is unreachable.
+    #[error("store unavailable: {0}")]
+    Store(String),
     /// The data plane failed.
     #[error(transparent)]
     Dataplane(#[from] dataplane::Error),

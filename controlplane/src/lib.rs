@@ -19,6 +19,7 @@ pub mod relay;
 pub mod rtpp;
 pub mod sdp;
 pub mod sip;
+pub mod store;
 
 pub use config::{Config, PortRange, RelayConfig};
 pub use error::Error;

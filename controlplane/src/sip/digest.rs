@@ -204,7 +204,10 @@ mod tests {
     fn parses_headers_and_checks_nonces() {
         let v = r#"Digest username="alice", realm="example.com", nonce="abc", uri="sip:example.com", response="f00", algorithm=MD5, qop=auth, nc=00000001, cnonce="xyz""#;
         let c = parse_credentials(v).unwrap();
-        assert_eq!((c.username.as_str(), c.nc.as_deref(), c.cnonce.as_deref()), ("alice", Some("00000001"), Some("xyz")));
+        assert_eq!(
+            (c.username.as_str(), c.nc.as_deref(), c.cnonce.as_deref()),
+            ("alice", Some("00000001"), Some("xyz"))
+        );
         let n = Nonces::new("s3cret");
         let nonce = n.issue(1000);
         assert_eq!(n.check(&nonce, 1100), Ok(()));
