@@ -2,7 +2,7 @@
 
 use super::{Binding, Store};
 use crate::error::Error;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, TableDefinition};
 use std::path::Path;
 
 const USERS: TableDefinition<&str, &str> = TableDefinition::new("users");
