@@ -7,6 +7,7 @@
 mod conferences;
 mod error;
 mod sessions;
+mod users;
 
 pub use error::ApiError;
 
@@ -30,6 +31,8 @@ pub struct ApiState {
     pub relay: Arc<Relay>,
     /// Required bearer token; `None` when authentication is disabled.
     pub token: Option<Arc<str>>,
+    /// The SIP store, when the proxy/registrar runs in this process.
+    pub store: Option<Arc<dyn crate::store::Store>>,
 }
 
 /// Builds the router.
@@ -47,6 +50,7 @@ pub fn router(state: ApiState) -> Router {
                 .patch(conferences::update_participant)
                 .delete(conferences::delete_participant),
         )
+        .route("/v1/users", axum::routing::post(users::create))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

@@ -2,6 +2,9 @@
 
 pub mod digest;
 pub mod message;
+pub mod proxy;
+pub mod registrar;
+pub mod server;
 pub mod transaction;
 
 pub use message::{Message, ParseError, StartLine};

@@ -26,9 +26,35 @@ struct Cli {
 enum Cmd {
     /// Run the RTP relay: io_uring data plane workers and the REST session API.
     Relay(RelayArgs),
-    /// Run every role on this machine with embedded defaults (today: the relay).
+    /// Run every role on this machine with embedded defaults: the relay, and the SIP
+    /// proxy/registrar on the embedded store with media anchored in the relay.
     /// Without --api-token or --no-auth, a token is generated and printed.
-    Up(RelayArgs),
+    Up {
+        #[command(flatten)]
+        relay: RelayArgs,
+        #[command(flatten)]
+        sip: SipArgs,
+    },
+}
+
+/// SIP proxy and registrar options of `hasp up`.
+#[derive(Args, Debug)]
+struct SipArgs {
+    /// SIP (UDP) address of the proxy/registrar; port 0 picks one (see the ready line).
+    #[arg(long, env = "HASP_LISTEN_SIP", value_name = "ADDR:PORT", default_value = "127.0.0.1:5060")]
+    listen_sip: SocketAddr,
+    /// The SIP domain served (users are user@DOMAIN).
+    #[arg(long, env = "HASP_DOMAIN", value_name = "DOMAIN", default_value = "hasp.local")]
+    domain: String,
+    /// Where credentials and registrations live: embedded:PATH (a redb file).
+    #[arg(long, env = "HASP_STORE", value_name = "STORE", default_value = "embedded:hasp-data/hasp.redb")]
+    store: String,
+    /// Secret for digest nonces (proxies sharing a store share it) [default: random].
+    #[arg(long, env = "HASP_NONCE_SECRET", value_name = "SECRET", hide_env_values = true)]
+    nonce_secret: Option<String>,
+    /// Run the relay only.
+    #[arg(long)]
+    no_sip: bool,
 }
 
 /// Relay options. Each overrides the same key of the config file's `[relay]` table;
@@ -239,12 +265,12 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Relay(args) => run_relay(args, "relay", false),
-        Cmd::Up(args) => run_relay(args, "up", true),
+        Cmd::Relay(args) => run_relay(args, "relay", false, None),
+        Cmd::Up { relay, sip } => run_relay(relay, "up", true, (!sip.no_sip).then_some(sip)),
     }
 }
 
-fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
+fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipArgs>) -> Result<()> {
     let mut cfg = args.resolve()?;
     if generate_token && !cfg.no_auth && cfg.api_token.is_none() {
         let t = random_token()?;
@@ -294,6 +320,25 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
                 }
             });
         }
+        let mut store = None;
+        if let Some(sip) = &sip {
+            let st = controlplane::store::open(&sip.store)?;
+            let sock = std::net::UdpSocket::bind(sip.listen_sip)
+                .with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
+            let local = sock.local_addr()?;
+            let cfg = controlplane::sip::proxy::ProxyConfig {
+                domain: sip.domain.clone(),
+                local,
+                nonce_secret: match &sip.nonce_secret {
+                    Some(s) => s.clone(),
+                    None => random_token()?,
+                },
+            };
+            let proxy = controlplane::sip::proxy::Proxy::new(cfg, st.clone(), Some(calls.clone()));
+            controlplane::sip::server::spawn(sock, Arc::new(std::sync::Mutex::new(proxy)))?;
+            extra.push_str(&format!(" sip={local} domain={}", sip.domain));
+            store = Some(st);
+        }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
         println!(
             "hasp {role} ready api=http://{api_addr}{extra} media={} ports={} workers={} io_mode={} auth={}",
@@ -304,7 +349,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool) -> Result<()> {
             if cfg.no_auth { "off" } else { "token" },
         );
         std::io::stdout().flush()?;
-        let state = ApiState { relay: relay.clone(), token };
+        let state = ApiState { relay: relay.clone(), token, store };
         api::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("shutting down");
         relay.shutdown();

@@ -1,0 +1,598 @@
+//! The stateful proxy core (RFC 3261 §16): transactions, routing, registrar dispatch,
+//! media anchoring. It takes datagrams and the time and queues datagrams to send; the
+//! socket and the clock live in the driver ([`super::server`]).
+
+use super::digest::Nonces;
+use super::message::{aor_of, host_port, uri_of, Message, StartLine};
+use super::registrar;
+use super::transaction::{client_key, server_key, Output, State, Transaction};
+use crate::calls::{AnchorOptions, Calls};
+use crate::store::Store;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The domain it is registrar and proxy for.
+    pub domain: String,
+    /// Its own address as put in Via and Record-Route.
+    pub local: SocketAddr,
+    /// Secret for stateless nonces (shared by proxies that share a store).
+    pub nonce_secret: String,
+}
+
+/// Counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProxyStats {
+    /// Datagrams that did not parse.
+    pub malformed: u64,
+    /// Requests answered 4xx/5xx by the proxy itself.
+    pub rejected: u64,
+    /// Requests forwarded.
+    pub forwarded: u64,
+    /// REGISTERs handled.
+    pub registers: u64,
+}
+
+type SKey = (String, String, String);
+type CKey = (String, String);
+
+struct Target {
+    uri: String,
+    dst: SocketAddr,
+    routes: Vec<String>,
+}
+
+struct ServerTx {
+    tx: Transaction,
+    src: SocketAddr,
+    /// The request as it will be forwarded (R-URI and Route to be set per target).
+    forward: Option<Message>,
+    targets: VecDeque<Target>,
+    client: Option<CKey>,
+    best: Option<Message>,
+}
+
+struct ClientTx {
+    tx: Transaction,
+    dst: SocketAddr,
+    server: Option<SKey>,
+}
+
+/// The proxy.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    store: Arc<dyn Store>,
+    calls: Option<Arc<Calls>>,
+    nonces: Nonces,
+    servers: HashMap<SKey, ServerTx>,
+    clients: HashMap<CKey, ClientTx>,
+    out: Vec<(SocketAddr, Vec<u8>)>,
+    branch: u64,
+    stats: ProxyStats,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("domain", &self.cfg.domain).finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn resolve(uri: &str) -> Option<SocketAddr> {
+    let (host, port) = host_port(uri)?;
+    let port = port.unwrap_or(5060);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
+    }
+    (host.as_str(), port).to_socket_addrs().ok()?.next()
+}
+
+impl Proxy {
+    /// A proxy over a store, anchoring media through `calls` when given.
+    pub fn new(cfg: ProxyConfig, store: Arc<dyn Store>, calls: Option<Arc<Calls>>) -> Self {
+        let nonces = Nonces::new(cfg.nonce_secret.clone());
+        Self {
+            cfg,
+            store,
+            calls,
+            nonces,
+            servers: HashMap::new(),
+            clients: HashMap::new(),
+            out: Vec::new(),
+            branch: 0,
+            stats: ProxyStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ProxyStats {
+        self.stats
+    }
+
+    /// Takes what is to be sent.
+    pub fn drain(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn is_us(&self, uri: &str) -> bool {
+        match host_port(uri) {
+            Some((h, p)) => {
+                let port_ok = p.unwrap_or(5060) == self.cfg.local.port();
+                (h.eq_ignore_ascii_case(&self.cfg.domain) && (p.is_none() || port_ok))
+                    || (h.parse::<IpAddr>().ok() == Some(self.cfg.local.ip()) && port_ok)
+            }
+            None => false,
+        }
+    }
+
+    fn our_domain(&self, uri: &str) -> bool {
+        host_port(uri).is_some_and(|(h, p)| {
+            h.eq_ignore_ascii_case(&self.cfg.domain)
+                || (h.parse::<IpAddr>().ok() == Some(self.cfg.local.ip()) && p.unwrap_or(5060) == self.cfg.local.port())
+        })
+    }
+
+    /// One datagram from `src`.
+    pub fn on_datagram(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            return; // keep-alive CRLFs
+        }
+        match Message::parse(data, false) {
+            Ok((m, _)) => match m.start {
+                StartLine::Request { .. } => self.on_request(now, src, m),
+                StartLine::Response { .. } => self.on_response(now, m),
+            },
+            Err(e) => {
+                self.stats.malformed += 1;
+                // Answer a request we can still address; drop anything else.
+                if let Some(r) = bad_request_reply(data, &e.to_string()) {
+                    self.out.push((src, r));
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, key: &SKey, resp: Message, now: Instant) {
+        if let Some(s) = self.servers.get_mut(key) {
+            s.tx.respond(&resp, now);
+            let src = s.src;
+            while let Some(o) = s.tx.poll_output() {
+                if let Output::Transmit(b) = o {
+                    self.out.push((src, b));
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, now: Instant, src: SocketAddr, mut req: Message) {
+        let Some(key) = server_key(&req) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let method = req.method().to_string();
+        if method == "ACK" {
+            if let Some(s) = self.servers.get_mut(&key) {
+                if s.tx.state() == State::Completed {
+                    s.tx.on_request(&req, now);
+                    return;
+                }
+            }
+            self.forward_stateless(req);
+            return;
+        }
+        if let Some(s) = self.servers.get_mut(&key) {
+            // A retransmission: the transaction answers it.
+            s.tx.on_request(&req, now);
+            let src = s.src;
+            while let Some(o) = s.tx.poll_output() {
+                if let Output::Transmit(b) = o {
+                    self.out.push((src, b));
+                }
+            }
+            return;
+        }
+        self.servers.insert(
+            key.clone(),
+            ServerTx {
+                tx: Transaction::server(req.clone(), false),
+                src,
+                forward: None,
+                targets: VecDeque::new(),
+                client: None,
+                best: None,
+            },
+        );
+        if method == "CANCEL" {
+            self.on_cancel(now, &key, &req);
+            return;
+        }
+        match req.max_forwards() {
+            Some(0) => return self.reject(&key, &req, 483, "Too Many Hops", now),
+            None => return self.reject(&key, &req, 400, "Bad Max-Forwards", now),
+            _ => {}
+        }
+        let me = self.cfg.local.to_string();
+        if req.header_values("Via").any(|v| v.contains(&me) && v.contains("z9hG4bK-hasp")) {
+            return self.reject(&key, &req, 482, "Loop Detected", now);
+        }
+        // Loose routing: a Route naming us is consumed.
+        let top_route = req.header_values("Route").next().map(str::to_string);
+        if let Some(r) = top_route {
+            if self.is_us(uri_of(&r)) {
+                req.pop_front("Route");
+            }
+        }
+        let ruri = match &req.start {
+            StartLine::Request { uri, .. } => uri.clone(),
+            StartLine::Response { .. } => return,
+        };
+        let targets: Vec<Target> = if let Some(r) = req.header_values("Route").next() {
+            match resolve(uri_of(r)) {
+                Some(dst) => vec![Target { uri: ruri.clone(), dst, routes: Vec::new() }],
+                None => return self.reject(&key, &req, 404, "Route Unresolvable", now),
+            }
+        } else if self.our_domain(&ruri) {
+            if method == "REGISTER" {
+                self.stats.registers += 1;
+                let resp = registrar::register(
+                    &*self.store,
+                    &self.nonces,
+                    &self.cfg.domain,
+                    &req,
+                    &src.to_string(),
+                    unix_now(),
+                );
+                return self.reply(&key, resp, now);
+            }
+            let Some(aor) = aor_of(&ruri) else {
+                // To the proxy itself (keep-alive OPTIONS and the like).
+                let r = req.response(
+                    if method == "OPTIONS" { 200 } else { 405 },
+                    if method == "OPTIONS" { "OK" } else { "Method Not Allowed" },
+                    Some("p"),
+                );
+                return self.reply(&key, r, now);
+            };
+            let bindings = match self.store.bindings(&aor, unix_now()) {
+                Ok(b) => b,
+                Err(_) => {
+                    let r = registrar::unavailable(&req);
+                    return self.reply(&key, r, now);
+                }
+            };
+            if bindings.is_empty() {
+                let (user, dom) = aor.split_once('@').unwrap_or((&aor, ""));
+                let known = self.store.password(user, dom).ok().flatten().is_some();
+                return if known {
+                    self.reject(&key, &req, 480, "Temporarily Unavailable", now)
+                } else {
+                    self.reject(&key, &req, 404, "Not Found", now)
+                };
+            }
+            // Most recent registration first.
+            let mut bindings = bindings;
+            bindings.sort_by_key(|b| std::cmp::Reverse(b.expires_at));
+            bindings
+                .into_iter()
+                .filter_map(|b| {
+                    let first = b.path.first().map(|p| uri_of(p).to_string());
+                    let via = first.as_deref().unwrap_or(&b.contact).to_string();
+                    // RFC 3261 routes to the Contact (or the first Path hop); the source
+                    // of the REGISTER is kept for NAT handling, not used by default.
+                    let dst = resolve(&via)?;
+                    Some(Target { uri: b.contact, dst, routes: b.path })
+                })
+                .collect()
+        } else {
+            match resolve(&ruri) {
+                Some(dst) => vec![Target { uri: ruri.clone(), dst, routes: Vec::new() }],
+                None => return self.reject(&key, &req, 404, "Unresolvable", now),
+            }
+        };
+        // Prepare the request as forwarded.
+        let mf = req.max_forwards().unwrap_or(70).saturating_sub(1);
+        req.set("Max-Forwards", mf.to_string());
+        let dialog_creating = matches!(method.as_str(), "INVITE" | "SUBSCRIBE" | "REFER") && req.to_tag().is_none();
+        if dialog_creating {
+            req.push_front("Record-Route", format!("<sip:{};lr>", self.cfg.local));
+        }
+        if method == "INVITE" {
+            let trying = req.response(100, "Trying", None);
+            self.reply(&key, trying, now);
+            if let Some(sdp) = self.anchor_offer(&req) {
+                req.body = sdp.into_bytes();
+            }
+        }
+        if method == "BYE" {
+            if let Some(c) = &self.calls {
+                let _ = c.delete(req.call_id());
+            }
+        }
+        if let Some(s) = self.servers.get_mut(&key) {
+            s.forward = Some(req);
+            s.targets = targets.into();
+        }
+        self.next_target(now, &key);
+    }
+
+    fn anchor_offer(&self, req: &Message) -> Option<String> {
+        let calls = self.calls.as_ref()?;
+        if req.body.is_empty() {
+            return None;
+        }
+        let sdp = std::str::from_utf8(&req.body).ok()?;
+        calls.offer(req.call_id(), req.from_tag()?, req.to_tag(), sdp, &AnchorOptions::default()).ok()
+    }
+
+    fn anchor_answer(&self, resp: &Message) -> Option<String> {
+        let calls = self.calls.as_ref()?;
+        if resp.body.is_empty() {
+            return None;
+        }
+        let sdp = std::str::from_utf8(&resp.body).ok()?;
+        calls.answer(resp.call_id(), resp.from_tag()?, resp.to_tag()?, sdp, &AnchorOptions::default()).ok()
+    }
+
+    fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {
+        self.stats.rejected += 1;
+        let r = req.response(code, reason, Some("rej"));
+        self.reply(key, r, now);
+    }
+
+    /// Forwards to the next target, or answers with the best response (408 if none).
+    fn next_target(&mut self, now: Instant, key: &SKey) {
+        let Some(s) = self.servers.get_mut(key) else { return };
+        let Some(t) = s.targets.pop_front() else {
+            let best = s.best.take();
+            let req = s.tx.request().clone();
+            let resp = best.unwrap_or_else(|| req.response(408, "Request Timeout", Some("to")));
+            if req.method() == "INVITE" {
+                if let Some(c) = &self.calls {
+                    let _ = c.delete(req.call_id());
+                }
+            }
+            return self.reply(key, resp, now);
+        };
+        let Some(mut fwd) = s.forward.clone() else { return };
+        if let StartLine::Request { uri, .. } = &mut fwd.start {
+            *uri = t.uri.clone();
+        }
+        for r in t.routes.iter().rev() {
+            fwd.push_front("Route", r.clone());
+        }
+        self.branch += 1;
+        let branch = format!("z9hG4bK-hasp-{:x}-{}", std::process::id(), self.branch);
+        fwd.push_front("Via", format!("SIP/2.0/UDP {};branch={branch};rport", self.cfg.local));
+        let mut tx = Transaction::client(fwd.clone(), false, now);
+        while let Some(o) = tx.poll_output() {
+            if let Output::Transmit(b) = o {
+                self.out.push((t.dst, b));
+            }
+        }
+        let ck = (branch, fwd.method().to_string());
+        self.stats.forwarded += 1;
+        s.client = Some(ck.clone());
+        self.clients.insert(ck, ClientTx { tx, dst: t.dst, server: Some(key.clone()) });
+    }
+
+    fn on_cancel(&mut self, now: Instant, key: &SKey, cancel: &Message) {
+        let ok = cancel.response(200, "OK", Some("c"));
+        self.reply(key, ok, now);
+        let invite_key = (key.0.clone(), key.1.clone(), "INVITE".to_string());
+        let Some(s) = self.servers.get_mut(&invite_key) else { return };
+        s.targets.clear();
+        let Some(ck) = s.client.clone() else { return };
+        let Some(c) = self.clients.get(&ck) else { return };
+        if c.tx.state() != State::Proceeding {
+            return;
+        }
+        let inv = c.tx.request().clone();
+        let dst = c.dst;
+        let mut headers = Vec::new();
+        for h in ["Via", "From", "To", "Call-ID"] {
+            if let Some(v) = if h == "Via" { inv.header_values("Via").next() } else { inv.header(h) } {
+                headers.push((h.to_string(), v.to_string()));
+            }
+        }
+        headers.push(("CSeq".into(), format!("{} CANCEL", inv.cseq().map(|c| c.0).unwrap_or(1))));
+        for r in inv.header_values("Route") {
+            headers.push(("Route".into(), r.to_string()));
+        }
+        headers.push(("Max-Forwards".into(), "70".into()));
+        let uri = match &inv.start {
+            StartLine::Request { uri, .. } => uri.clone(),
+            StartLine::Response { .. } => return,
+        };
+        let c = Message { start: StartLine::Request { method: "CANCEL".into(), uri }, headers, body: Vec::new() };
+        let mut tx = Transaction::client(c.clone(), false, now);
+        while let Some(o) = tx.poll_output() {
+            if let Output::Transmit(b) = o {
+                self.out.push((dst, b));
+            }
+        }
+        if let Some(k) = client_key(&c) {
+            self.clients.insert(k, ClientTx { tx, dst, server: None });
+        }
+        if let Some(calls) = &self.calls {
+            let _ = calls.delete(cancel.call_id());
+        }
+    }
+
+    fn on_response(&mut self, now: Instant, resp: Message) {
+        let Some(ck) = client_key(&resp) else { return };
+        let Some(c) = self.clients.get_mut(&ck) else {
+            // No transaction (a 2xx retransmission after it ended): forward statelessly.
+            self.forward_response_stateless(resp);
+            return;
+        };
+        c.tx.on_response(resp, now);
+        self.pump_client(now, &ck);
+    }
+
+    fn pump_client(&mut self, now: Instant, ck: &CKey) {
+        let Some(c) = self.clients.get_mut(ck) else { return };
+        let (dst, server) = (c.dst, c.server.clone());
+        let mut outs = Vec::new();
+        while let Some(o) = c.tx.poll_output() {
+            outs.push(o);
+        }
+        for o in outs {
+            match o {
+                Output::Transmit(b) => self.out.push((dst, b)),
+                Output::Response(mut r) => {
+                    let Some(sk) = server.clone() else { continue };
+                    r.pop_front("Via");
+                    let code = r.code().unwrap_or(500);
+                    if code == 100 {
+                        continue;
+                    }
+                    let invite = r.method() == "INVITE";
+                    if (200..300).contains(&code) && invite {
+                        if let Some(sdp) = self.anchor_answer(&r) {
+                            r.body = sdp.into_bytes();
+                        }
+                    }
+                    if code >= 300 && invite && (code == 408 || code >= 500) {
+                        // Serial failover: keep the response in case every target fails.
+                        let more = self.servers.get(&sk).is_some_and(|s| !s.targets.is_empty());
+                        if more {
+                            if let Some(s) = self.servers.get_mut(&sk) {
+                                s.best = Some(r);
+                            }
+                            self.next_target(now, &sk);
+                            continue;
+                        }
+                    }
+                    if code >= 300 && invite {
+                        if let Some(c) = &self.calls {
+                            let _ = c.delete(r.call_id());
+                        }
+                    }
+                    self.reply(&sk, r, now);
+                }
+                Output::Timeout => {
+                    if let Some(sk) = server.clone() {
+                        self.next_target(now, &sk);
+                    }
+                }
+                Output::Terminated => {}
+            }
+        }
+    }
+
+    fn forward_stateless(&mut self, mut req: Message) {
+        let top_route = req.header_values("Route").next().map(str::to_string);
+        if let Some(r) = top_route {
+            if self.is_us(uri_of(&r)) {
+                req.pop_front("Route");
+            }
+        }
+        let next = req.header_values("Route").next().map(|r| uri_of(r).to_string()).or_else(|| match &req.start {
+            StartLine::Request { uri, .. } => Some(uri.clone()),
+            StartLine::Response { .. } => None,
+        });
+        let Some(dst) = next.as_deref().and_then(resolve) else { return };
+        let mf = req.max_forwards().unwrap_or(70);
+        if mf == 0 {
+            return;
+        }
+        req.set("Max-Forwards", (mf - 1).to_string());
+        // A stateless branch: the same for retransmissions of the same ACK.
+        let b = req.via().and_then(|v| v.branch).unwrap_or_default();
+        req.push_front(
+            "Via",
+            format!("SIP/2.0/UDP {};branch=z9hG4bK-hasp-sl-{}", self.cfg.local, b.trim_start_matches("z9hG4bK")),
+        );
+        self.out.push((dst, req.to_bytes()));
+    }
+
+    fn forward_response_stateless(&mut self, mut resp: Message) {
+        let top = resp.via();
+        if !top.as_ref().is_some_and(|v| v.branch.as_deref().is_some_and(|b| b.starts_with("z9hG4bK-hasp"))) {
+            return;
+        }
+        resp.pop_front("Via");
+        let Some(v) = resp.via() else { return };
+        let host = v.received.clone().unwrap_or(v.host.clone());
+        let port = v.rport.flatten().or(v.port).unwrap_or(5060);
+        let Ok(ip) = host.parse::<IpAddr>() else { return };
+        if (200..300).contains(&resp.code().unwrap_or(0)) && resp.method() == "INVITE" {
+            if let Some(sdp) = self.anchor_answer(&resp) {
+                resp.body = sdp.into_bytes();
+            }
+        }
+        self.out.push((SocketAddr::new(ip, port), resp.to_bytes()));
+    }
+
+    /// Drives timers.
+    pub fn on_tick(&mut self, now: Instant) {
+        let due: Vec<CKey> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.tx.next_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            if let Some(c) = self.clients.get_mut(&k) {
+                c.tx.on_timeout(now);
+            }
+            self.pump_client(now, &k);
+        }
+        let due: Vec<SKey> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| s.tx.next_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            if let Some(s) = self.servers.get_mut(&k) {
+                s.tx.on_timeout(now);
+                let src = s.src;
+                while let Some(o) = s.tx.poll_output() {
+                    if let Output::Transmit(b) = o {
+                        self.out.push((src, b));
+                    }
+                }
+            }
+        }
+        // Forget finished transactions (a server whose client is still running stays).
+        self.clients.retain(|_, c| c.tx.state() != State::Terminated);
+        let clients = &self.clients;
+        self.servers.retain(|_, s| {
+            s.tx.state() != State::Terminated || s.client.as_ref().is_some_and(|c| clients.contains_key(c))
+        });
+    }
+}
+
+/// A 400 for a request too broken to parse but with enough to answer (Via, From, To,
+/// Call-ID, CSeq lines copied as they are).
+fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(data).ok()?;
+    let first = text.lines().next()?;
+    if first.starts_with("SIP/2.0") || !first.ends_with("SIP/2.0") {
+        return None;
+    }
+    let mut out = String::from("SIP/2.0 400 Bad Request\r\n");
+    let mut have = 0;
+    for l in text.lines().skip(1) {
+        let name = l.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+        if ["via", "v", "from", "f", "to", "t", "call-id", "i", "cseq"].contains(&name.as_str()) {
+            out.push_str(l.trim_end());
+            out.push_str("\r\n");
+            have += 1;
+        }
+    }
+    if have < 5 {
+        return None;
+    }
+    let why: String = why.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect();
+    out.push_str(&format!("Warning: 399 hasp \"{why}\"\r\nContent-Length: 0\r\n\r\n"));
+    Some(out.into_bytes())
+}

@@ -1,0 +1,195 @@
+//! The SIP proxy and registrar of `hasp up`: digest-authenticated REGISTER, and a sipp
+//! call to a registered user with its media anchored in the relay, RTP checked both ways.
+
+mod common;
+
+use common::*;
+use controlplane::sip::digest::{expected_response, Credentials};
+use controlplane::sip::Message;
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const DOMAIN: &str = "hasp.test";
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
+}
+
+fn up(ports: &str, name: &str) -> (RelayProc, String, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("hasp-proxy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = format!("embedded:{}", dir.join("hasp.redb").display());
+    let args = [
+        "up",
+        "--listen-api",
+        "127.0.0.1:0",
+        "--api-token",
+        TOKEN,
+        "--listen-sip",
+        "127.0.0.1:0",
+        "--domain",
+        DOMAIN,
+        "--store",
+        &store,
+        "--rtp-ports",
+        ports,
+    ];
+    let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
+    let sip = field(&relay.ready_line, "sip=");
+    (relay, sip, dir)
+}
+
+/// REGISTERs `user` with `contact`, answering the digest challenge with `password`;
+/// returns the final status code.
+fn register(proxy: &str, user: &str, password: &str, contact: &str, expires: u32) -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let me = s.local_addr().unwrap();
+    let mk = |cseq: u32, auth: Option<String>| {
+        let mut m = format!(
+            "REGISTER sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-t{cseq}-{user}\r\nFrom: <sip:{user}@{DOMAIN}>;tag=r{user}\r\nTo: <sip:{user}@{DOMAIN}>\r\nCall-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <{contact}>\r\nExpires: {expires}\r\nMax-Forwards: 70\r\n"
+        );
+        if let Some(a) = auth {
+            m.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        m.push_str("Content-Length: 0\r\n\r\n");
+        m
+    };
+    let mut buf = [0u8; 4096];
+    s.send_to(mk(1, None).as_bytes(), proxy).unwrap();
+    let n = s.recv(&mut buf).unwrap();
+    let (r, _) = Message::parse(&buf[..n], false).unwrap();
+    assert_eq!(r.code(), Some(401), "challenged first");
+    let chal = r
+        .headers
+        .iter()
+        .find(|(n, v)| n.eq_ignore_ascii_case("WWW-Authenticate") && v.contains("SHA-256"))
+        .map(|(_, v)| v.clone())
+        .expect("a SHA-256 challenge");
+    let nonce = chal.split("nonce=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let mut c = Credentials {
+        username: user.into(),
+        realm: DOMAIN.into(),
+        nonce: nonce.clone(),
+        uri: format!("sip:{DOMAIN}"),
+        response: String::new(),
+        algorithm: Some("SHA-256".into()),
+        qop: Some("auth".into()),
+        nc: Some("00000001".into()),
+        cnonce: Some("c0ffee".into()),
+    };
+    c.response = expected_response(&c, "REGISTER", password).unwrap();
+    let auth = format!(
+        "Digest username=\"{user}\", realm=\"{DOMAIN}\", nonce=\"{nonce}\", uri=\"sip:{DOMAIN}\", response=\"{}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"c0ffee\"",
+        c.response
+    );
+    s.send_to(mk(2, Some(auth)).as_bytes(), proxy).unwrap();
+    let n = s.recv(&mut buf).unwrap();
+    Message::parse(&buf[..n], false).unwrap().0.code().unwrap()
+}
+
+fn add_user(relay: &RelayProc, user: &str, password: &str) {
+    let body = format!(r#"{{"user":"{user}","domain":"{DOMAIN}","password":"{password}"}}"#);
+    let (s, v) = relay.call("POST", "/v1/users", Some(&body));
+    assert_eq!(s, 201, "{v}");
+}
+
+#[test]
+fn register_with_digest_auth_and_wrong_password() {
+    let (relay, sip, _) = up("44600-44699", "reg");
+    add_user(&relay, "alice", "wonderland");
+    assert_eq!(register(&sip, "alice", "wrong", "sip:alice@127.0.0.1:7000", 600), 403);
+    assert_eq!(register(&sip, "alice", "wonderland", "sip:alice@127.0.0.1:7000", 600), 200);
+    assert_eq!(register(&sip, "mallory", "x", "sip:m@127.0.0.1:7001", 600), 403, "unknown user");
+    // Garbage gets a 400 or nothing, and the registrar keeps working.
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for junk in [
+        &b"\x00\x01\x02garbage"[..],
+        b"INVITE sip:x SIP/2.0\r\nContent-Length: 99999\r\n\r\n",
+        b"SIP/2.0 200 OK\r\n\r\n",
+    ] {
+        s.send_to(junk, &sip).unwrap();
+    }
+    assert_eq!(register(&sip, "alice", "wonderland", "sip:alice@127.0.0.1:7000", 0), 200, "unregister");
+    let (s, v) = relay.call("POST", "/v1/users", Some(r#"{"user":"a@b","domain":"x","password":"p"}"#));
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid_request")));
+}
+
+fn sipp(dir: &std::path::Path, scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]) -> Child {
+    let mut c = Command::new("sipp");
+    c.current_dir(dir)
+        .arg("-sf")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(scenario))
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
+    for (k, v) in keys {
+        c.args(["-key", k, v]);
+    }
+    c.spawn().expect("sipp")
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
+    let (relay, sip, dir) = up("44700-44799", "call");
+    add_user(&relay, "bob", "builder");
+    let (alice, bob) = (udp(), udp());
+    let (uac_port, uas_port) = (free_port(), free_port());
+    assert_eq!(register(&sip, "bob", "builder", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
+    let mut uas = sipp(
+        &dir,
+        "uas_media.xml",
+        uas_port,
+        &[("media_b", bob.local_addr().unwrap().port().to_string())],
+        &["-trace_msg", "-message_file", "uas.log"],
+    );
+    let mut uac = sipp(
+        &dir,
+        "uac_proxy.xml",
+        uac_port,
+        &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
+        &[&sip],
+    );
+    let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
+    let session = wait_for("the call's media session", Duration::from_secs(15), || {
+        let (_, v) = relay.call("GET", "/v1/sessions", None);
+        v["sessions"]
+            .as_array()?
+            .iter()
+            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
+            .cloned()
+    });
+    let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
+    for seq in 0..20u16 {
+        alice.send_to(&rtp(seq, 0xa11ce, 1), ("127.0.0.1", port(0))).unwrap();
+        bob.send_to(&rtp(seq, 0xb0b, 2), ("127.0.0.1", port(1))).unwrap();
+    }
+    for seq in 0..20u16 {
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa11ce, 1));
+        assert_eq!(recv(&alice).0, rtp(seq, 0xb0b, 2));
+    }
+    let st = wait_for("sipp UAC", Duration::from_secs(30), || uac.try_wait().ok().flatten());
+    assert!(
+        st.success(),
+        "UAC failed: {}",
+        std::fs::read_to_string(dir.join("uac_proxy.xml.stderr")).unwrap_or_default()
+    );
+    let st = wait_for("sipp UAS", Duration::from_secs(30), || uas.try_wait().ok().flatten());
+    assert!(st.success(), "UAS failed");
+    let log = std::fs::read_to_string(dir.join("uas.log")).unwrap();
+    let invite = &log[log.find("INVITE sip:").unwrap()..];
+    assert!(invite.contains(&format!("m=audio {} RTP/AVP", port(1))), "the UAS is offered the relay's port: {invite}");
+    assert!(invite.contains("Record-Route: <sip:127.0.0.1:"), "{invite}");
+    let id = session["id"].as_str().unwrap().to_string();
+    wait_for("the session to be deleted after BYE", Duration::from_secs(10), || {
+        (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
+    });
+}
