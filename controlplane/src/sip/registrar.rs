@@ -24,9 +24,11 @@ pub fn register(store: &dyn Store, nonces: &Nonces, realm: &str, req: &Message, 
     // Authentication.
     let challenge_resp = |stale: bool| {
         let mut r = req.response(401, "Unauthorized", Some("reg"));
-        // SHA-256 first (RFC 8760), MD5 for the phones that know nothing else.
-        r.headers.push(("WWW-Authenticate".into(), challenge(realm, &nonces.issue(now), Algorithm::Sha256, stale)));
+        // Both algorithms (RFC 8760). MD5 comes first: many clients (sipp among them)
+        // answer only the first challenge and fail on SHA-256; clients that support
+        // SHA-256 pick it from the list.
         r.headers.push(("WWW-Authenticate".into(), challenge(realm, &nonces.issue(now), Algorithm::Md5, stale)));
+        r.headers.push(("WWW-Authenticate".into(), challenge(realm, &nonces.issue(now), Algorithm::Sha256, stale)));
         r
     };
     let Some(creds) = req.header("Authorization").and_then(parse_credentials) else { return challenge_resp(false) };

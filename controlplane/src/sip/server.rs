@@ -26,7 +26,11 @@ pub fn spawn(sock: UdpSocket, proxy: Arc<Mutex<Proxy>>) -> std::io::Result<()> {
                 p.drain()
             };
             for (dst, bytes) in out {
-                let _ = sock.send_to(&bytes, dst);
+                // Linux reports an earlier ICMP "port unreachable" on the next call on an
+                // unconnected UDP socket, which then sends nothing: try once more.
+                if sock.send_to(&bytes, dst).is_err() {
+                    let _ = sock.send_to(&bytes, dst);
+                }
             }
         }
     })?;
