@@ -193,3 +193,32 @@ fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
         (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
     });
 }
+
+#[test]
+fn hasp_user_add_provisions_the_embedded_store() {
+    let dir = std::env::temp_dir().join(format!("hasp-useradd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = format!("embedded:{}", dir.join("hasp.redb").display());
+    let st =
+        Command::new(hasp_bin()).args(["user", "add", "carol", DOMAIN, "s3cret", "--store", &store]).status().unwrap();
+    assert!(st.success());
+    let args = [
+        "up",
+        "--listen-api",
+        "127.0.0.1:0",
+        "--api-token",
+        TOKEN,
+        "--listen-sip",
+        "127.0.0.1:0",
+        "--domain",
+        DOMAIN,
+        "--store",
+        &store,
+        "--rtp-ports",
+        "44800-44899",
+    ];
+    let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
+    let sip = field(&relay.ready_line, "sip=");
+    assert_eq!(register(&sip, "carol", "s3cret", "sip:carol@127.0.0.1:7002", 600), 200);
+}

@@ -35,6 +35,28 @@ enum Cmd {
         #[command(flatten)]
         sip: SipArgs,
     },
+    /// Manage SIP users in a store (while `hasp up` runs, use POST /v1/users instead:
+    /// the embedded store is locked by the running process).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add or change a user.
+    Add {
+        /// User part.
+        user: String,
+        /// Domain.
+        domain: String,
+        /// Password.
+        password: String,
+        /// The store: embedded:PATH.
+        #[arg(long, env = "HASP_STORE", default_value = "embedded:hasp-data/hasp.redb")]
+        store: String,
+    },
 }
 
 /// SIP proxy and registrar options of `hasp up`.
@@ -267,6 +289,12 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Relay(args) => run_relay(args, "relay", false, None),
         Cmd::Up { relay, sip } => run_relay(relay, "up", true, (!sip.no_sip).then_some(sip)),
+        Cmd::User { cmd: UserCmd::Add { user, domain, password, store } } => {
+            let st = controlplane::store::open(&store)?;
+            st.put_user(&user, &domain, &password)?;
+            println!("user {user}@{domain} saved in {store}");
+            Ok(())
+        }
     }
 }
 
