@@ -549,3 +549,111 @@ fn mediation_function_over_mutual_tls() {
         assert_eq!(p.payload, rtp(seq, 0xa, 1));
     }
 }
+
+#[test]
+fn proxy_call_of_an_aor_target_yields_x2_and_x3_with_one_correlation_id() {
+    use std::process::{Command, Stdio};
+    let dir = tmp("x2proxy");
+    let store = format!("embedded:{}", dir.join("hasp.redb").display());
+    let audit = dir.join("audit.log").display().to_string();
+    let args = [
+        "up",
+        "--listen-api",
+        "127.0.0.1:0",
+        "--api-token",
+        TOKEN,
+        "--listen-sip",
+        "127.0.0.1:0",
+        "--domain",
+        "hasp.test",
+        "--store",
+        &store,
+        "--rtp-ports",
+        "44100-44199",
+        "--listen-li",
+        "127.0.0.1:0",
+        "--li-token",
+        LI_TOKEN,
+        "--li-audit-log",
+        &audit,
+    ];
+    let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
+    let f = |k: &str| relay.ready_line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().to_string();
+    let (sip, li) = (f("sip="), f("li="));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let xid = "bbbbbbbb-cccc-4ddd-8eee-ffffffffffff";
+    let (s, v) = li_call(
+        &relay,
+        &li,
+        "POST",
+        "/v1/li/tasks",
+        Some(&task(xid, r#"{"aor":"bob@hasp.test"}"#, mf)),
+        Some(LI_TOKEN),
+    );
+    assert_eq!(s, 201, "{v}");
+    add_sip_user(&relay, "bob", "hasp.test", "pw");
+    let (alice, bob) = (udp(), udp());
+    let free = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (uac_port, uas_port) = (free(), free());
+    assert_eq!(sip_register(&sip, "hasp.test", "bob", "pw", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
+    let scen = |n: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(n);
+    let sipp = |scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]| {
+        let mut c = Command::new("sipp");
+        c.current_dir(&dir).arg("-sf").arg(scen(scenario));
+        c.args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"]).args(extra);
+        for (k, v) in keys {
+            c.args(["-key", k, v]);
+        }
+        c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    };
+    let mut uas = sipp("uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    let mut uac = sipp(
+        "uac_proxy.xml",
+        uac_port,
+        &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", "hasp.test".into())],
+        &[&sip],
+    );
+    let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
+    let session = wait_for("the call's media session", Duration::from_secs(15), || {
+        let (_, v) = relay.call("GET", "/v1/sessions", None);
+        v["sessions"]
+            .as_array()?
+            .iter()
+            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
+            .cloned()
+    });
+    let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
+    for seq in 0..5u16 {
+        alice.send_to(&rtp(seq, 0xa, 1), ("127.0.0.1", port(0))).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+        bob.send_to(&rtp(seq, 0xb, 2), ("127.0.0.1", port(1))).unwrap();
+        assert_eq!(recv(&alice).0, rtp(seq, 0xb, 2));
+    }
+    assert!(wait_for("UAC", Duration::from_secs(30), || uac.try_wait().ok().flatten()).success());
+    assert!(wait_for("UAS", Duration::from_secs(30), || uas.try_wait().ok().flatten()).success());
+    // Collect what the mediation function got for this call.
+    let mut got = Vec::new();
+    while let Ok(p) = pdus.recv_timeout(Duration::from_secs(2)) {
+        got.push(p);
+    }
+    let invite =
+        got.iter().find(|p| p.pdu_type == 1 && p.payload.starts_with(b"INVITE sip:bob@hasp.test")).expect("X2 INVITE");
+    assert_eq!(invite.direction, 2, "the INVITE goes to the target");
+    assert!(
+        got.iter().any(|p| p.pdu_type == 1 && p.payload.starts_with(b"SIP/2.0 200") && p.direction == 3),
+        "X2 200 OK from the target"
+    );
+    assert!(got.iter().any(|p| p.pdu_type == 1 && p.payload.starts_with(b"BYE ")), "X2 BYE");
+    let x3: Vec<&Pdu> = got.iter().filter(|p| p.pdu_type == 2).collect();
+    assert_eq!(x3.len(), 10, "every RTP packet of the call, both ways");
+    assert!(x3.iter().any(|p| p.direction == 3 && p.payload == rtp(0, 0xb, 2)), "bob's media is from the target");
+    // The target's REGISTER is intercepted too, as its own "call"; everything of the
+    // call itself shares the INVITE's correlation id.
+    let is_register = |p: &&Pdu| p.pdu_type == 1 && String::from_utf8_lossy(&p.payload).contains(" REGISTER\r\n");
+    assert!(got.iter().any(|p| is_register(&p)), "X2 REGISTER");
+    let corr = invite.correlation;
+    let call: Vec<&Pdu> = got.iter().filter(|p| p.pdu_type != 3 && !is_register(p)).collect();
+    assert!(call.iter().all(|p| p.correlation == corr && p.xid == xid_bytes(xid)));
+}

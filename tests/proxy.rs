@@ -4,8 +4,6 @@
 mod common;
 
 use common::*;
-use controlplane::sip::digest::{expected_response, Credentials};
-use controlplane::sip::Message;
 use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -42,59 +40,12 @@ fn up(ports: &str, name: &str) -> (RelayProc, String, PathBuf) {
     (relay, sip, dir)
 }
 
-/// REGISTERs `user` with `contact`, answering the digest challenge with `password`;
-/// returns the final status code.
-fn register(proxy: &str, user: &str, password: &str, contact: &str, expires: u32) -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let me = s.local_addr().unwrap();
-    let mk = |cseq: u32, auth: Option<String>| {
-        let mut m = format!(
-            "REGISTER sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-t{cseq}-{user}\r\nFrom: <sip:{user}@{DOMAIN}>;tag=r{user}\r\nTo: <sip:{user}@{DOMAIN}>\r\nCall-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <{contact}>\r\nExpires: {expires}\r\nMax-Forwards: 70\r\n"
-        );
-        if let Some(a) = auth {
-            m.push_str(&format!("Authorization: {a}\r\n"));
-        }
-        m.push_str("Content-Length: 0\r\n\r\n");
-        m
-    };
-    let mut buf = [0u8; 4096];
-    s.send_to(mk(1, None).as_bytes(), proxy).unwrap();
-    let n = s.recv(&mut buf).unwrap();
-    let (r, _) = Message::parse(&buf[..n], false).unwrap();
-    assert_eq!(r.code(), Some(401), "challenged first");
-    let chal = r
-        .headers
-        .iter()
-        .find(|(n, v)| n.eq_ignore_ascii_case("WWW-Authenticate") && v.contains("SHA-256"))
-        .map(|(_, v)| v.clone())
-        .expect("a SHA-256 challenge");
-    let nonce = chal.split("nonce=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
-    let mut c = Credentials {
-        username: user.into(),
-        realm: DOMAIN.into(),
-        nonce: nonce.clone(),
-        uri: format!("sip:{DOMAIN}"),
-        response: String::new(),
-        algorithm: Some("SHA-256".into()),
-        qop: Some("auth".into()),
-        nc: Some("00000001".into()),
-        cnonce: Some("c0ffee".into()),
-    };
-    c.response = expected_response(&c, "REGISTER", password).unwrap();
-    let auth = format!(
-        "Digest username=\"{user}\", realm=\"{DOMAIN}\", nonce=\"{nonce}\", uri=\"sip:{DOMAIN}\", response=\"{}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"c0ffee\"",
-        c.response
-    );
-    s.send_to(mk(2, Some(auth)).as_bytes(), proxy).unwrap();
-    let n = s.recv(&mut buf).unwrap();
-    Message::parse(&buf[..n], false).unwrap().0.code().unwrap()
+fn add_user(relay: &RelayProc, user: &str, password: &str) {
+    add_sip_user(relay, user, DOMAIN, password);
 }
 
-fn add_user(relay: &RelayProc, user: &str, password: &str) {
-    let body = format!(r#"{{"user":"{user}","domain":"{DOMAIN}","password":"{password}"}}"#);
-    let (s, v) = relay.call("POST", "/v1/users", Some(&body));
-    assert_eq!(s, 201, "{v}");
+fn register(proxy: &str, user: &str, password: &str, contact: &str, expires: u32) -> u16 {
+    sip_register(proxy, DOMAIN, user, password, contact, expires)
 }
 
 #[test]

@@ -198,3 +198,61 @@ pub fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let (n, from) = s.recv_from(&mut buf).expect("datagram expected");
     (buf[..n].to_vec(), from)
 }
+
+/// REGISTERs `user` with `contact`, answering the digest challenge with `password`;
+/// returns the final status code.
+pub fn sip_register(proxy: &str, domain: &str, user: &str, password: &str, contact: &str, expires: u32) -> u16 {
+    use controlplane::sip::digest::{expected_response, Credentials};
+    use controlplane::sip::Message;
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let me = s.local_addr().unwrap();
+    let mk = |cseq: u32, auth: Option<String>| {
+        let mut m = format!(
+            "REGISTER sip:{domain} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-t{cseq}-{user}\r\nFrom: <sip:{user}@{domain}>;tag=r{user}\r\nTo: <sip:{user}@{domain}>\r\nCall-ID: reg-{user}-{me}\r\nCSeq: {cseq} REGISTER\r\nContact: <{contact}>\r\nExpires: {expires}\r\nMax-Forwards: 70\r\n"
+        );
+        if let Some(a) = auth {
+            m.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        m.push_str("Content-Length: 0\r\n\r\n");
+        m
+    };
+    let mut buf = [0u8; 4096];
+    s.send_to(mk(1, None).as_bytes(), proxy).unwrap();
+    let n = s.recv(&mut buf).unwrap();
+    let (r, _) = Message::parse(&buf[..n], false).unwrap();
+    assert_eq!(r.code(), Some(401), "challenged first");
+    let chal = r
+        .headers
+        .iter()
+        .find(|(n, v)| n.eq_ignore_ascii_case("WWW-Authenticate") && v.contains("SHA-256"))
+        .map(|(_, v)| v.clone())
+        .expect("a SHA-256 challenge");
+    let nonce = chal.split("nonce=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let mut c = Credentials {
+        username: user.into(),
+        realm: domain.into(),
+        nonce: nonce.clone(),
+        uri: format!("sip:{domain}"),
+        response: String::new(),
+        algorithm: Some("SHA-256".into()),
+        qop: Some("auth".into()),
+        nc: Some("00000001".into()),
+        cnonce: Some("c0ffee".into()),
+    };
+    c.response = expected_response(&c, "REGISTER", password).unwrap();
+    let auth = format!(
+        "Digest username=\"{user}\", realm=\"{domain}\", nonce=\"{nonce}\", uri=\"sip:{domain}\", response=\"{}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"c0ffee\"",
+        c.response
+    );
+    s.send_to(mk(2, Some(auth)).as_bytes(), proxy).unwrap();
+    let n = s.recv(&mut buf).unwrap();
+    Message::parse(&buf[..n], false).unwrap().0.code().unwrap()
+}
+
+/// Provisions a SIP user through `POST /v1/users`.
+pub fn add_sip_user(relay: &RelayProc, user: &str, domain: &str, password: &str) {
+    let body = format!(r#"{{"user":"{user}","domain":"{domain}","password":"{password}"}}"#);
+    let (s, v) = relay.call("POST", "/v1/users", Some(&body));
+    assert_eq!(s, 201, "{v}");
+}

@@ -67,6 +67,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     store: Arc<dyn Store>,
     calls: Option<Arc<Calls>>,
+    li: Option<Arc<crate::li::Li>>,
     nonces: Nonces,
     servers: HashMap<SKey, ServerTx>,
     clients: HashMap<CKey, ClientTx>,
@@ -102,6 +103,7 @@ impl Proxy {
             cfg,
             store,
             calls,
+            li: None,
             nonces,
             servers: HashMap::new(),
             clients: HashMap::new(),
@@ -109,6 +111,27 @@ impl Proxy {
             branch: 0,
             stats: ProxyStats::default(),
         }
+    }
+
+    /// Hands every SIP message received to lawful intercept's X2 hook.
+    pub fn set_li(&mut self, li: Arc<crate::li::Li>) {
+        self.li = Some(li);
+    }
+
+    fn x2(&self, src: SocketAddr, m: &Message, raw: &[u8]) {
+        let Some(li) = &self.li else { return };
+        let aor = |h: &str| m.header(h).map(uri_of).and_then(aor_of).unwrap_or_default();
+        let (from, to) = (aor("From"), aor("To"));
+        li.sip_event(&crate::li::SipEvent {
+            call_id: m.call_id(),
+            from_aor: &from,
+            to_aor: &to,
+            // A request is sent by its From party, a response by its To party.
+            from_caller: matches!(m.start, StartLine::Request { .. }),
+            src,
+            dst: self.cfg.local,
+            message: raw,
+        });
     }
 
     /// Counters.
@@ -145,10 +168,13 @@ impl Proxy {
             return; // keep-alive CRLFs
         }
         match Message::parse(data, false) {
-            Ok((m, _)) => match m.start {
-                StartLine::Request { .. } => self.on_request(now, src, m),
-                StartLine::Response { .. } => self.on_response(now, m),
-            },
+            Ok((m, _)) => {
+                self.x2(src, &m, data);
+                match m.start {
+                    StartLine::Request { .. } => self.on_request(now, src, m),
+                    StartLine::Response { .. } => self.on_response(now, m),
+                }
+            }
             Err(e) => {
                 self.stats.malformed += 1;
                 // Answer a request we can still address; drop anything else.

@@ -335,8 +335,10 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                 .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
             extra.push_str(&format!(" rtpp={bound}"));
         }
+        let mut li_handle = None;
         if let Some(addr) = cfg.listen_li {
             let li = controlplane::li::Li::start(relay.clone(), calls.clone(), &cfg.li_audit_log, cfg.li_buffer_bytes)?;
+            li_handle = Some(li.clone());
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
             extra.push_str(&format!(" li=http://{}", l.local_addr()?));
@@ -362,7 +364,10 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                     None => random_token()?,
                 },
             };
-            let proxy = controlplane::sip::proxy::Proxy::new(cfg, st.clone(), Some(calls.clone()));
+            let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, st.clone(), Some(calls.clone()));
+            if let Some(li) = &li_handle {
+                proxy.set_li(li.clone());
+            }
             controlplane::sip::server::spawn(sock, Arc::new(std::sync::Mutex::new(proxy)))?;
             extra.push_str(&format!(" sip={local} domain={}", sip.domain));
             store = Some(st);
