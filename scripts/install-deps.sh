@@ -13,6 +13,9 @@ PACKAGES=(
   sip-tester    # sipp: UAC/UAS for the interop tests
   rtpengine-daemon  # interop: the same NG requests answered by rtpengine itself
   cmake         # builds the bundled libopus (opus crate, conference mixing)
+  protobuf-compiler  # etcd-client's gRPC code generation
+  libprotobuf-dev
+  etcd-server   # the shared store's tests (a 3-node cluster on loopback)
 )
 
 missing=()

@@ -2,6 +2,7 @@
 //! embedded file and several share etcd. One test battery runs against every backend.
 
 pub mod embedded;
+pub mod etcd;
 
 use crate::error::Error;
 use serde::{Deserialize, Serialize};
@@ -37,17 +38,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn set_bindings(&self, aor: &str, bindings: &[Binding]) -> Result<(), Error>;
 }
 
-/// Opens a store from `embedded:PATH`.
+/// Opens a store from `embedded:PATH` or `etcd:URL,URL,…`.
 pub fn open(spec: &str) -> Result<std::sync::Arc<dyn Store>, Error> {
     match spec.split_once(':') {
         Some(("embedded", path)) => Ok(std::sync::Arc::new(embedded::Embedded::open(std::path::Path::new(path))?)),
-        _ => Err(Error::Config(format!("store {spec:?}: expected embedded:PATH"))),
+        Some(("etcd", urls)) => {
+            let eps: Vec<String> =
+                urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect();
+            if eps.is_empty() {
+                return Err(Error::Config("etcd: no endpoints".into()));
+            }
+            Ok(std::sync::Arc::new(etcd::Etcd::connect(&eps)?))
+        }
+        _ => Err(Error::Config(format!("store {spec:?}: expected embedded:PATH or etcd:URL,URL"))),
     }
 }
 
-/// The battery every backend passes.
-#[cfg(test)]
-pub(crate) fn battery(s: &dyn Store) {
+/// The battery every backend passes (also run against etcd by the integration tests).
+#[doc(hidden)]
+pub fn battery(s: &dyn Store) {
     assert_eq!(s.password("alice", "example.com").unwrap(), None);
     s.put_user("alice", "example.com", "pw1").unwrap();
     assert_eq!(s.password("alice", "example.com").unwrap().as_deref(), Some("pw1"));
