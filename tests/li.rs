@@ -613,7 +613,7 @@ fn proxy_call_of_an_aor_target_yields_x2_and_x3_with_one_correlation_id() {
         "uac_proxy.xml",
         uac_port,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", "hasp.test".into())],
-        &[&sip],
+        &["-s", "bob", &sip],
     );
     let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
     let session = wait_for("the call's media session", Duration::from_secs(15), || {

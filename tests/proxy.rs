@@ -107,7 +107,7 @@ fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
         "uac_proxy.xml",
         uac_port,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
-        &[&sip],
+        &["-s", "bob", &sip],
     );
     let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
     let session = wait_for("the call's media session", Duration::from_secs(15), || {
@@ -172,4 +172,83 @@ fn hasp_user_add_provisions_the_embedded_store() {
     let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
     let sip = field(&relay.ready_line, "sip=");
     assert_eq!(register(&sip, "carol", "s3cret", "sip:carol@127.0.0.1:7002", 600), 200);
+}
+
+#[test]
+fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
+    let relay = RelayProc::spawn(
+        &[
+            "relay",
+            "--no-auth",
+            "--listen-api",
+            "127.0.0.1:0",
+            "--listen-ng",
+            "127.0.0.1:0",
+            "--rtp-ports",
+            "45400-45499",
+        ],
+        None,
+    );
+    let ng = field(&relay.ready_line, "ng=");
+    let dead = free_port(); // nothing answers NG there
+    let dir = std::env::temp_dir().join(format!("hasp-proxy-role-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = format!("embedded:{}", dir.join("hasp.redb").display());
+    let (r1, r2) = (format!("ng://127.0.0.1:{dead}"), format!("ng://{ng}"));
+    let proxy = RelayProc::spawn(
+        &[
+            "proxy",
+            "--listen-api",
+            "127.0.0.1:0",
+            "--api-token",
+            TOKEN,
+            "--listen-sip",
+            "127.0.0.1:0",
+            "--domain",
+            DOMAIN,
+            "--store",
+            &store,
+            "--relay",
+            &r1,
+            "--relay",
+            &r2,
+        ],
+        Some(TOKEN.to_string()),
+    );
+    let sip = field(&proxy.ready_line, "sip=");
+    add_user(&proxy, "bob", "builder");
+    let (alice, bob) = (udp(), udp());
+    let (uac_port, uas_port) = (free_port(), free_port());
+    assert_eq!(register(&sip, "bob", "builder", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
+    let mut uas =
+        sipp(&dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    std::thread::sleep(Duration::from_millis(300)); // sipp binds its port
+    let mut uac = sipp(
+        &dir,
+        "uac_proxy.xml",
+        uac_port,
+        &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
+        &["-s", "bob", &sip],
+    );
+    let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
+    let session = wait_for("the call's media session on the remote relay", Duration::from_secs(15), || {
+        let (_, v) = relay.call("GET", "/v1/sessions", None);
+        v["sessions"]
+            .as_array()?
+            .iter()
+            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
+            .cloned()
+    });
+    let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
+    alice.send_to(&rtp(1, 1, 1), ("127.0.0.1", port(0))).unwrap();
+    assert_eq!(recv(&bob).0, rtp(1, 1, 1));
+    bob.send_to(&rtp(1, 2, 2), ("127.0.0.1", port(1))).unwrap();
+    assert_eq!(recv(&alice).0, rtp(1, 2, 2));
+    assert!(wait_for("UAC", Duration::from_secs(30), || uac.try_wait().ok().flatten()).success());
+    assert!(wait_for("UAS", Duration::from_secs(30), || uas.try_wait().ok().flatten()).success());
+    let id = session["id"].as_str().unwrap().to_string();
+    wait_for("the relay session to be deleted after BYE", Duration::from_secs(10), || {
+        (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
+    });
 }

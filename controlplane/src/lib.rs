@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod anchor;
 pub mod api;
 pub mod calls;
 pub mod config;

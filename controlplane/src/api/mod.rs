@@ -7,7 +7,7 @@
 mod conferences;
 mod error;
 mod sessions;
-mod users;
+pub mod users;
 
 pub use error::ApiError;
 

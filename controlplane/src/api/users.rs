@@ -29,6 +29,13 @@ pub(super) async fn create(
         .store
         .clone()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no SIP registrar runs in this process"))?;
+    provision(store, body).await
+}
+
+async fn provision(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("malformed JSON: {e}")))?;
@@ -52,4 +59,36 @@ pub(super) async fn create(
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "failed"))?
         .map_err(ApiError::from)?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({"user": user, "domain": domain}))).into_response())
+}
+
+/// State of the proxy role's own API (no relay in the process).
+#[derive(Clone)]
+pub struct ProxyApiState {
+    /// The store.
+    pub store: std::sync::Arc<dyn crate::store::Store>,
+    /// Required bearer token; `None` when authentication is disabled.
+    pub token: Option<std::sync::Arc<str>>,
+}
+
+async fn proxy_create(
+    State(st): State<ProxyApiState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if let Some(t) = &st.token {
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given.map(str::trim) != Some(&**t) {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or missing API token"));
+        }
+    }
+    provision(st.store.clone(), body).await
+}
+
+/// The API of `hasp proxy`: `GET /health`, `POST /v1/users`.
+pub fn proxy_router(state: ProxyApiState) -> axum::Router {
+    axum::Router::new()
+        .route("/health", axum::routing::get(|| async { Json(serde_json::json!({"status": "ok", "role": "proxy"})) }))
+        .route("/v1/users", axum::routing::post(proxy_create))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
 }

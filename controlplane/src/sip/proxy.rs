@@ -6,7 +6,7 @@ use super::digest::Nonces;
 use super::message::{aor_of, host_port, uri_of, Message, StartLine};
 use super::registrar;
 use super::transaction::{client_key, server_key, Output, State, Transaction};
-use crate::calls::{AnchorOptions, Calls};
+use crate::anchor::MediaAnchor;
 use crate::store::Store;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -66,7 +66,7 @@ struct ClientTx {
 pub struct Proxy {
     cfg: ProxyConfig,
     store: Arc<dyn Store>,
-    calls: Option<Arc<Calls>>,
+    calls: Option<Arc<dyn MediaAnchor>>,
     li: Option<Arc<crate::li::Li>>,
     nonces: Nonces,
     servers: HashMap<SKey, ServerTx>,
@@ -97,7 +97,7 @@ fn resolve(uri: &str) -> Option<SocketAddr> {
 
 impl Proxy {
     /// A proxy over a store, anchoring media through `calls` when given.
-    pub fn new(cfg: ProxyConfig, store: Arc<dyn Store>, calls: Option<Arc<Calls>>) -> Self {
+    pub fn new(cfg: ProxyConfig, store: Arc<dyn Store>, calls: Option<Arc<dyn MediaAnchor>>) -> Self {
         let nonces = Nonces::new(cfg.nonce_secret.clone());
         Self {
             cfg,
@@ -354,7 +354,7 @@ impl Proxy {
             return None;
         }
         let sdp = std::str::from_utf8(&req.body).ok()?;
-        calls.offer(req.call_id(), req.from_tag()?, req.to_tag(), sdp, &AnchorOptions::default()).ok()
+        calls.offer(req.call_id(), req.from_tag()?, req.to_tag(), sdp).ok()
     }
 
     fn anchor_answer(&self, resp: &Message) -> Option<String> {
@@ -363,7 +363,7 @@ impl Proxy {
             return None;
         }
         let sdp = std::str::from_utf8(&resp.body).ok()?;
-        calls.answer(resp.call_id(), resp.from_tag()?, resp.to_tag()?, sdp, &AnchorOptions::default()).ok()
+        calls.answer(resp.call_id(), resp.from_tag()?, resp.to_tag()?, sdp).ok()
     }
 
     fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {

@@ -35,12 +35,34 @@ enum Cmd {
         #[command(flatten)]
         sip: SipArgs,
     },
+    /// Run the SIP proxy and registrar alone, anchoring media through remote relays.
+    Proxy(ProxyArgs),
     /// Manage SIP users in a store (while `hasp up` runs, use POST /v1/users instead:
     /// the embedded store is locked by the running process).
     User {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+}
+
+/// Options of `hasp proxy`.
+#[derive(Args, Debug)]
+struct ProxyArgs {
+    #[command(flatten)]
+    sip: SipArgs,
+    /// Address of the REST API (users, health).
+    #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT", default_value = "127.0.0.1:8081")]
+    listen_api: SocketAddr,
+    /// A relay to anchor media in, `ng://HOST:PORT` (its --listen-ng); repeat for
+    /// several, tried in order, one that does not answer within 500 ms skipped for 10 s.
+    #[arg(long = "relay", value_name = "URL", required = true)]
+    relays: Vec<String>,
+    /// Bearer token the API requires.
+    #[arg(long, env = "HASP_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Serve the API without a token (loopback labs only).
+    #[arg(long, env = "HASP_NO_AUTH")]
+    no_auth: bool,
 }
 
 #[derive(Subcommand)]
@@ -289,6 +311,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Relay(args) => run_relay(args, "relay", false, None),
         Cmd::Up { relay, sip } => run_relay(relay, "up", true, (!sip.no_sip).then_some(sip)),
+        Cmd::Proxy(args) => run_proxy(args),
         Cmd::User { cmd: UserCmd::Add { user, domain, password, store } } => {
             let st = controlplane::store::open(&store)?;
             st.put_user(&user, &domain, &password)?;
@@ -364,7 +387,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                     None => random_token()?,
                 },
             };
-            let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, st.clone(), Some(calls.clone()));
+            let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = calls.clone();
+            let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, st.clone(), Some(anchor));
             if let Some(li) = &li_handle {
                 proxy.set_li(li.clone());
             }
@@ -386,6 +410,62 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         api::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("shutting down");
         relay.shutdown();
+        Ok(())
+    })
+}
+
+fn run_proxy(a: ProxyArgs) -> Result<()> {
+    if !a.no_auth && a.api_token.as_deref().is_none_or(str::is_empty) {
+        bail!("an API token is required (--api-token), or --no-auth");
+    }
+    let mut relays = Vec::new();
+    for r in &a.relays {
+        match r.strip_prefix("ng://") {
+            Some(hp) => relays.push(
+                std::net::ToSocketAddrs::to_socket_addrs(hp)
+                    .with_context(|| format!("relay {r}"))?
+                    .next()
+                    .with_context(|| format!("relay {r} does not resolve"))?,
+            ),
+            None => {
+                bail!("relay {r:?}: only ng://HOST:PORT relays are supported (point it at `hasp relay --listen-ng`)")
+            }
+        }
+    }
+    let anchor: Arc<dyn controlplane::anchor::MediaAnchor> =
+        Arc::new(controlplane::anchor::NgRelays::new(relays, Duration::from_millis(500))?);
+    let store = controlplane::store::open(&a.sip.store)?;
+    let sock =
+        std::net::UdpSocket::bind(a.sip.listen_sip).with_context(|| format!("binding SIP on {}", a.sip.listen_sip))?;
+    let local = sock.local_addr()?;
+    let cfg = controlplane::sip::proxy::ProxyConfig {
+        domain: a.sip.domain.clone(),
+        local,
+        nonce_secret: match &a.sip.nonce_secret {
+            Some(s) => s.clone(),
+            None => random_token()?,
+        },
+    };
+    let proxy = controlplane::sip::proxy::Proxy::new(cfg, store.clone(), Some(anchor));
+    controlplane::sip::server::spawn(sock, Arc::new(std::sync::Mutex::new(proxy)))?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen_api)
+            .await
+            .with_context(|| format!("binding the API on {}", a.listen_api))?;
+        let api_addr = listener.local_addr()?;
+        println!(
+            "hasp proxy ready api=http://{api_addr} sip={local} domain={} relays={}",
+            a.sip.domain,
+            a.relays.join(",")
+        );
+        std::io::stdout().flush()?;
+        let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
+        let state = controlplane::api::users::ProxyApiState { store, token };
+        axum::serve(listener, controlplane::api::users::proxy_router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
         Ok(())
     })
 }
