@@ -401,21 +401,7 @@ impl Relay {
     /// Sets (`Some`) or clears (`None`) the signalled remote of the given legs; legs not
     /// in `changes` keep theirs.
     pub fn update(&self, id: SessionId, changes: &[(usize, Option<SocketAddr>)]) -> Result<SessionView, Error> {
-        let worker = {
-            let mut st = lock(&self.state);
-            let r = st.sessions.get_mut(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
-            for &(leg, remote) in changes {
-                if leg > 1 {
-                    return Err(Error::Invalid(format!("leg {leg} does not exist (0 or 1)")));
-                }
-                r.remotes[leg] = remote;
-                r.latched[leg] = Latched::default();
-            }
-            r.worker
-        };
-        for &(leg, remote) in changes {
-            self.send(worker, Command::SetRemote { id, leg: leg as u8, remote })?;
-        }
+        self.set_remotes(id, changes)?;
         self.get(id)
     }
 

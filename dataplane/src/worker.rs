@@ -1087,22 +1087,7 @@ impl Worker {
         }
         let mut idxs = [0; 2];
         for (k, sock) in sockets.into_iter().enumerate() {
-            let i = self.table.alloc_external();
-            idxs[k] = i;
-            let i = i as usize;
-            if self.socks.len() <= i {
-                self.socks.resize_with(i + 1, || None);
-            }
-            self.next_gen = self.next_gen.wrapping_add(1);
-            if self.fixed_files {
-                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[sock.as_raw_fd()]) {
-                    tracing::error!(worker = self.index, error = %e, "cannot register socket");
-                }
-            }
-            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
-            let role = Role::Conf { conf, pid: id, rtcp: k == 1 };
-            self.socks[i] = Some(SockIo { sock, role, local, gen: self.next_gen, armed: None, closing: false });
-            self.arm_recv(i as SockIdx);
+            idxs[k] = self.install_conf_socket(sock, Role::Conf { conf, pid: id, rtcp: k == 1 });
         }
         if let Some(c) = self.confs.get_mut(&conf) {
             c.parts.insert(
@@ -1170,20 +1155,7 @@ impl Worker {
         c.room.insert(state);
         let mut idxs = [0; 2];
         for (k, sock) in sockets.into_iter().enumerate() {
-            let i = self.table.alloc_external();
-            idxs[k] = i;
-            let i = i as usize;
-            if self.socks.len() <= i {
-                self.socks.resize_with(i + 1, || None);
-            }
-            self.next_gen = self.next_gen.wrapping_add(1);
-            if self.fixed_files {
-                let _ = self.ring.submitter().register_files_update(i as u32, &[sock.as_raw_fd()]);
-            }
-            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
-            let role = Role::Conf { conf, pid: id, rtcp: k == 1 };
-            self.socks[i] = Some(SockIo { sock, role, local, gen: self.next_gen, armed: None, closing: false });
-            self.arm_recv(i as SockIdx);
+            idxs[k] = self.install_conf_socket(sock, Role::Conf { conf, pid: id, rtcp: k == 1 });
         }
         if let Some(c) = self.confs.get_mut(&conf) {
             c.parts.insert(
@@ -1196,6 +1168,26 @@ impl Worker {
                 },
             );
         }
+    }
+
+    /// Puts a participant's socket in the slab and the ring's file table and starts
+    /// receiving on it.
+    fn install_conf_socket(&mut self, sock: Socket, role: Role) -> SockIdx {
+        let i = self.table.alloc_external();
+        let slot = i as usize;
+        if self.socks.len() <= slot {
+            self.socks.resize_with(slot + 1, || None);
+        }
+        self.next_gen = self.next_gen.wrapping_add(1);
+        if self.fixed_files {
+            if let Err(e) = self.ring.submitter().register_files_update(i, &[sock.as_raw_fd()]) {
+                tracing::error!(worker = self.index, error = %e, "cannot register socket");
+            }
+        }
+        let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+        self.socks[slot] = Some(SockIo { sock, role, local, gen: self.next_gen, armed: None, closing: false });
+        self.arm_recv(i);
+        i
     }
 
     fn remove_participant(&mut self, conf: u64, id: u32) {
