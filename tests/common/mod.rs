@@ -16,8 +16,11 @@ pub fn hasp_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        // The same build as scripts/test.sh: a narrower one (`-p hasp-tools`) would
+        // unify features differently and rebuild half the dependency tree under every
+        // test's feet.
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "hasp-tools", "--bin", "hasp"])
+            .args(["build", "-q", "--workspace", "--all-targets"])
             .current_dir(&root)
             .status()
             .expect("cargo build");
