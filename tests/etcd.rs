@@ -105,35 +105,19 @@ fn up(store: &str, ports: &str) -> (RelayProc, String) {
 
 fn call(dir: &std::path::Path, via: &str, user: &str, relay: &RelayProc, uas_port: u16) {
     let (alice, bob) = (udp(), udp());
-    let scen = |n: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(n);
     let uac_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let spawn = |s: &str, port: u16, keys: Vec<(&str, String)>, extra: Vec<String>| {
-        let mut c = Command::new("sipp");
-        c.current_dir(dir).arg("-sf").arg(scen(s));
-        c.args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"]).args(extra);
-        for (k, v) in keys {
-            c.args(["-key", k, &v]);
-        }
-        c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
-    };
     let mut uas =
-        spawn("uas_media.xml", uas_port, vec![("media_b", bob.local_addr().unwrap().port().to_string())], vec![]);
+        sipp(dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
     std::thread::sleep(Duration::from_millis(300)); // sipp binds its port
-    let mut uac = spawn(
+    let mut uac = sipp(
+        dir,
         "uac_proxy.xml",
         uac_port,
-        vec![
-            ("media_a", alice.local_addr().unwrap().port().to_string()),
-            ("domain", "hasp.test".into()),
-            ("service", user.into()),
-        ],
-        vec!["-s".into(), user.into(), via.into()],
+        &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", "hasp.test".into())],
+        &["-s", user, via],
     );
     let (a, b) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
-    let session = wait_for("the call's media session", Duration::from_secs(15), || {
-        let (_, v) = relay.call("GET", "/v1/sessions", None);
-        v["sessions"].as_array()?.iter().find(|s| s["legs"][0]["remote"] == a && s["legs"][1]["remote"] == b).cloned()
-    });
+    let session = relay.wait_media_session(&a, &b);
     let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
     alice.send_to(&rtp(1, 1, 1), ("127.0.0.1", port(0))).unwrap();
     assert_eq!(recv(&bob).0, rtp(1, 1, 1));

@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn interop_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
-
 /// A free UDP port on loopback (bound and released; the test binds it right after).
 fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -88,21 +84,6 @@ fn rand_tag() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
 }
 
-fn sipp(dir: &Path, scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]) -> Child {
-    let mut c = Command::new("sipp");
-    c.current_dir(dir)
-        .arg("-sf")
-        .arg(interop_dir().join(scenario))
-        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
-    for (k, v) in keys {
-        c.args(["-key", k, v]);
-    }
-    c.spawn().expect("sipp (apt-get install sip-tester)")
-}
-
 fn wait_exit(mut c: Child, what: &str) {
     let st = wait_for(what, Duration::from_secs(40), || c.try_wait().ok().flatten());
     assert!(st.success(), "{what} failed: {st}");
@@ -130,14 +111,7 @@ fn call_through_kamailio(relay: &RelayProc, template: &str, subst: &[(&str, Stri
     );
     // The call is up once the relay knows both sides' addresses.
     let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
-    let session = wait_for("the call's media session in hasp", Duration::from_secs(15), || {
-        let (_, v) = relay.call("GET", "/v1/sessions", None);
-        v["sessions"]
-            .as_array()?
-            .iter()
-            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
-            .cloned()
-    });
+    let session = relay.wait_media_session(&alice_a, &bob_a);
     let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
     let relay_ip = session["address"].as_str().unwrap().to_string();
     // Alice was told (in the 200 OK) to send to leg A's port, Bob (in the INVITE) to leg B's.

@@ -552,7 +552,6 @@ fn mediation_function_over_mutual_tls() {
 
 #[test]
 fn proxy_call_of_an_aor_target_yields_x2_and_x3_with_one_correlation_id() {
-    use std::process::{Command, Stdio};
     let dir = tmp("x2proxy");
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let audit = dir.join("audit.log").display().to_string();
@@ -598,32 +597,17 @@ fn proxy_call_of_an_aor_target_yields_x2_and_x3_with_one_correlation_id() {
     let free = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (uac_port, uas_port) = (free(), free());
     assert_eq!(sip_register(&sip, "hasp.test", "bob", "pw", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
-    let scen = |n: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(n);
-    let sipp = |scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]| {
-        let mut c = Command::new("sipp");
-        c.current_dir(&dir).arg("-sf").arg(scen(scenario));
-        c.args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"]).args(extra);
-        for (k, v) in keys {
-            c.args(["-key", k, v]);
-        }
-        c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
-    };
-    let mut uas = sipp("uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    let mut uas =
+        sipp(&dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
     let mut uac = sipp(
+        &dir,
         "uac_proxy.xml",
         uac_port,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", "hasp.test".into())],
         &["-s", "bob", &sip],
     );
     let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
-    let session = wait_for("the call's media session", Duration::from_secs(15), || {
-        let (_, v) = relay.call("GET", "/v1/sessions", None);
-        v["sessions"]
-            .as_array()?
-            .iter()
-            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
-            .cloned()
-    });
+    let session = relay.wait_media_session(&alice_a, &bob_a);
     let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
     for seq in 0..5u16 {
         alice.send_to(&rtp(seq, 0xa, 1), ("127.0.0.1", port(0))).unwrap();

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::net::UdpSocket;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const DOMAIN: &str = "hasp.test";
@@ -69,21 +69,6 @@ fn register_with_digest_auth_and_wrong_password() {
     assert_eq!((s, v["code"].as_str()), (422, Some("invalid_request")));
 }
 
-fn sipp(dir: &std::path::Path, scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]) -> Child {
-    let mut c = Command::new("sipp");
-    c.current_dir(dir)
-        .arg("-sf")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(scenario))
-        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
-    for (k, v) in keys {
-        c.args(["-key", k, v]);
-    }
-    c.spawn().expect("sipp")
-}
-
 fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -110,14 +95,7 @@ fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
         &["-s", "bob", &sip],
     );
     let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
-    let session = wait_for("the call's media session", Duration::from_secs(15), || {
-        let (_, v) = relay.call("GET", "/v1/sessions", None);
-        v["sessions"]
-            .as_array()?
-            .iter()
-            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
-            .cloned()
-    });
+    let session = relay.wait_media_session(&alice_a, &bob_a);
     let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
     for seq in 0..20u16 {
         alice.send_to(&rtp(seq, 0xa11ce, 1), ("127.0.0.1", port(0))).unwrap();
@@ -232,14 +210,7 @@ fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
         &["-s", "bob", &sip],
     );
     let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
-    let session = wait_for("the call's media session on the remote relay", Duration::from_secs(15), || {
-        let (_, v) = relay.call("GET", "/v1/sessions", None);
-        v["sessions"]
-            .as_array()?
-            .iter()
-            .find(|s| s["legs"][0]["remote"] == alice_a && s["legs"][1]["remote"] == bob_a)
-            .cloned()
-    });
+    let session = relay.wait_media_session(&alice_a, &bob_a);
     let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
     alice.send_to(&rtp(1, 1, 1), ("127.0.0.1", port(0))).unwrap();
     assert_eq!(recv(&bob).0, rtp(1, 1, 1));

@@ -1056,19 +1056,7 @@ impl Worker {
             return;
         };
         for idx in socks.into_iter().flatten() {
-            let Some(Some(s)) = self.socks.get_mut(idx as usize) else {
-                continue;
-            };
-            s.closing = true;
-            match s.armed {
-                Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
-                None => {
-                    if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
-                        waiting.retain(|&w| w != idx);
-                    }
-                    self.to_close.push(idx);
-                }
-            }
+            self.stop_receiving(idx);
         }
     }
 
@@ -1131,17 +1119,7 @@ impl Worker {
             },
         );
         for idx in part.socks {
-            let Some(Some(s)) = self.socks.get_mut(idx as usize) else { continue };
-            s.closing = true;
-            match s.armed {
-                Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
-                None => {
-                    if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
-                        waiting.retain(|&w| w != idx);
-                    }
-                    self.to_close.push(idx);
-                }
-            }
+            self.stop_receiving(idx);
         }
     }
 
@@ -1167,6 +1145,23 @@ impl Worker {
                     rtcp_latch: Latch::latched_to(latched[1]),
                 },
             );
+        }
+    }
+
+    /// Marks a socket closing and stops its receive: cancels the one in flight (the
+    /// socket is closed on its final completion) or, with none in flight, queues the
+    /// close for after the next submit.
+    fn stop_receiving(&mut self, idx: SockIdx) {
+        let Some(Some(s)) = self.socks.get_mut(idx as usize) else { return };
+        s.closing = true;
+        match s.armed {
+            Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
+            None => {
+                if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
+                    waiting.retain(|&w| w != idx);
+                }
+                self.to_close.push(idx);
+            }
         }
     }
 
@@ -1196,17 +1191,7 @@ impl Worker {
         let Some(p) = c.parts.remove(&id) else { return };
         self.closing_parts.insert((conf, id), 2);
         for idx in p.socks {
-            let Some(Some(s)) = self.socks.get_mut(idx as usize) else { continue };
-            s.closing = true;
-            match s.armed {
-                Some(ud) => self.sqes.push(opcode::AsyncCancel::new(ud).build().user_data(OP_CANCEL)),
-                None => {
-                    if let Mode::Oneshot { waiting, .. } = &mut self.mode_state {
-                        waiting.retain(|&w| w != idx);
-                    }
-                    self.to_close.push(idx);
-                }
-            }
+            self.stop_receiving(idx);
         }
     }
 

@@ -143,6 +143,19 @@ impl RelayProc {
         )
     }
 
+    /// Waits for the relay session whose legs' signalled remotes are `a` and `b` (a
+    /// call's media anchored by a proxy or Kamailio) and returns it.
+    pub fn wait_media_session(&self, a: &str, b: &str) -> Value {
+        wait_for("the call's media session", Duration::from_secs(15), || {
+            let (_, v) = self.call("GET", "/v1/sessions", None);
+            v["sessions"]
+                .as_array()?
+                .iter()
+                .find(|s| s["legs"][0]["remote"] == a && s["legs"][1]["remote"] == b)
+                .cloned()
+        })
+    }
+
     /// Number of open file descriptors of the relay process.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
@@ -258,4 +271,26 @@ pub fn add_sip_user(relay: &RelayProc, user: &str, domain: &str, password: &str)
     let body = format!(r#"{{"user":"{user}","domain":"{domain}","password":"{password}"}}"#);
     let (s, v) = relay.call("POST", "/v1/users", Some(&body));
     assert_eq!(s, 201, "{v}");
+}
+
+/// The sipp scenarios and Kamailio configurations of the interop tests.
+pub fn interop_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+/// Starts one sipp call (`-m 1`) of `scenario` on `port`, run in `dir` (its stderr goes
+/// to `<scenario>.stderr` there), with `-key` values and extra arguments.
+pub fn sipp(dir: &std::path::Path, scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]) -> Child {
+    let mut c = Command::new("sipp");
+    c.current_dir(dir)
+        .arg("-sf")
+        .arg(interop_dir().join(scenario))
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
+    for (k, v) in keys {
+        c.args(["-key", k, v]);
+    }
+    c.spawn().expect("sipp (apt-get install sip-tester)")
 }

@@ -9,8 +9,10 @@ use etcd_client::{Client, ConnectOptions, PutOptions};
 use std::future::Future;
 use std::time::Duration;
 
-/// Deadline of one store operation (all attempts).
-const DEADLINE: Duration = Duration::from_secs(2);
+/// Deadline of one store operation (all attempts): long enough to ride out a leader
+/// election (etcd's default election timeout is 1 s), short enough to answer 503 well
+/// before a SIP client gives up (Timer F, 32 s).
+const DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline of one attempt on one member.
 const ATTEMPT: Duration = Duration::from_millis(600);
 
@@ -80,11 +82,14 @@ impl Etcd {
         let first = self.preferred.load(Relaxed) % n;
         let mut last = Error::Store("etcd: no endpoint answered".into());
         let started = std::time::Instant::now();
-        // Every member once, starting with the one that answered last; a write during a
-        // leader election gets a second round.
-        for k in 0..2 * n {
+        // Members in turn, starting with the one that answered last, until the deadline:
+        // a write during a leader election fails on every member for a moment.
+        for k in 0.. {
             if started.elapsed() > DEADLINE {
                 break;
+            }
+            if k > 0 && k % n == 0 {
+                std::thread::sleep(Duration::from_millis(100));
             }
             let i = (first + k) % n;
             let Some(c) = self.client(i) else { continue };
