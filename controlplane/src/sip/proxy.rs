@@ -8,7 +8,8 @@ use super::registrar;
 use super::transaction::{client_key, server_key, Output, State, Transaction};
 use crate::anchor::MediaAnchor;
 use crate::store::Store;
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +40,13 @@ pub struct ProxyStats {
 
 type SKey = (String, String, String);
 type CKey = (String, String);
+
+/// A transaction whose timers may have changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TxKey {
+    Client(CKey),
+    Server(SKey),
+}
 
 struct Target {
     uri: String,
@@ -74,6 +82,12 @@ pub struct Proxy {
     out: Vec<(SocketAddr, Vec<u8>)>,
     branch: u64,
     stats: ProxyStats,
+    /// Deadlines, earliest first. An entry may be stale (the transaction moved on or is
+    /// gone): it is checked against the transaction when it comes due, so a tick costs
+    /// only the timers due, not a scan of every transaction.
+    timers: BinaryHeap<Reverse<(Instant, TxKey)>>,
+    /// Transactions touched since the last [`Proxy::settle`].
+    touched: Vec<TxKey>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -110,6 +124,8 @@ impl Proxy {
             out: Vec::new(),
             branch: 0,
             stats: ProxyStats::default(),
+            timers: BinaryHeap::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -162,8 +178,65 @@ impl Proxy {
         })
     }
 
+    /// The AOR a request for our domain is looked up under: the proxy's own address is
+    /// an alias of its domain (as `myself` is in Kamailio), so `sip:alice@IP:PORT` finds
+    /// the bindings of `alice@domain`.
+    fn local_aor(&self, uri: &str) -> Option<String> {
+        let aor = aor_of(uri)?;
+        let (user, host) = aor.split_once('@')?;
+        if host.parse::<IpAddr>().ok() == Some(self.cfg.local.ip()) {
+            return Some(format!("{user}@{}", self.cfg.domain.to_ascii_lowercase()));
+        }
+        Some(aor)
+    }
+
     /// One datagram from `src`.
     pub fn on_datagram(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
+        self.datagram(now, src, data);
+        self.settle();
+    }
+
+    /// Transactions in progress (client and server).
+    pub fn transactions(&self) -> usize {
+        self.clients.len() + self.servers.len()
+    }
+
+    /// Re-arms the timers of the transactions touched and forgets those that ended (a
+    /// server transaction stays while its client transaction runs).
+    fn settle(&mut self) {
+        while let Some(k) = self.touched.pop() {
+            let (next, done) = match &k {
+                TxKey::Client(ck) => match self.clients.get(ck) {
+                    Some(c) => (c.tx.next_timeout(), c.tx.state() == State::Terminated),
+                    None => continue,
+                },
+                TxKey::Server(sk) => match self.servers.get(sk) {
+                    Some(s) => (
+                        s.tx.next_timeout(),
+                        s.tx.state() == State::Terminated
+                            && !s.client.as_ref().is_some_and(|c| self.clients.contains_key(c)),
+                    ),
+                    None => continue,
+                },
+            };
+            if done {
+                match &k {
+                    TxKey::Client(ck) => {
+                        if let Some(sk) = self.clients.remove(ck).and_then(|c| c.server) {
+                            self.touched.push(TxKey::Server(sk));
+                        }
+                    }
+                    TxKey::Server(sk) => {
+                        self.servers.remove(sk);
+                    }
+                }
+            } else if let Some(t) = next {
+                self.timers.push(Reverse((t, k)));
+            }
+        }
+    }
+
+    fn datagram(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // keep-alive CRLFs
         }
@@ -186,6 +259,7 @@ impl Proxy {
     }
 
     fn reply(&mut self, key: &SKey, resp: Message, now: Instant) {
+        self.touched.push(TxKey::Server(key.clone()));
         if let Some(s) = self.servers.get_mut(key) {
             s.tx.respond(&resp, now);
             let src = s.src;
@@ -203,6 +277,7 @@ impl Proxy {
             return;
         };
         let method = req.method().to_string();
+        self.touched.push(TxKey::Server(key.clone()));
         if method == "ACK" {
             if let Some(s) = self.servers.get_mut(&key) {
                 if s.tx.state() == State::Completed {
@@ -277,7 +352,7 @@ impl Proxy {
                 );
                 return self.reply(&key, resp, now);
             }
-            let Some(aor) = aor_of(&ruri) else {
+            let Some(aor) = self.local_aor(&ruri) else {
                 // To the proxy itself (keep-alive OPTIONS and the like).
                 let r = req.response(
                     if method == "OPTIONS" { 200 } else { 405 },
@@ -403,6 +478,7 @@ impl Proxy {
             }
         }
         let ck = (branch, fwd.method().to_string());
+        self.touched.push(TxKey::Client(ck.clone()));
         self.stats.forwarded += 1;
         s.client = Some(ck.clone());
         self.clients.insert(ck, ClientTx { tx, dst: t.dst, server: Some(key.clone()) });
@@ -444,6 +520,7 @@ impl Proxy {
             }
         }
         if let Some(k) = client_key(&c) {
+            self.touched.push(TxKey::Client(k.clone()));
             self.clients.insert(k, ClientTx { tx, dst, server: None });
         }
         if let Some(calls) = &self.calls {
@@ -463,6 +540,7 @@ impl Proxy {
     }
 
     fn pump_client(&mut self, now: Instant, ck: &CKey) {
+        self.touched.push(TxKey::Client(ck.clone()));
         let Some(c) = self.clients.get_mut(ck) else { return };
         let (dst, server) = (c.dst, c.server.clone());
         let mut outs = Vec::new();
@@ -557,43 +635,44 @@ impl Proxy {
         self.out.push((SocketAddr::new(ip, port), resp.to_bytes()));
     }
 
-    /// Drives timers.
+    /// Drives timers: runs the transactions whose deadline has come.
     pub fn on_tick(&mut self, now: Instant) {
-        let due: Vec<CKey> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.tx.next_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due {
-            if let Some(c) = self.clients.get_mut(&k) {
-                c.tx.on_timeout(now);
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
             }
-            self.pump_client(now, &k);
-        }
-        let due: Vec<SKey> = self
-            .servers
-            .iter()
-            .filter(|(_, s)| s.tx.next_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due {
-            if let Some(s) = self.servers.get_mut(&k) {
-                s.tx.on_timeout(now);
-                let src = s.src;
-                while let Some(o) = s.tx.poll_output() {
-                    if let Output::Transmit(b) = o {
-                        self.out.push((src, b));
+            let Some(Reverse((_, k))) = self.timers.pop() else { break };
+            match &k {
+                TxKey::Client(ck) => {
+                    let Some(c) = self.clients.get_mut(ck) else { continue };
+                    if c.tx.next_timeout().is_none_or(|t| t > now) {
+                        continue; // stale entry
                     }
+                    c.tx.on_timeout(now);
+                    self.pump_client(now, ck);
+                }
+                TxKey::Server(sk) => {
+                    let Some(s) = self.servers.get_mut(sk) else { continue };
+                    if s.tx.next_timeout().is_none_or(|t| t > now) {
+                        continue;
+                    }
+                    s.tx.on_timeout(now);
+                    let src = s.src;
+                    while let Some(o) = s.tx.poll_output() {
+                        if let Output::Transmit(b) = o {
+                            self.out.push((src, b));
+                        }
+                    }
+                    self.touched.push(k.clone());
                 }
             }
         }
-        // Forget finished transactions (a server whose client is still running stays).
-        self.clients.retain(|_, c| c.tx.state() != State::Terminated);
-        let clients = &self.clients;
-        self.servers.retain(|_, s| {
-            s.tx.state() != State::Terminated || s.client.as_ref().is_some_and(|c| clients.contains_key(c))
-        });
+        self.settle();
+    }
+
+    /// The earliest deadline pending (the driver may sleep until then).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
     }
 }
 

@@ -36,6 +36,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn bindings(&self, aor: &str, now: u64) -> Result<Vec<Binding>, Error>;
     /// Replaces the bindings of an address of record (empty: removes it).
     fn set_bindings(&self, aor: &str, bindings: &[Binding]) -> Result<(), Error>;
+    /// Makes every write so far durable (called at a clean stop; backends that commit
+    /// durably at once need nothing).
+    fn flush(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Opens a store from `embedded:PATH` or `etcd:URL,URL,…`.

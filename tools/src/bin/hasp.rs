@@ -406,9 +406,12 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             if cfg.no_auth { "off" } else { "token" },
         );
         std::io::stdout().flush()?;
-        let state = ApiState { relay: relay.clone(), token, store };
+        let state = ApiState { relay: relay.clone(), token, store: store.clone() };
         api::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("shutting down");
+        if let Some(s) = store {
+            s.flush().context("writing registrations to the store")?;
+        }
         relay.shutdown();
         Ok(())
     })
@@ -462,10 +465,11 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
         );
         std::io::stdout().flush()?;
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
-        let state = controlplane::api::users::ProxyApiState { store, token };
+        let state = controlplane::api::users::ProxyApiState { store: store.clone(), token };
         axum::serve(listener, controlplane::api::users::proxy_router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
+        store.flush().context("writing registrations to the store")?;
         Ok(())
     })
 }
