@@ -223,3 +223,76 @@ fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
         (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
     });
 }
+
+/// Whether something listens on TCP `port` (read from /proc, so nothing connects to it).
+fn tcp_listening(port: u16) -> bool {
+    let t = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    t.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[3] == "0A" && f[1].rsplit(':').next() == Some(&format!("{port:04X}"))
+    })
+}
+
+/// A call to a callee registered with a `;transport=tcp` contact: the proxy opens a TCP
+/// connection to it. The caller uses `caller_transport` ("t1" TCP, "u1" UDP); when it
+/// differs from the callee's the proxy record-routes twice (RFC 5658).
+fn call_to_tcp_callee(caller_transport: &str, ports: &str, name: &str) {
+    let (relay, sip, dir) = up(ports, name);
+    add_user(&relay, "tina", "tcp-pass");
+    let (alice, bob) = (udp(), udp());
+    let (uac_port, uas_port) = (free_port(), free_port());
+    let contact = format!("sip:tina@127.0.0.1:{uas_port};transport=tcp");
+    assert_eq!(register(&sip, "tina", "tcp-pass", &contact, 600), 200);
+    let mut uas = sipp(
+        &dir,
+        "uas_media.xml",
+        uas_port,
+        &[("media_b", bob.local_addr().unwrap().port().to_string())],
+        &["-t", "t1", "-trace_msg", "-message_file", "uas.log"],
+    );
+    wait_for("the callee's TCP listener", Duration::from_secs(10), || tcp_listening(uas_port).then_some(()));
+    let mut uac = sipp(
+        &dir,
+        "uac_proxy.xml",
+        uac_port,
+        &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
+        &["-t", caller_transport, "-s", "tina", &sip],
+    );
+    let (alice_a, bob_a) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
+    let session = relay.wait_media_session(&alice_a, &bob_a);
+    let port = |leg: usize| session["legs"][leg]["rtp_port"].as_u64().unwrap() as u16;
+    alice.send_to(&rtp(1, 1, 1), ("127.0.0.1", port(0))).unwrap();
+    assert_eq!(recv(&bob).0, rtp(1, 1, 1));
+    bob.send_to(&rtp(1, 2, 2), ("127.0.0.1", port(1))).unwrap();
+    assert_eq!(recv(&alice).0, rtp(1, 2, 2));
+    let st = wait_for("UAC", Duration::from_secs(30), || uac.try_wait().ok().flatten());
+    assert!(st.success(), "UAC: {}", std::fs::read_to_string(dir.join("uac_proxy.xml.stderr")).unwrap_or_default());
+    let st = wait_for("UAS", Duration::from_secs(30), || uas.try_wait().ok().flatten());
+    assert!(st.success(), "UAS: {}", std::fs::read_to_string(dir.join("uas_media.xml.stderr")).unwrap_or_default());
+    let log = std::fs::read_to_string(dir.join("uas.log")).unwrap();
+    let invite = &log[log.find("INVITE sip:").unwrap()..];
+    let invite = &invite[..invite.find("\n\n").unwrap_or(invite.len())];
+    assert!(invite.contains("Via: SIP/2.0/TCP 127.0.0.1:"), "{invite}");
+    let rr: Vec<&str> = invite.lines().filter(|l| l.starts_with("Record-Route:")).collect();
+    if caller_transport == "t1" {
+        assert_eq!(rr.len(), 1, "{invite}");
+        assert!(rr[0].contains(";transport=tcp;lr"), "{invite}");
+    } else {
+        assert_eq!(rr.len(), 2, "double Record-Route when the transport changes: {invite}");
+        assert!(rr[0].contains(";transport=tcp;lr") && !rr[1].contains("transport"), "{invite}");
+    }
+    let id = session["id"].as_str().unwrap().to_string();
+    wait_for("the relay session to be deleted after BYE", Duration::from_secs(10), || {
+        (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
+    });
+}
+
+#[test]
+fn sip_over_tcp_both_legs() {
+    call_to_tcp_callee("t1", "45500-45549", "tcp");
+}
+
+#[test]
+fn udp_caller_to_tcp_callee_is_record_routed_twice() {
+    call_to_tcp_callee("u1", "45550-45599", "udp-tcp");
+}

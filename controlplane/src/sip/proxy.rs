@@ -25,6 +25,67 @@ pub struct ProxyConfig {
     pub nonce_secret: String,
 }
 
+/// How a message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// Datagrams; the transaction layer retransmits.
+    Udp,
+    /// A stream; reliable, no retransmissions.
+    Tcp,
+}
+
+impl Transport {
+    /// The name in Via headers.
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        }
+    }
+
+    /// The transport a URI asks for (`;transport=tcp`), UDP by default (RFC 3263 §4.1
+    /// without NAPTR).
+    pub fn of_uri(uri: &str) -> Self {
+        let params = uri.split('>').next().unwrap_or(uri);
+        let tcp = params.split(';').skip(1).any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("transport") && v.trim().eq_ignore_ascii_case("tcp")
+            })
+        });
+        if tcp {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        }
+    }
+}
+
+/// The other end of a message: a transport and an address (for TCP, the connection's
+/// remote address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Peer {
+    /// Transport.
+    pub transport: Transport,
+    /// Remote address.
+    pub addr: SocketAddr,
+}
+
+impl Peer {
+    /// A UDP peer.
+    pub fn udp(addr: SocketAddr) -> Self {
+        Self { transport: Transport::Udp, addr }
+    }
+
+    /// A TCP peer.
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Self { transport: Transport::Tcp, addr }
+    }
+
+    fn reliable(self) -> bool {
+        self.transport == Transport::Tcp
+    }
+}
+
 /// Counters.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProxyStats {
@@ -50,13 +111,13 @@ enum TxKey {
 
 struct Target {
     uri: String,
-    dst: SocketAddr,
+    dst: Peer,
     routes: Vec<String>,
 }
 
 struct ServerTx {
     tx: Transaction,
-    src: SocketAddr,
+    src: Peer,
     /// The request as it will be forwarded (R-URI and Route to be set per target).
     forward: Option<Message>,
     targets: VecDeque<Target>,
@@ -66,7 +127,7 @@ struct ServerTx {
 
 struct ClientTx {
     tx: Transaction,
-    dst: SocketAddr,
+    dst: Peer,
     server: Option<SKey>,
 }
 
@@ -79,7 +140,7 @@ pub struct Proxy {
     nonces: Nonces,
     servers: HashMap<SKey, ServerTx>,
     clients: HashMap<CKey, ClientTx>,
-    out: Vec<(SocketAddr, Vec<u8>)>,
+    out: Vec<(Peer, Vec<u8>)>,
     branch: u64,
     stats: ProxyStats,
     /// Deadlines, earliest first. An entry may be stale (the transaction moved on or is
@@ -100,13 +161,23 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn resolve(uri: &str) -> Option<SocketAddr> {
+/// Our Record-Route URI for a transport.
+fn rr_uri(local: SocketAddr, t: Transport) -> String {
+    match t {
+        Transport::Udp => format!("<sip:{local};lr>"),
+        Transport::Tcp => format!("<sip:{local};transport=tcp;lr>"),
+    }
+}
+
+fn resolve(uri: &str) -> Option<Peer> {
     let (host, port) = host_port(uri)?;
     let port = port.unwrap_or(5060);
+    let transport = Transport::of_uri(uri);
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(SocketAddr::new(ip, port));
+        return Some(Peer { transport, addr: SocketAddr::new(ip, port) });
     }
-    (host.as_str(), port).to_socket_addrs().ok()?.next()
+    let addr = (host.as_str(), port).to_socket_addrs().ok()?.next()?;
+    Some(Peer { transport, addr })
 }
 
 impl Proxy {
@@ -134,7 +205,7 @@ impl Proxy {
         self.li = Some(li);
     }
 
-    fn x2(&self, src: SocketAddr, m: &Message, raw: &[u8]) {
+    fn x2(&self, src: Peer, m: &Message, raw: &[u8]) {
         let Some(li) = &self.li else { return };
         let aor = |h: &str| m.header(h).map(uri_of).and_then(aor_of).unwrap_or_default();
         let (from, to) = (aor("From"), aor("To"));
@@ -144,7 +215,7 @@ impl Proxy {
             to_aor: &to,
             // A request is sent by its From party, a response by its To party.
             from_caller: matches!(m.start, StartLine::Request { .. }),
-            src,
+            src: src.addr,
             dst: self.cfg.local,
             message: raw,
         });
@@ -156,7 +227,7 @@ impl Proxy {
     }
 
     /// Takes what is to be sent.
-    pub fn drain(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
+    pub fn drain(&mut self) -> Vec<(Peer, Vec<u8>)> {
         std::mem::take(&mut self.out)
     }
 
@@ -168,6 +239,14 @@ impl Proxy {
                     || (h.parse::<IpAddr>().ok() == Some(self.cfg.local.ip()) && port_ok)
             }
             None => false,
+        }
+    }
+
+    /// Loose routing: Route entries naming us are consumed (two after a double
+    /// Record-Route).
+    fn consume_own_routes(&self, req: &mut Message) {
+        while req.header_values("Route").next().is_some_and(|r| self.is_us(uri_of(r))) {
+            req.pop_front("Route");
         }
     }
 
@@ -190,9 +269,32 @@ impl Proxy {
         Some(aor)
     }
 
-    /// One datagram from `src`.
+    /// One UDP datagram from `src`.
     pub fn on_datagram(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
+        self.on_message(now, Peer::udp(src), data);
+    }
+
+    /// One message (a datagram, or a message framed off a stream) from `src`.
+    pub fn on_message(&mut self, now: Instant, src: Peer, data: &[u8]) {
         self.datagram(now, src, data);
+        self.settle();
+    }
+
+    /// The transport could not reach `peer` (connection refused or lost): its client
+    /// transactions fail at once, as on a timeout, so the next target is tried now
+    /// rather than after Timer B (RFC 3263 §4.3).
+    pub fn on_transport_error(&mut self, now: Instant, peer: Peer) {
+        let failed: Vec<CKey> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.dst == peer && matches!(c.tx.state(), State::Calling | State::Trying))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in failed {
+            if let Some(sk) = self.clients.remove(&k).and_then(|c| c.server) {
+                self.next_target(now, &sk);
+            }
+        }
         self.settle();
     }
 
@@ -236,7 +338,7 @@ impl Proxy {
         }
     }
 
-    fn datagram(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
+    fn datagram(&mut self, now: Instant, src: Peer, data: &[u8]) {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // keep-alive CRLFs
         }
@@ -271,7 +373,7 @@ impl Proxy {
         }
     }
 
-    fn on_request(&mut self, now: Instant, src: SocketAddr, mut req: Message) {
+    fn on_request(&mut self, now: Instant, src: Peer, mut req: Message) {
         let Some(key) = server_key(&req) else {
             self.stats.malformed += 1;
             return;
@@ -302,7 +404,7 @@ impl Proxy {
         self.servers.insert(
             key.clone(),
             ServerTx {
-                tx: Transaction::server(req.clone(), false),
+                tx: Transaction::server(req.clone(), src.reliable()),
                 src,
                 forward: None,
                 targets: VecDeque::new(),
@@ -323,13 +425,7 @@ impl Proxy {
         if req.header_values("Via").any(|v| v.contains(&me) && v.contains("z9hG4bK-hasp")) {
             return self.reject(&key, &req, 482, "Loop Detected", now);
         }
-        // Loose routing: a Route naming us is consumed.
-        let top_route = req.header_values("Route").next().map(str::to_string);
-        if let Some(r) = top_route {
-            if self.is_us(uri_of(&r)) {
-                req.pop_front("Route");
-            }
-        }
+        self.consume_own_routes(&mut req);
         let ruri = match &req.start {
             StartLine::Request { uri, .. } => uri.clone(),
             StartLine::Response { .. } => return,
@@ -347,7 +443,7 @@ impl Proxy {
                     &self.nonces,
                     &self.cfg.domain,
                     &req,
-                    &src.to_string(),
+                    &src.addr.to_string(),
                     unix_now(),
                 );
                 return self.reply(&key, resp, now);
@@ -400,10 +496,6 @@ impl Proxy {
         // Prepare the request as forwarded.
         let mf = req.max_forwards().unwrap_or(70).saturating_sub(1);
         req.set("Max-Forwards", mf.to_string());
-        let dialog_creating = matches!(method.as_str(), "INVITE" | "SUBSCRIBE" | "REFER") && req.to_tag().is_none();
-        if dialog_creating {
-            req.push_front("Record-Route", format!("<sip:{};lr>", self.cfg.local));
-        }
         if method == "INVITE" {
             let trying = req.response(100, "Trying", None);
             self.reply(&key, trying, now);
@@ -462,16 +554,29 @@ impl Proxy {
             return self.reply(key, resp, now);
         };
         let Some(mut fwd) = s.forward.clone() else { return };
+        let inbound = s.src.transport;
         if let StartLine::Request { uri, .. } = &mut fwd.start {
             *uri = t.uri.clone();
+        }
+        let dialog_creating = matches!(fwd.method(), "INVITE" | "SUBSCRIBE" | "REFER") && fwd.to_tag().is_none();
+        if dialog_creating {
+            // One Record-Route, or two when the transport changes here (RFC 5658): the
+            // top one faces the callee, the other the caller.
+            if inbound != t.dst.transport {
+                fwd.push_front("Record-Route", rr_uri(self.cfg.local, inbound));
+            }
+            fwd.push_front("Record-Route", rr_uri(self.cfg.local, t.dst.transport));
         }
         for r in t.routes.iter().rev() {
             fwd.push_front("Route", r.clone());
         }
         self.branch += 1;
         let branch = format!("z9hG4bK-hasp-{:x}-{}", std::process::id(), self.branch);
-        fwd.push_front("Via", format!("SIP/2.0/UDP {};branch={branch};rport", self.cfg.local));
-        let mut tx = Transaction::client(fwd.clone(), false, now);
+        fwd.push_front(
+            "Via",
+            format!("SIP/2.0/{} {};branch={branch};rport", t.dst.transport.via_name(), self.cfg.local),
+        );
+        let mut tx = Transaction::client(fwd.clone(), t.dst.reliable(), now);
         while let Some(o) = tx.poll_output() {
             if let Output::Transmit(b) = o {
                 self.out.push((t.dst, b));
@@ -513,7 +618,7 @@ impl Proxy {
             StartLine::Response { .. } => return,
         };
         let c = Message { start: StartLine::Request { method: "CANCEL".into(), uri }, headers, body: Vec::new() };
-        let mut tx = Transaction::client(c.clone(), false, now);
+        let mut tx = Transaction::client(c.clone(), dst.reliable(), now);
         while let Some(o) = tx.poll_output() {
             if let Output::Transmit(b) = o {
                 self.out.push((dst, b));
@@ -592,12 +697,7 @@ impl Proxy {
     }
 
     fn forward_stateless(&mut self, mut req: Message) {
-        let top_route = req.header_values("Route").next().map(str::to_string);
-        if let Some(r) = top_route {
-            if self.is_us(uri_of(&r)) {
-                req.pop_front("Route");
-            }
-        }
+        self.consume_own_routes(&mut req);
         let next = req.header_values("Route").next().map(|r| uri_of(r).to_string()).or_else(|| match &req.start {
             StartLine::Request { uri, .. } => Some(uri.clone()),
             StartLine::Response { .. } => None,
@@ -612,7 +712,12 @@ impl Proxy {
         let b = req.via().and_then(|v| v.branch).unwrap_or_default();
         req.push_front(
             "Via",
-            format!("SIP/2.0/UDP {};branch=z9hG4bK-hasp-sl-{}", self.cfg.local, b.trim_start_matches("z9hG4bK")),
+            format!(
+                "SIP/2.0/{} {};branch=z9hG4bK-hasp-sl-{}",
+                dst.transport.via_name(),
+                self.cfg.local,
+                b.trim_start_matches("z9hG4bK")
+            ),
         );
         self.out.push((dst, req.to_bytes()));
     }
@@ -627,12 +732,13 @@ impl Proxy {
         let host = v.received.clone().unwrap_or(v.host.clone());
         let port = v.rport.flatten().or(v.port).unwrap_or(5060);
         let Ok(ip) = host.parse::<IpAddr>() else { return };
+        let transport = if v.transport == "TCP" { Transport::Tcp } else { Transport::Udp };
         if (200..300).contains(&resp.code().unwrap_or(0)) && resp.method() == "INVITE" {
             if let Some(sdp) = self.anchor_answer(&resp) {
                 resp.body = sdp.into_bytes();
             }
         }
-        self.out.push((SocketAddr::new(ip, port), resp.to_bytes()));
+        self.out.push((Peer { transport, addr: SocketAddr::new(ip, port) }, resp.to_bytes()));
     }
 
     /// Drives timers: runs the transactions whose deadline has come.

@@ -99,6 +99,46 @@ struct SipArgs {
     /// Run the relay only.
     #[arg(long)]
     no_sip: bool,
+    /// Serve SIP over UDP only (by default TCP is served on the same address too).
+    #[arg(long, env = "HASP_NO_SIP_TCP")]
+    no_sip_tcp: bool,
+    /// TCP connections the SIP proxy keeps open at once.
+    #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N", default_value_t = 4096)]
+    sip_max_connections: usize,
+}
+
+/// Binds SIP (UDP, and TCP on the same address unless turned off) and starts the proxy
+/// and registrar on `store`, anchoring media through `anchor`. Returns the bound address.
+fn start_sip(
+    sip: &SipArgs,
+    store: Arc<dyn controlplane::store::Store>,
+    anchor: Arc<dyn controlplane::anchor::MediaAnchor>,
+    li: Option<Arc<controlplane::li::Li>>,
+) -> Result<(SocketAddr, String)> {
+    let udp =
+        std::net::UdpSocket::bind(sip.listen_sip).with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
+    let local = udp.local_addr()?;
+    let tcp = if sip.no_sip_tcp {
+        None
+    } else {
+        Some(std::net::TcpListener::bind(local).with_context(|| format!("binding SIP over TCP on {local}"))?)
+    };
+    let transports = if tcp.is_some() { "udp,tcp" } else { "udp" };
+    let cfg = controlplane::sip::proxy::ProxyConfig {
+        domain: sip.domain.clone(),
+        local,
+        nonce_secret: match &sip.nonce_secret {
+            Some(s) => s.clone(),
+            None => random_token()?,
+        },
+    };
+    let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, store, Some(anchor));
+    if let Some(li) = li {
+        proxy.set_li(li);
+    }
+    let limits = controlplane::sip::server::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
+    controlplane::sip::server::spawn(udp, tcp, proxy, limits)?;
+    Ok((local, transports.to_string()))
 }
 
 /// Relay options. Each overrides the same key of the config file's `[relay]` table;
@@ -376,24 +416,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         let mut store = None;
         if let Some(sip) = &sip {
             let st = controlplane::store::open(&sip.store)?;
-            let sock = std::net::UdpSocket::bind(sip.listen_sip)
-                .with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
-            let local = sock.local_addr()?;
-            let cfg = controlplane::sip::proxy::ProxyConfig {
-                domain: sip.domain.clone(),
-                local,
-                nonce_secret: match &sip.nonce_secret {
-                    Some(s) => s.clone(),
-                    None => random_token()?,
-                },
-            };
             let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = calls.clone();
-            let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, st.clone(), Some(anchor));
-            if let Some(li) = &li_handle {
-                proxy.set_li(li.clone());
-            }
-            controlplane::sip::server::spawn(sock, Arc::new(std::sync::Mutex::new(proxy)))?;
-            extra.push_str(&format!(" sip={local} domain={}", sip.domain));
+            let (local, transports) = start_sip(sip, st.clone(), anchor, li_handle.clone())?;
+            extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
             store = Some(st);
         }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
@@ -438,19 +463,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
     let anchor: Arc<dyn controlplane::anchor::MediaAnchor> =
         Arc::new(controlplane::anchor::NgRelays::new(relays, Duration::from_millis(500))?);
     let store = controlplane::store::open(&a.sip.store)?;
-    let sock =
-        std::net::UdpSocket::bind(a.sip.listen_sip).with_context(|| format!("binding SIP on {}", a.sip.listen_sip))?;
-    let local = sock.local_addr()?;
-    let cfg = controlplane::sip::proxy::ProxyConfig {
-        domain: a.sip.domain.clone(),
-        local,
-        nonce_secret: match &a.sip.nonce_secret {
-            Some(s) => s.clone(),
-            None => random_token()?,
-        },
-    };
-    let proxy = controlplane::sip::proxy::Proxy::new(cfg, store.clone(), Some(anchor));
-    controlplane::sip::server::spawn(sock, Arc::new(std::sync::Mutex::new(proxy)))?;
+    let (local, transports) = start_sip(&a.sip, store.clone(), anchor, None)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
@@ -459,7 +472,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
             .with_context(|| format!("binding the API on {}", a.listen_api))?;
         let api_addr = listener.local_addr()?;
         println!(
-            "hasp proxy ready api=http://{api_addr} sip={local} domain={} relays={}",
+            "hasp proxy ready api=http://{api_addr} sip={local} sip_transports={transports} domain={} relays={}",
             a.sip.domain,
             a.relays.join(",")
         );
