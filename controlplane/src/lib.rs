@@ -12,6 +12,7 @@ pub mod api;
 pub mod calls;
 pub mod config;
 pub mod error;
+pub mod focus;
 pub mod li;
 pub mod metrics;
 pub mod ng;

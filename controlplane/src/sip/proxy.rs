@@ -136,6 +136,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     store: Arc<dyn Store>,
     calls: Option<Arc<dyn MediaAnchor>>,
+    focus: Option<Arc<crate::focus::Focus>>,
     li: Option<Arc<crate::li::Li>>,
     nonces: Nonces,
     servers: HashMap<SKey, ServerTx>,
@@ -188,6 +189,7 @@ impl Proxy {
             cfg,
             store,
             calls,
+            focus: None,
             li: None,
             nonces,
             servers: HashMap::new(),
@@ -198,6 +200,11 @@ impl Proxy {
             timers: BinaryHeap::new(),
             touched: Vec::new(),
         }
+    }
+
+    /// Answers INVITEs to `conf-<room>@<domain>` as conference focus.
+    pub fn set_focus(&mut self, focus: Arc<crate::focus::Focus>) {
+        self.focus = Some(focus);
     }
 
     /// Hands every SIP message received to lawful intercept's X2 hook.
@@ -425,6 +432,9 @@ impl Proxy {
         if req.header_values("Via").any(|v| v.contains(&me) && v.contains("z9hG4bK-hasp")) {
             return self.reject(&key, &req, 482, "Loop Detected", now);
         }
+        if self.focus_request(now, &key, src, &req) {
+            return;
+        }
         self.consume_own_routes(&mut req);
         let ruri = match &req.start {
             StartLine::Request { uri, .. } => uri.clone(),
@@ -513,6 +523,70 @@ impl Proxy {
             s.targets = targets.into();
         }
         self.next_target(now, &key);
+    }
+
+    /// Handles a request for the conference focus: a new INVITE to a conference URI of
+    /// our domain, or an in-dialog request of a focus dialog. Returns whether it did.
+    fn focus_request(&mut self, now: Instant, key: &SKey, src: Peer, req: &Message) -> bool {
+        let Some(focus) = self.focus.clone() else { return false };
+        let StartLine::Request { uri, method } = &req.start else { return false };
+        let mut routes = req.header_values("Route");
+        if !routes.all(|r| self.is_us(uri_of(r))) || !self.our_domain(uri) {
+            return false;
+        }
+        let user = aor_of(uri).and_then(|a| a.split_once('@').map(|(u, _)| u.to_string())).unwrap_or_default();
+        let Some(room) = crate::focus::room_of_user(&user) else { return false };
+        let method = method.clone();
+        let in_dialog = req.to_tag().is_some();
+        if in_dialog && !focus.is_member(req.call_id()) {
+            let r = req.response(481, "Call/Transaction Does Not Exist", None);
+            self.reply(key, r, now);
+            return true;
+        }
+        let resp = match method.as_str() {
+            "INVITE" => {
+                if !in_dialog {
+                    let trying = req.response(100, "Trying", None);
+                    self.reply(key, trying, now);
+                }
+                let offer = std::str::from_utf8(&req.body).unwrap_or("");
+                match focus.join(room, req.call_id(), offer) {
+                    Ok(answer) => {
+                        self.branch += 1;
+                        let tag = format!("hasp-focus-{:x}-{}", std::process::id(), self.branch);
+                        let mut r = req.response(200, "OK", Some(&tag));
+                        let t = match src.transport {
+                            Transport::Udp => "",
+                            Transport::Tcp => ";transport=tcp",
+                        };
+                        r.headers.push(("Contact".into(), format!("<sip:{user}@{}{t}>", self.cfg.local)));
+                        r.headers.push(("Content-Type".into(), "application/sdp".into()));
+                        r.body = answer.into_bytes();
+                        r
+                    }
+                    Err(crate::focus::JoinError::NotAcceptable(why)) => {
+                        let mut r = req.response(488, "Not Acceptable Here", Some("focus"));
+                        r.headers.push(("Warning".into(), format!("304 hasp \"{}\"", why.replace('"', "'"))));
+                        r
+                    }
+                    Err(crate::focus::JoinError::Unavailable(why)) => {
+                        tracing::warn!(room, error = %why, "no media node took a conference participant");
+                        let mut r = req.response(503, "Service Unavailable", Some("focus"));
+                        r.headers.push(("Retry-After".into(), "5".into()));
+                        r
+                    }
+                }
+            }
+            "BYE" => {
+                focus.leave(req.call_id());
+                req.response(200, "OK", None)
+            }
+            "OPTIONS" | "INFO" | "UPDATE" => req.response(200, "OK", None),
+            "CANCEL" => return false, // handled as for any INVITE (answered already)
+            _ => req.response(405, "Method Not Allowed", Some("focus")),
+        };
+        self.reply(key, resp, now);
+        true
     }
 
     fn anchor_offer(&self, req: &Message) -> Option<String> {
@@ -698,6 +772,13 @@ impl Proxy {
 
     fn forward_stateless(&mut self, mut req: Message) {
         self.consume_own_routes(&mut req);
+        if req.header_values("Route").next().is_none() {
+            if let StartLine::Request { uri, .. } = &req.start {
+                if self.is_us(uri) {
+                    return; // for us: the ACK of a 2xx the focus sent
+                }
+            }
+        }
         let next = req.header_values("Route").next().map(|r| uri_of(r).to_string()).or_else(|| match &req.start {
             StartLine::Request { uri, .. } => Some(uri.clone()),
             StartLine::Response { .. } => None,

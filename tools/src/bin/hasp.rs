@@ -113,6 +113,7 @@ fn start_sip(
     sip: &SipArgs,
     store: Arc<dyn controlplane::store::Store>,
     anchor: Arc<dyn controlplane::anchor::MediaAnchor>,
+    focus: Option<Arc<controlplane::focus::Focus>>,
     li: Option<Arc<controlplane::li::Li>>,
 ) -> Result<(SocketAddr, String)> {
     let udp =
@@ -135,6 +136,9 @@ fn start_sip(
     let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, store, Some(anchor));
     if let Some(li) = li {
         proxy.set_li(li);
+    }
+    if let Some(f) = focus {
+        proxy.set_focus(f);
     }
     let limits = controlplane::sip::server::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
     controlplane::sip::server::spawn(udp, tcp, proxy, limits)?;
@@ -417,7 +421,10 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         if let Some(sip) = &sip {
             let st = controlplane::store::open(&sip.store)?;
             let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = calls.clone();
-            let (local, transports) = start_sip(sip, st.clone(), anchor, li_handle.clone())?;
+            // The conference focus mixes in this process's relay.
+            let mixer: Arc<dyn controlplane::focus::Mixer> = relay.clone();
+            let focus = Arc::new(controlplane::focus::Focus::new(vec![mixer]));
+            let (local, transports) = start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone())?;
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
             store = Some(st);
         }
@@ -463,7 +470,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
     let anchor: Arc<dyn controlplane::anchor::MediaAnchor> =
         Arc::new(controlplane::anchor::NgRelays::new(relays, Duration::from_millis(500))?);
     let store = controlplane::store::open(&a.sip.store)?;
-    let (local, transports) = start_sip(&a.sip, store.clone(), anchor, None)?;
+    let (local, transports) = start_sip(&a.sip, store.clone(), anchor, None, None)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
