@@ -152,28 +152,36 @@ fn hasp_user_add_provisions_the_embedded_store() {
     assert_eq!(register(&sip, "carol", "s3cret", "sip:carol@127.0.0.1:7002", 600), 200);
 }
 
-#[test]
-fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
+/// `hasp proxy` with a dead relay first and a live `hasp relay` second, reached over NG
+/// (`ng://`) or its REST API (`http://`): a sipp call gets its media anchored in the live
+/// one. Over `http://` the proxy is also a conference focus on that relay's mixer.
+fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     let relay = RelayProc::spawn(
         &[
             "relay",
-            "--no-auth",
+            "--api-token",
+            TOKEN,
             "--listen-api",
             "127.0.0.1:0",
             "--listen-ng",
             "127.0.0.1:0",
             "--rtp-ports",
-            "45400-45499",
+            ports,
         ],
-        None,
+        Some(TOKEN.to_string()),
     );
     let ng = field(&relay.ready_line, "ng=");
-    let dead = free_port(); // nothing answers NG there
-    let dir = std::env::temp_dir().join(format!("hasp-proxy-role-{}", std::process::id()));
+    let api = field(&relay.ready_line, "api=");
+    let dead = free_port(); // nothing answers there
+    let dir = std::env::temp_dir().join(format!("hasp-proxy-role-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
-    let (r1, r2) = (format!("ng://127.0.0.1:{dead}"), format!("ng://{ng}"));
+    let (r1, r2) = if http {
+        (format!("http://127.0.0.1:{dead}"), api.clone())
+    } else {
+        (format!("ng://127.0.0.1:{dead}"), format!("ng://{ng}"))
+    };
     let proxy = RelayProc::spawn(
         &[
             "proxy",
@@ -191,6 +199,8 @@ fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
             &r1,
             "--relay",
             &r2,
+            "--relay-token",
+            TOKEN,
         ],
         Some(TOKEN.to_string()),
     );
@@ -222,6 +232,38 @@ fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
     wait_for("the relay session to be deleted after BYE", Duration::from_secs(10), || {
         (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
     });
+    if !http {
+        return;
+    }
+    // The focus: a participant of conf-standup lands in a room of the relay's mixer.
+    let carol = udp();
+    let mut part = sipp(
+        &dir,
+        "uac_conf.xml",
+        free_port(),
+        &[("media_a", carol.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
+        &["-s", "conf-standup", "-d", "1000", &sip],
+    );
+    let conf = wait_for("a room with one participant on the relay", Duration::from_secs(15), || {
+        let (_, v) = relay.call("GET", "/v1/conferences", None);
+        let id = v["conferences"].as_array()?.first()?.as_str()?.to_string();
+        let (_, c) = relay.call("GET", &format!("/v1/conferences/{id}"), None);
+        (c["participants"][0]["remote"] == carol.local_addr().unwrap().to_string().as_str()).then_some(id)
+    });
+    assert!(wait_for("participant", Duration::from_secs(30), || part.try_wait().ok().flatten()).success());
+    wait_for("the room to be deleted after the BYE", Duration::from_secs(10), || {
+        (relay.call("GET", &format!("/v1/conferences/{conf}"), None).0 == 404).then_some(())
+    });
+}
+
+#[test]
+fn hasp_proxy_anchors_media_in_a_remote_relay_skipping_a_dead_one() {
+    hasp_proxy_with_remote_relays(false, "45400-45449", "ng");
+}
+
+#[test]
+fn hasp_proxy_over_relays_rest_api_anchors_media_and_hosts_conferences() {
+    hasp_proxy_with_remote_relays(true, "45450-45499", "http");
 }
 
 /// Whether something listens on TCP `port` (read from /proc, so nothing connects to it).

@@ -33,6 +33,8 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// The SIP store, when the proxy/registrar runs in this process.
     pub store: Option<Arc<dyn crate::store::Store>>,
+    /// Call anchoring for NG over HTTP (`POST /ng`).
+    pub calls: Option<Arc<crate::calls::Calls>>,
 }
 
 /// Builds the router.
@@ -51,6 +53,7 @@ pub fn router(state: ApiState) -> Router {
                 .delete(conferences::delete_participant),
         )
         .route("/v1/users", axum::routing::post(users::create))
+        .route("/ng", axum::routing::post(ng_http))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -106,6 +109,28 @@ async fn health(State(st): State<ApiState>) -> Response {
 async fn metrics(State(st): State<ApiState>) -> Response {
     let mut r = crate::metrics::render(&st.relay).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}
+
+/// rtpengine's NG protocol over HTTP: the body is `<cookie> <bencoded dict>`, the answer
+/// the same framing (as rtpengine's `POST /ng`). What `hasp proxy --relay http://…` uses.
+async fn ng_http(State(st): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let Some(calls) = st.calls.clone() else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "NG is not served here").into_response();
+    };
+    let Some((cookie, dict)) = crate::ng::split_cookie(&body) else {
+        return ApiError::new(StatusCode::BAD_REQUEST, "bad_ng", "expected '<cookie> <bencoded dictionary>'")
+            .into_response();
+    };
+    let cookie = cookie.to_vec();
+    let reply = match crate::ng::bencode::decode(dict) {
+        Ok((v, _)) => tokio::task::spawn_blocking(move || crate::ng::handle_command(&calls, &v))
+            .await
+            .unwrap_or_else(|_| crate::ng::error_reply("internal error")),
+        Err(e) => crate::ng::error_reply(&format!("Could not decode dictionary: {e}")),
+    };
+    let mut r = crate::ng::frame(&cookie, &reply).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-rtpengine-ng"));
     r
 }
 

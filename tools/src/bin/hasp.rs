@@ -53,10 +53,15 @@ struct ProxyArgs {
     /// Address of the REST API (users, health).
     #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT", default_value = "127.0.0.1:8081")]
     listen_api: SocketAddr,
-    /// A relay to anchor media in, `ng://HOST:PORT` (its --listen-ng); repeat for
-    /// several, tried in order, one that does not answer within 500 ms skipped for 10 s.
+    /// A relay to anchor media in: `http://HOST:PORT` (its REST API: NG over `POST /ng`,
+    /// and its conference mixer for the focus) or `ng://HOST:PORT` (its --listen-ng).
+    /// Repeat for several, tried in order; one that does not answer within 500 ms is
+    /// skipped for 10 s.
     #[arg(long = "relay", value_name = "URL", required = true)]
     relays: Vec<String>,
+    /// Bearer token of the `http://` relays' APIs.
+    #[arg(long, env = "HASP_RELAY_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    relay_token: Option<String>,
     /// Bearer token the API requires.
     #[arg(long, env = "HASP_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -438,7 +443,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             if cfg.no_auth { "off" } else { "token" },
         );
         std::io::stdout().flush()?;
-        let state = ApiState { relay: relay.clone(), token, store: store.clone() };
+        let state = ApiState { relay: relay.clone(), token, store: store.clone(), calls: Some(calls.clone()) };
         api::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("shutting down");
         if let Some(s) = store {
@@ -453,24 +458,30 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
     if !a.no_auth && a.api_token.as_deref().is_none_or(str::is_empty) {
         bail!("an API token is required (--api-token), or --no-auth");
     }
-    let mut relays = Vec::new();
-    for r in &a.relays {
-        match r.strip_prefix("ng://") {
-            Some(hp) => relays.push(
-                std::net::ToSocketAddrs::to_socket_addrs(hp)
-                    .with_context(|| format!("relay {r}"))?
-                    .next()
-                    .with_context(|| format!("relay {r} does not resolve"))?,
-            ),
-            None => {
-                bail!("relay {r:?}: only ng://HOST:PORT relays are supported (point it at `hasp relay --listen-ng`)")
+    let timeout = Duration::from_millis(500);
+    let relays = a
+        .relays
+        .iter()
+        .map(|r| controlplane::anchor::RelayUrl::parse(r))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The conference focus mixes on the relays whose REST API we know.
+    let mixers: Vec<Arc<dyn controlplane::focus::Mixer>> = relays
+        .iter()
+        .filter_map(|r| match r {
+            controlplane::anchor::RelayUrl::Http(base) => {
+                let m: Arc<dyn controlplane::focus::Mixer> =
+                    Arc::new(controlplane::anchor::RestMixer::new(base, a.relay_token.clone(), timeout));
+                Some(m)
             }
-        }
-    }
+            controlplane::anchor::RelayUrl::Ng(_) => None,
+        })
+        .collect();
+    let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::focus::Focus::new(mixers)));
     let anchor: Arc<dyn controlplane::anchor::MediaAnchor> =
-        Arc::new(controlplane::anchor::NgRelays::new(relays, Duration::from_millis(500))?);
+        Arc::new(controlplane::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?);
     let store = controlplane::store::open(&a.sip.store)?;
-    let (local, transports) = start_sip(&a.sip, store.clone(), anchor, None, None)?;
+    let (local, transports) = start_sip(&a.sip, store.clone(), anchor, focus, None)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
