@@ -196,6 +196,13 @@ impl Message {
                 return Err(bad(format!("missing {h}")));
             }
         }
+        // Headers that hold one value must appear once (RFC 4475 §3.1.2.19): two
+        // Call-IDs or CSeqs leave the transaction ambiguous.
+        for h in ["From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length"] {
+            if self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(h)).count() > 1 {
+                return Err(bad(format!("more than one {h}")));
+            }
+        }
         let (_, method) = self.cseq().ok_or_else(|| bad("bad CSeq"))?;
         if let StartLine::Request { method: m, .. } = &self.start {
             if *m != method && m != "ACK" && m != "CANCEL" {

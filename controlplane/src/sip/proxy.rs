@@ -14,6 +14,9 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+/// Largest UDP payload over IPv4: a message longer than this cannot go over UDP.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
 /// Proxy settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -160,6 +163,15 @@ impl std::fmt::Debug for Proxy {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// FNV-1a over two strings: a stable, cheap tag for a dialog.
+fn fnv1a(a: &str, b: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in a.bytes().chain([0]).chain(b.bytes()) {
+        h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Our Record-Route URI for a transport.
@@ -552,8 +564,9 @@ impl Proxy {
                 let offer = std::str::from_utf8(&req.body).unwrap_or("");
                 match focus.join(room, req.call_id(), offer) {
                     Ok(answer) => {
-                        self.branch += 1;
-                        let tag = format!("hasp-focus-{:x}-{}", std::process::id(), self.branch);
+                        // The same tag for a retransmitted INVITE (whose 200 was lost):
+                        // derived from the dialog, not counted.
+                        let tag = format!("hasp-focus-{:016x}", fnv1a(req.call_id(), req.from_tag().unwrap_or("")));
                         let mut r = req.response(200, "OK", Some(&tag));
                         let t = match src.transport {
                             Transport::Udp => "",
@@ -651,11 +664,22 @@ impl Proxy {
             format!("SIP/2.0/{} {};branch={branch};rport", t.dst.transport.via_name(), self.cfg.local),
         );
         let mut tx = Transaction::client(fwd.clone(), t.dst.reliable(), now);
+        let mut sends = Vec::new();
         while let Some(o) = tx.poll_output() {
             if let Output::Transmit(b) = o {
-                self.out.push((t.dst, b));
+                sends.push(b);
             }
         }
+        if t.dst.transport == Transport::Udp && sends.iter().any(|b| b.len() > MAX_UDP_PAYLOAD) {
+            // It cannot be sent to this target (RFC 3261 §18.1.1 would want TCP, which
+            // the target did not offer): the next one, or 513 at the end.
+            if s.best.is_none() {
+                let req = s.tx.request();
+                s.best = Some(req.response(513, "Message Too Large", Some("big")));
+            }
+            return self.next_target(now, key);
+        }
+        self.out.extend(sends.into_iter().map(|b| (t.dst, b)));
         let ck = (branch, fwd.method().to_string());
         self.touched.push(TxKey::Client(ck.clone()));
         self.stats.forwarded += 1;
@@ -864,18 +888,37 @@ impl Proxy {
 }
 
 /// A 400 for a request too broken to parse but with enough to answer (Via, From, To,
-/// Call-ID, CSeq lines copied as they are).
+/// Call-ID, CSeq lines copied as they are), or a 505 for another SIP version. Only the
+/// header section must be text: a body is not looked at.
 fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(data).ok()?;
+    let head = match data.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &data[..i],
+        None => data,
+    };
+    let text = String::from_utf8_lossy(head);
     let first = text.lines().next()?;
-    if first.starts_with("SIP/2.0") || !first.ends_with("SIP/2.0") {
+    if first.starts_with("SIP/") {
+        return None; // a response: never answered
+    }
+    // A request line is `METHOD URI SIP/2.0`; a missing or other version still lets us
+    // answer, as long as it starts with a method token.
+    let method = first.split(' ').next().unwrap_or("");
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return None;
     }
-    let mut out = String::from("SIP/2.0 400 Bad Request\r\n");
+    let version = first.rsplit(' ').next().unwrap_or("");
+    let (code, reason) = match version.strip_prefix("SIP/") {
+        Some(v) if v != "2.0" => (505, "Version Not Supported"),
+        _ => (400, "Bad Request"),
+    };
+    let mut out = format!("SIP/2.0 {code} {reason}\r\n");
     let mut have = 0;
     for l in text.lines().skip(1) {
         let name = l.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
         if ["via", "v", "from", "f", "to", "t", "call-id", "i", "cseq"].contains(&name.as_str()) {
+            if l.contains('\u{fffd}') {
+                return None; // a header we would echo is not text
+            }
             out.push_str(l.trim_end());
             out.push_str("\r\n");
             have += 1;
@@ -887,4 +930,193 @@ fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
     let why: String = why.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(120).collect();
     out.push_str(&format!("Warning: 399 hasp \"{why}\"\r\nContent-Length: 0\r\n\r\n"));
     Some(out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::focus::{Focus, Mixer};
+    use crate::store::{Binding, Store};
+    use std::time::Duration;
+
+    fn store(name: &str) -> Arc<dyn Store> {
+        let dir = std::env::temp_dir().join(format!("hasp-proxy-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Arc::new(crate::store::embedded::Embedded::open(&dir.join("s.redb")).unwrap())
+    }
+
+    fn proxy(st: Arc<dyn Store>) -> Proxy {
+        let cfg = ProxyConfig {
+            domain: "unit.test".into(),
+            local: "127.0.0.1:5060".parse().unwrap(),
+            nonce_secret: "s".into(),
+        };
+        Proxy::new(cfg, st, None)
+    }
+
+    fn bind(st: &dyn Store, aor: &str, contacts: &[(&str, u64)]) {
+        let b: Vec<Binding> = contacts
+            .iter()
+            .map(|(c, exp)| Binding {
+                contact: c.to_string(),
+                expires_at: *exp,
+                path: vec![],
+                call_id: "r".into(),
+                cseq: 1,
+                received: None,
+            })
+            .collect();
+        st.set_bindings(aor, &b).unwrap();
+    }
+
+    fn invite(uri: &str, branch: &str, sdp: &str) -> Vec<u8> {
+        format!(
+            "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <sip:a@unit.test>;tag=fa\r\nTo: <{uri}>\r\nCall-ID: call-{branch}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        )
+        .into_bytes()
+    }
+
+    fn first_line(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).lines().next().unwrap_or("").to_string()
+    }
+
+    const CALLER: &str = "10.0.0.1:5070";
+
+    #[test]
+    fn a_refused_tcp_contact_fails_over_to_the_next_at_once() {
+        let st = store("tcp-failover");
+        let far = unix_now() + 600;
+        // The TCP contact is newer, so it is tried first.
+        bind(
+            &*st,
+            "bob@unit.test",
+            &[("sip:bob@10.0.0.2:5080;transport=tcp", far + 10), ("sip:bob@10.0.0.3:5080", far)],
+        );
+        let mut p = proxy(st);
+        let t0 = Instant::now();
+        p.on_datagram(t0, CALLER.parse().unwrap(), &invite("sip:bob@unit.test", "1", ""));
+        let out = p.drain();
+        let tcp = Peer::tcp("10.0.0.2:5080".parse().unwrap());
+        assert!(out.iter().any(|(d, b)| *d == tcp && first_line(b).starts_with("INVITE")), "{out:?}");
+        let sent = out.iter().find(|(d, _)| *d == tcp).map(|(_, b)| String::from_utf8_lossy(b).to_string()).unwrap();
+        assert!(sent.contains("Via: SIP/2.0/TCP 127.0.0.1:5060"), "{sent}");
+        assert!(sent.contains("Record-Route: <sip:127.0.0.1:5060;transport=tcp;lr>"), "{sent}");
+        assert!(sent.contains("Record-Route: <sip:127.0.0.1:5060;lr>"), "double Record-Route: {sent}");
+        // The connection is refused 10 ms later: the UDP contact gets the INVITE now,
+        // not after Timer B.
+        p.on_transport_error(t0 + Duration::from_millis(10), tcp);
+        let out = p.drain();
+        let udp = Peer::udp("10.0.0.3:5080".parse().unwrap());
+        assert!(out.iter().any(|(d, b)| *d == udp && first_line(b).starts_with("INVITE")), "{out:?}");
+    }
+
+    #[test]
+    fn an_unanswered_invite_is_retransmitted_then_408_and_forgotten() {
+        let st = store("timeout");
+        bind(&*st, "bob@unit.test", &[("sip:bob@10.0.0.3:5080", unix_now() + 600)]);
+        let mut p = proxy(st);
+        let t0 = Instant::now();
+        let caller: SocketAddr = CALLER.parse().unwrap();
+        p.on_datagram(t0, caller, &invite("sip:bob@unit.test", "2", ""));
+        let _ = p.drain();
+        // Timer A doubles: retransmissions at 0.5, 1.5, 3.5, 7.5 s …
+        let mut sent = 0;
+        let mut t = t0;
+        let mut final_resp = None;
+        while t < t0 + Duration::from_secs(40) {
+            t += Duration::from_millis(100);
+            p.on_tick(t);
+            for (d, b) in p.drain() {
+                if d.addr == caller {
+                    final_resp = Some((t - t0, first_line(&b)));
+                } else {
+                    sent += 1;
+                }
+            }
+            if final_resp.is_some() {
+                break;
+            }
+        }
+        let (after, line) = final_resp.expect("a final response");
+        assert_eq!(line, "SIP/2.0 408 Request Timeout");
+        assert!(after >= Duration::from_secs(32) && after < Duration::from_secs(33), "{after:?}");
+        assert_eq!(sent, 6, "retransmissions at 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s");
+        // Nothing is kept once the server transaction ends too (Timer I/J).
+        p.on_tick(t + Duration::from_secs(40));
+        assert_eq!(p.transactions(), 0);
+    }
+
+    #[derive(Debug, Default)]
+    struct OneRoom(std::sync::atomic::AtomicU32);
+
+    impl Mixer for OneRoom {
+        fn create_room(&self) -> Result<String, crate::Error> {
+            Ok("0000000000000001".into())
+        }
+        fn delete_room(&self, _: &str) -> Result<(), crate::Error> {
+            Ok(())
+        }
+        fn join(
+            &self,
+            _: &str,
+            _: dataplane::mixer::Codec,
+            pt: u8,
+            _: Option<SocketAddr>,
+        ) -> Result<crate::relay::ParticipantCreated, crate::Error> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u16;
+            Ok(crate::relay::ParticipantCreated {
+                id: format!("{n:08x}"),
+                address: "127.0.0.1".parse().unwrap(),
+                rtp_port: 40_000 + 2 * n,
+                payload_type: pt,
+            })
+        }
+        fn leave(&self, _: &str, _: &str) -> Result<(), crate::Error> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_focus_answers_conference_invites_and_byes() {
+        let mut p = proxy(store("focus"));
+        let focus = Arc::new(Focus::new(vec![Arc::new(OneRoom::default())]));
+        p.set_focus(focus.clone());
+        let sdp = "v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
+        let caller: SocketAddr = CALLER.parse().unwrap();
+        let t0 = Instant::now();
+        let inv = invite("sip:conf-room@unit.test", "3", sdp);
+        p.on_datagram(t0, caller, &inv);
+        let out = p.drain();
+        let lines: Vec<String> = out.iter().map(|(_, b)| first_line(b)).collect();
+        assert_eq!(lines, ["SIP/2.0 100 Trying", "SIP/2.0 200 OK"]);
+        let ok = String::from_utf8_lossy(&out[1].1).to_string();
+        assert!(
+            ok.contains("m=audio 40000 RTP/AVP 0") && ok.contains("Contact: <sip:conf-room@127.0.0.1:5060>"),
+            "{ok}"
+        );
+        let tag = |m: &str| m.lines().find(|l| l.starts_with("To:")).unwrap().to_string();
+        // A retransmitted INVITE (the 200 was lost) gets the same answer and To tag.
+        p.on_datagram(t0 + Duration::from_millis(500), caller, &inv);
+        let again = p.drain().into_iter().map(|(_, b)| String::from_utf8_lossy(&b).to_string()).collect::<Vec<_>>();
+        assert_eq!(tag(again.last().unwrap()), tag(&ok));
+        assert_eq!(focus.counts(), (1, 1));
+        // ACK and BYE are ours: nothing is forwarded, BYE gets 200 and leaves the room.
+        let to = tag(&ok);
+        let in_dialog = |m: &str, cseq: u32, branch: &str| {
+            format!(
+                "{m} sip:conf-room@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <sip:a@unit.test>;tag=fa\r\n{to}\r\nCall-ID: call-3\r\nCSeq: {cseq} {m}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
+        p.on_datagram(t0 + Duration::from_secs(1), caller, in_dialog("ACK", 1, "ack").as_bytes());
+        assert!(p.drain().is_empty(), "the ACK is absorbed");
+        p.on_datagram(t0 + Duration::from_secs(2), caller, in_dialog("BYE", 2, "bye").as_bytes());
+        let out = p.drain();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0.addr, first_line(&out[0].1)), (caller, "SIP/2.0 200 OK".to_string()));
+        assert_eq!(focus.counts(), (0, 0));
+        // A BYE for a dialog the focus does not know: 481.
+        p.on_datagram(t0 + Duration::from_secs(3), caller, in_dialog("BYE", 3, "bye2").as_bytes());
+        assert_eq!(first_line(&p.drain()[0].1), "SIP/2.0 481 Call/Transaction Does Not Exist");
+    }
 }

@@ -149,8 +149,11 @@ fn core(
                 Transport::Udp => {
                     // Linux reports an earlier ICMP "port unreachable" on the next call on
                     // an unconnected UDP socket, which then sends nothing: try once more.
-                    if udp.send_to(&bytes, peer.addr).is_err() {
-                        let _ = udp.send_to(&bytes, peer.addr);
+                    if udp.send_to(&bytes, peer.addr).is_err() && udp.send_to(&bytes, peer.addr).is_err() {
+                        // Failing twice is this message's own failure: its transaction
+                        // fails at once rather than at Timer B.
+                        stats.send_drops.fetch_add(1, Ordering::Relaxed);
+                        offer(tx, stats, Event::TransportError(peer));
                     }
                 }
                 Transport::Tcp => send_tcp(peer.addr, bytes, conns, tx, stats, limits),
