@@ -1,8 +1,10 @@
 //! The SIP driver: sockets, connections and the clock around the sans-IO proxy core.
 //!
-//! One core thread owns the [`Proxy`] and takes events from a bounded channel: datagrams
-//! from the UDP reader, messages framed off TCP connections, connection failures. Its
-//! only blocking is the channel receive, with a deadline at the proxy's next timer. Each
+//! One core thread owns the [`Proxy`] and the UDP socket: it blocks in `poll(2)` on the
+//! socket and an eventfd, with a deadline at the proxy's next timer, then reads every
+//! datagram waiting (no thread hand-off per datagram on the UDP path). Messages framed
+//! off TCP connections and connection failures come through a bounded channel whose
+//! senders ring the eventfd. Each
 //! TCP connection (accepted, or opened to reach a target) has a reader thread that frames
 //! messages by Content-Length and a writer thread fed by a bounded queue, so a slow peer
 //! never stalls the core. Connections are keyed by remote address: a response, or a
@@ -10,10 +12,11 @@
 
 use super::message::{Message, ParseError, MAX_MESSAGE};
 use super::proxy::{Peer, Proxy, Transport};
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,6 +70,32 @@ enum Event {
 
 type Conns = Arc<Mutex<HashMap<SocketAddr, Sender<Vec<u8>>>>>;
 
+/// The core's inbox for events from other threads: a bounded channel and the eventfd
+/// that wakes the core's poll.
+#[derive(Clone)]
+struct Inbox {
+    tx: Sender<Event>,
+    wake: Arc<OwnedFd>,
+}
+
+impl Inbox {
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A running driver.
 #[derive(Debug, Clone)]
 pub struct Handle {
@@ -78,21 +107,10 @@ pub struct Handle {
 /// address) until the process ends.
 pub fn spawn(udp: UdpSocket, tcp: Option<TcpListener>, mut proxy: Proxy, limits: Limits) -> std::io::Result<Handle> {
     let (tx, rx) = bounded::<Event>(limits.queue);
+    let tx = Inbox { tx, wake: Arc::new(eventfd()?) };
     let stats = Arc::new(DriverStats::default());
     let conns: Conns = Arc::default();
-    // UDP reader.
-    let reader = udp.try_clone()?;
-    let (t, st) = (tx.clone(), stats.clone());
-    std::thread::Builder::new().name("hasp-sip-udp".into()).spawn(move || {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            match reader.recv_from(&mut buf) {
-                Ok((n, src)) => offer(&t, &st, Event::Message(Peer::udp(src), buf[..n].to_vec())),
-                // ICMP errors from earlier sends surface here on Linux: not fatal.
-                Err(_) => continue,
-            }
-        }
-    })?;
+    udp.set_nonblocking(true)?;
     if let Some(listener) = tcp {
         let (t, st, c) = (tx.clone(), stats.clone(), conns.clone());
         std::thread::Builder::new().name("hasp-sip-tcp".into()).spawn(move || {
@@ -115,30 +133,61 @@ pub fn spawn(udp: UdpSocket, tcp: Option<TcpListener>, mut proxy: Proxy, limits:
     Ok(Handle { stats })
 }
 
-fn offer(tx: &Sender<Event>, stats: &DriverStats, e: Event) {
-    if let Err(TrySendError::Full(_)) = tx.try_send(e) {
-        stats.queue_drops.fetch_add(1, Ordering::Relaxed);
+fn offer(tx: &Inbox, stats: &DriverStats, e: Event) {
+    match tx.tx.try_send(e) {
+        Ok(()) => tx.ring(),
+        Err(TrySendError::Full(_)) => {
+            stats.queue_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(TrySendError::Disconnected(_)) => {}
     }
 }
+
+/// Datagrams read per wake-up before timers and the inbox get a turn.
+const UDP_BATCH: usize = 256;
 
 fn core(
     proxy: &mut Proxy,
     rx: &Receiver<Event>,
-    tx: &Sender<Event>,
+    tx: &Inbox,
     udp: &UdpSocket,
     conns: &Conns,
     stats: &Arc<DriverStats>,
     limits: Limits,
 ) {
-    let max_wait = Duration::from_millis(20);
+    let max_wait = Duration::from_millis(100);
+    let mut buf = vec![0u8; 65_536];
     loop {
         let now = Instant::now();
         let wait = proxy.next_deadline().map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
-        match rx.recv_timeout(wait) {
-            Ok(Event::Message(peer, bytes)) => proxy.on_message(Instant::now(), peer, &bytes),
-            Ok(Event::TransportError(peer)) => proxy.on_transport_error(Instant::now(), peer),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        let mut fds = [
+            libc::pollfd { fd: udp.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: tx.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // Round up so a deadline less than 1 ms away does not spin.
+        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        for _ in 0..UDP_BATCH {
+            match udp.recv_from(&mut buf) {
+                Ok((n, src)) => proxy.on_message(Instant::now(), Peer::udp(src), &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // ICMP errors from earlier sends surface here on Linux: not fatal.
+                Err(_) => continue,
+            }
+        }
+        if fds[1].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes into a valid u64 from our eventfd.
+            unsafe { libc::read(tx.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Event::Message(peer, bytes)) => proxy.on_message(Instant::now(), peer, &bytes),
+                Ok(Event::TransportError(peer)) => proxy.on_transport_error(Instant::now(), peer),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
         }
         let now = Instant::now();
         if proxy.next_deadline().is_some_and(|d| d <= now) {
@@ -149,7 +198,7 @@ fn core(
                 Transport::Udp => {
                     // Linux reports an earlier ICMP "port unreachable" on the next call on
                     // an unconnected UDP socket, which then sends nothing: try once more.
-                    if udp.send_to(&bytes, peer.addr).is_err() && udp.send_to(&bytes, peer.addr).is_err() {
+                    if send_udp(udp, &bytes, peer.addr).is_err() && send_udp(udp, &bytes, peer.addr).is_err() {
                         // Failing twice is this message's own failure: its transaction
                         // fails at once rather than at Timer B.
                         stats.send_drops.fetch_add(1, Ordering::Relaxed);
@@ -162,8 +211,22 @@ fn core(
     }
 }
 
+/// Sends a datagram on the non-blocking socket, waiting up to 10 ms for room in a full
+/// send buffer rather than dropping it.
+fn send_udp(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    match udp.send_to(bytes, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let mut fd = libc::pollfd { fd: udp.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut fd, 1, 10) };
+            udp.send_to(bytes, to)
+        }
+        r => r,
+    }
+}
+
 /// Queues `bytes` on the connection to `addr`, opening one (in the background) if none.
-fn send_tcp(addr: SocketAddr, bytes: Vec<u8>, conns: &Conns, tx: &Sender<Event>, stats: &Arc<DriverStats>, l: Limits) {
+fn send_tcp(addr: SocketAddr, bytes: Vec<u8>, conns: &Conns, tx: &Inbox, stats: &Arc<DriverStats>, l: Limits) {
     let mut map = conns.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(w) = map.get(&addr) {
         if w.try_send(bytes).is_err() {
@@ -203,7 +266,7 @@ fn start_connection(
     s: TcpStream,
     remote: SocketAddr,
     conns: &Conns,
-    tx: &Sender<Event>,
+    tx: &Inbox,
     stats: &Arc<DriverStats>,
     l: Limits,
 ) -> std::io::Result<()> {
@@ -223,7 +286,7 @@ fn run_connection(
     remote: SocketAddr,
     out: Receiver<Vec<u8>>,
     conns: &Conns,
-    tx: &Sender<Event>,
+    tx: &Inbox,
     stats: &Arc<DriverStats>,
     l: Limits,
 ) -> std::io::Result<()> {
