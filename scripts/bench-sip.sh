@@ -15,8 +15,7 @@
 set -u
 cd "$(dirname "$0")/.."
 RATE=${1:-500}; SECS=${2:-10}; CALLS=$((RATE * SECS))
-SIPP_DIR=${SIPP_DIR:-../shared/sipp}
-[ -f "$SIPP_DIR/uac_rr.xml" ] || SIPP_DIR=tests/interop/rr
+SIPP_DIR=${SIPP_DIR:-tests/interop/rr}  # copies of ../shared/sipp/uac_rr.xml, uas_rr.xml
 W=$(mktemp -d); trap 'pkill -f "$W" 2>/dev/null; rm -rf "$W"' EXIT
 cargo build --release -q -p hasp-tools --bin hasp || exit 1
 HASP=target/release/hasp
