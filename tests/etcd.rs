@@ -78,6 +78,16 @@ fn etcd_store_passes_the_battery() {
     let cluster = Cluster::start(23700);
     let s = controlplane::store::open(&cluster.spec()).unwrap();
     controlplane::store::battery(&*s);
+    // Dialogs (call → media node) are shared and leased.
+    assert_eq!(s.dialog("c1").unwrap(), None);
+    s.put_dialog("c1", "ng://10.0.0.5:2223", 60).unwrap();
+    assert_eq!(s.dialog("c1").unwrap().as_deref(), Some("ng://10.0.0.5:2223"));
+    s.delete_dialog("c1").unwrap();
+    assert_eq!(s.dialog("c1").unwrap(), None);
+    s.put_dialog("c2", "x", 1).unwrap();
+    wait_for("the dialog's lease to expire", Duration::from_secs(10), || {
+        s.dialog("c2").unwrap().is_none().then_some(())
+    });
 }
 
 fn up(store: &str, ports: &str) -> (RelayProc, String) {
@@ -147,4 +157,115 @@ fn two_proxies_share_registrations_through_etcd_and_survive_a_node_loss() {
     let uas2 = free();
     assert_eq!(sip_register(&sip_b, "hasp.test", "carol", "pw2", &format!("sip:carol@127.0.0.1:{uas2}"), 600), 200);
     call(&dir, &sip_a, "carol", &a, uas2);
+}
+
+/// `hasp proxy` on a shared store with `--record-route` naming the cluster, and two
+/// relays listed in opposite orders.
+fn proxy(store: &str, relays: [&str; 2]) -> (RelayProc, String) {
+    let args = [
+        "proxy",
+        "--listen-api",
+        "127.0.0.1:0",
+        "--no-auth",
+        "--listen-sip",
+        "127.0.0.1:0",
+        "--domain",
+        "hasp.test",
+        "--store",
+        store,
+        "--relay",
+        relays[0],
+        "--relay",
+        relays[1],
+        "--record-route",
+        "proxies.hasp.test",
+        "--nonce-secret",
+        "shared-between-proxies",
+    ];
+    let p = RelayProc::spawn(&args, None);
+    let sip = p.ready_line.split_whitespace().find_map(|w| w.strip_prefix("sip=")).unwrap().to_string();
+    (p, sip)
+}
+
+/// Reads SIP messages on `s` until one starts with `first`.
+fn recv_sip(s: &std::net::UdpSocket, first: &str) -> String {
+    let mut buf = vec![0u8; 65536];
+    wait_for(first, Duration::from_secs(10), || {
+        let (n, _) = s.recv_from(&mut buf).ok()?;
+        let m = String::from_utf8_lossy(&buf[..n]).to_string();
+        m.starts_with(first).then_some(m)
+    })
+}
+
+fn header<'a>(m: &'a str, name: &str) -> Vec<&'a str> {
+    m.lines().filter_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(str::trim).collect()
+}
+
+#[test]
+fn a_call_set_up_through_one_proxy_is_ended_through_the_other_and_its_relay_freed() {
+    let cluster = Cluster::start(23900);
+    let spec = cluster.spec();
+    let relay = |ports: &str| {
+        let r = RelayProc::spawn(
+            &["relay", "--no-auth", "--listen-api", "127.0.0.1:0", "--listen-ng", "127.0.0.1:0", "--rtp-ports", ports],
+            None,
+        );
+        let ng = format!("ng://{}", r.ready_line.split_whitespace().find_map(|w| w.strip_prefix("ng=")).unwrap());
+        (r, ng)
+    };
+    let ((r1, ng1), (r2, ng2)) = (relay("45100-45149"), relay("45150-45199"));
+    let (a, sip_a) = proxy(&spec, [&ng1, &ng2]);
+    let (_b, sip_b) = proxy(&spec, [&ng2, &ng1]);
+    add_sip_user(&a, "bob", "hasp.test", "pw");
+    let dir = std::env::temp_dir().join(format!("hasp-etcd-dialog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (alice, bob, sig) = (udp(), udp(), udp());
+    let uas_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    assert_eq!(sip_register(&sip_a, "hasp.test", "bob", "pw", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
+    let mut uas =
+        sipp(&dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    std::thread::sleep(Duration::from_millis(300)); // sipp binds its port
+                                                    // The caller (this test) sends INVITE and ACK through proxy A.
+    let me = sig.local_addr().unwrap();
+    let call_id = format!("dialog-{}", std::process::id());
+    let sdp = format!(
+        "v=0\r\no=a 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\n",
+        alice.local_addr().unwrap().port()
+    );
+    let common = |branch: &str, cseq: &str| {
+        format!(
+            "Via: SIP/2.0/UDP {me};branch=z9hG4bK-{branch};rport\r\nFrom: <sip:alice@hasp.test>;tag=al1\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nMax-Forwards: 70\r\n"
+        )
+    };
+    let invite = format!(
+        "INVITE sip:bob@hasp.test SIP/2.0\r\n{}To: <sip:bob@hasp.test>\r\nContact: <sip:alice@{me}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        common("inv", "1 INVITE"),
+        sdp.len()
+    );
+    sig.send_to(invite.as_bytes(), &sip_a).unwrap();
+    let ok = recv_sip(&sig, "SIP/2.0 200");
+    assert_eq!(header(&ok, "Record-Route"), ["<sip:proxies.hasp.test;lr>"], "{ok}");
+    let to = header(&ok, "To")[0].to_string();
+    let target = header(&ok, "Contact")[0].trim_matches(['<', '>']).to_string();
+    let in_dialog = |method: &str, branch: &str, cseq: &str| {
+        format!(
+            "{method} {target} SIP/2.0\r\n{}To: {to}\r\nRoute: <sip:proxies.hasp.test;lr>\r\nContent-Length: 0\r\n\r\n",
+            common(branch, cseq)
+        )
+    };
+    sig.send_to(in_dialog("ACK", "ack", "1 ACK").as_bytes(), &sip_a).unwrap();
+    // Proxy A anchored the call on relay 1 (its first).
+    let (a_addr, b_addr) = (alice.local_addr().unwrap().to_string(), bob.local_addr().unwrap().to_string());
+    let session = r1.wait_media_session(&a_addr, &b_addr);
+    let id = session["id"].as_str().unwrap().to_string();
+    assert_eq!(r2.call("GET", "/v1/sessions", None).1["count"], 0);
+    // The BYE goes through proxy B, whose first relay is relay 2: the shared dialog
+    // state sends the delete to relay 1.
+    sig.send_to(in_dialog("BYE", "bye", "2 BYE").as_bytes(), &sip_b).unwrap();
+    let ok = recv_sip(&sig, "SIP/2.0 200");
+    assert!(ok.contains("CSeq: 2 BYE"), "{ok}");
+    assert!(wait_for("UAS", Duration::from_secs(30), || uas.try_wait().ok().flatten()).success());
+    wait_for("relay 1's session to be deleted", Duration::from_secs(10), || {
+        (r1.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
+    });
 }

@@ -36,6 +36,10 @@ impl MediaAnchor for Calls {
     }
 }
 
+/// How long a call's relay is remembered in the shared store (a call that never sends
+/// BYE is forgotten after this).
+const DIALOG_TTL: u64 = 12 * 3600;
+
 /// How long a relay that did not answer is skipped.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
@@ -84,6 +88,8 @@ pub struct NgRelays {
     relays: Vec<RelayUrl>,
     http: ureq::Agent,
     token: Option<String>,
+    /// Shared dialog state (call → relay), so another proxy finds a call's relay.
+    dialogs: Option<std::sync::Arc<dyn crate::store::Store>>,
     sock: UdpSocket,
     timeout: Duration,
     state: Mutex<NgState>,
@@ -107,7 +113,34 @@ impl NgRelays {
         let v6 = relays.iter().any(|r| matches!(r, RelayUrl::Ng(a) if a.is_ipv6()));
         let sock = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
         let http = ureq::AgentBuilder::new().timeout(timeout).build();
-        Ok(Self { relays, http, token, sock, timeout, state: Mutex::new(NgState::default()) })
+        Ok(Self { relays, http, token, dialogs: None, sock, timeout, state: Mutex::new(NgState::default()) })
+    }
+
+    /// Records each call's relay in `store` and looks calls up there, so any proxy
+    /// sharing the store (etcd) sends a call's re-INVITE or BYE to its relay.
+    pub fn with_dialogs(mut self, store: std::sync::Arc<dyn crate::store::Store>) -> Self {
+        self.dialogs = Some(store);
+        self
+    }
+
+    /// The relay a call was anchored on, from this proxy's memory or the shared store.
+    fn relay_of(&self, st: &NgState, call_id: &str) -> Option<usize> {
+        if let Some(i) = st.sticky.get(call_id) {
+            return Some(*i);
+        }
+        let node = self.dialogs.as_ref()?.dialog(call_id).ok()??;
+        self.relays.iter().position(|r| r.to_string() == node)
+    }
+
+    /// Remembers that `call_id` lives on relay `i` (in the shared store when it is new).
+    fn stick(&self, st: &mut NgState, call_id: &str, i: usize) {
+        if st.sticky.insert(call_id.to_string(), i) != Some(i) {
+            if let Some(d) = &self.dialogs {
+                if let Err(e) = d.put_dialog(call_id, &self.relays[i].to_string(), DIALOG_TTL) {
+                    tracing::warn!(error = %e, "could not share the call's relay");
+                }
+            }
+        }
     }
 
     /// One NG exchange over HTTP; `None` when the relay did not answer (down).
@@ -139,7 +172,7 @@ impl NgRelays {
     fn request(&self, call_id: &str, dict: Value) -> Result<Value, Error> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.relays.len();
-        let start = st.sticky.get(call_id).copied().unwrap_or(st.next % n);
+        let start = self.relay_of(&st, call_id).unwrap_or(st.next % n);
         st.next = st.next.wrapping_add(1);
         for k in 0..n {
             let i = (start + k) % n;
@@ -156,7 +189,7 @@ impl NgRelays {
                     Some(r) => {
                         let v = r?;
                         st.down_until.remove(&i);
-                        st.sticky.insert(call_id.to_string(), i);
+                        self.stick(&mut st, call_id, i);
                         return Self::result(v);
                     }
                     None => {
@@ -179,7 +212,7 @@ impl NgRelays {
                 let Some(body) = buf[..len].strip_prefix(format!("{cookie} ").as_bytes()) else { continue };
                 let v = decode(body).map_err(|e| Error::Invalid(format!("relay answer: {e}")))?.0;
                 st.down_until.remove(&i);
-                st.sticky.insert(call_id.to_string(), i);
+                self.stick(&mut st, call_id, i);
                 return Self::result(v);
             }
             tracing::warn!(relay = %self.relays[i], "relay did not answer; marked down");
@@ -234,6 +267,9 @@ impl MediaAnchor for NgRelays {
         let d = Value::dict([("command", Value::str("delete")), ("call-id", Value::str(call_id))]);
         let r = self.request(call_id, d).map(|_| ());
         self.state.lock().unwrap_or_else(|e| e.into_inner()).sticky.remove(call_id);
+        if let Some(s) = &self.dialogs {
+            let _ = s.delete_dialog(call_id);
+        }
         r
     }
 }

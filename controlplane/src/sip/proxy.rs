@@ -26,6 +26,9 @@ pub struct ProxyConfig {
     pub local: SocketAddr,
     /// Secret for stateless nonces (shared by proxies that share a store).
     pub nonce_secret: String,
+    /// `HOST[:PORT]` put in Record-Route instead of `local`: a name (or address) that
+    /// reaches every proxy of the cluster, so in-dialog requests can be served by any.
+    pub record_route: Option<String>,
 }
 
 /// How a message travels.
@@ -175,10 +178,10 @@ fn fnv1a(a: &str, b: &str) -> u64 {
 }
 
 /// Our Record-Route URI for a transport.
-fn rr_uri(local: SocketAddr, t: Transport) -> String {
+fn rr_uri(host: &str, t: Transport) -> String {
     match t {
-        Transport::Udp => format!("<sip:{local};lr>"),
-        Transport::Tcp => format!("<sip:{local};transport=tcp;lr>"),
+        Transport::Udp => format!("<sip:{host};lr>"),
+        Transport::Tcp => format!("<sip:{host};transport=tcp;lr>"),
     }
 }
 
@@ -254,8 +257,10 @@ impl Proxy {
         match host_port(uri) {
             Some((h, p)) => {
                 let port_ok = p.unwrap_or(5060) == self.cfg.local.port();
+                let rr = self.cfg.record_route.as_deref().and_then(|r| host_port(&format!("sip:{r}")));
                 (h.eq_ignore_ascii_case(&self.cfg.domain) && (p.is_none() || port_ok))
                     || (h.parse::<IpAddr>().ok() == Some(self.cfg.local.ip()) && port_ok)
+                    || rr.is_some_and(|(rh, rp)| rh.eq_ignore_ascii_case(&h) && rp.unwrap_or(5060) == p.unwrap_or(5060))
             }
             None => false,
         }
@@ -646,13 +651,14 @@ impl Proxy {
             *uri = t.uri.clone();
         }
         let dialog_creating = matches!(fwd.method(), "INVITE" | "SUBSCRIBE" | "REFER") && fwd.to_tag().is_none();
+        let rr_host = self.cfg.record_route.clone().unwrap_or_else(|| self.cfg.local.to_string());
         if dialog_creating {
             // One Record-Route, or two when the transport changes here (RFC 5658): the
             // top one faces the callee, the other the caller.
             if inbound != t.dst.transport {
-                fwd.push_front("Record-Route", rr_uri(self.cfg.local, inbound));
+                fwd.push_front("Record-Route", rr_uri(&rr_host, inbound));
             }
-            fwd.push_front("Record-Route", rr_uri(self.cfg.local, t.dst.transport));
+            fwd.push_front("Record-Route", rr_uri(&rr_host, t.dst.transport));
         }
         for r in t.routes.iter().rev() {
             fwd.push_front("Route", r.clone());
@@ -950,6 +956,7 @@ mod tests {
             domain: "unit.test".into(),
             local: "127.0.0.1:5060".parse().unwrap(),
             nonce_secret: "s".into(),
+            record_route: None,
         };
         Proxy::new(cfg, st, None)
     }

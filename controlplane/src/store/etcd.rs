@@ -1,7 +1,7 @@
 //! The etcd store: several proxies share credentials and registrations. Every endpoint
 //! is configured, so one node down changes nothing; each operation has a deadline, so an
-//! outage answers 503 quickly instead of hanging; bindings carry a lease, so etcd itself
-//! expires them.
+//! outage answers 503 quickly instead of hanging; bindings and dialogs (call → media
+//! node) carry a lease, so etcd itself expires them.
 
 use super::{Binding, Store};
 use crate::error::Error;
@@ -155,6 +155,37 @@ impl Store for Etcd {
         let Some(kv) = r.kvs().first() else { return Ok(Vec::new()) };
         let all: Vec<Binding> = serde_json::from_slice(kv.value()).map_err(err)?;
         Ok(all.into_iter().filter(|b| b.expires_at > now).collect())
+    }
+
+    fn put_dialog(&self, call_id: &str, node: &str, ttl_secs: u64) -> Result<(), Error> {
+        let key = format!("{}dialogs/{call_id}", self.prefix);
+        let (v, ttl) = (node.to_string(), ttl_secs.max(1) as i64);
+        self.run(|mut c| {
+            let (key, v) = (key.clone(), v.clone());
+            async move {
+                let lease = c.lease_grant(ttl, None).await?;
+                c.put(key, v, Some(PutOptions::new().with_lease(lease.id()))).await
+            }
+        })
+        .map(|_| ())
+    }
+
+    fn dialog(&self, call_id: &str) -> Result<Option<String>, Error> {
+        let key = format!("{}dialogs/{call_id}", self.prefix);
+        let r = self.run(|mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
+        Ok(r.kvs().first().and_then(|kv| kv.value_str().ok()).map(str::to_string))
+    }
+
+    fn delete_dialog(&self, call_id: &str) -> Result<(), Error> {
+        let key = format!("{}dialogs/{call_id}", self.prefix);
+        self.run(|mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .map(|_| ())
     }
 
     fn set_bindings(&self, aor: &str, bindings: &[Binding]) -> Result<(), Error> {

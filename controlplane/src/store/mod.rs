@@ -36,6 +36,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn bindings(&self, aor: &str, now: u64) -> Result<Vec<Binding>, Error>;
     /// Replaces the bindings of an address of record (empty: removes it).
     fn set_bindings(&self, aor: &str, bindings: &[Binding]) -> Result<(), Error>;
+    /// Remembers which media node anchors a call (`node`, its URL) for `ttl_secs`, so
+    /// that any proxy sharing the store sends the call's later requests (re-INVITE,
+    /// BYE) to the same node. Backends serving one machine need not keep it: the
+    /// proxy's memory does.
+    fn put_dialog(&self, _call_id: &str, _node: &str, _ttl_secs: u64) -> Result<(), Error> {
+        Ok(())
+    }
+    /// The media node of a call, if recorded.
+    fn dialog(&self, _call_id: &str) -> Result<Option<String>, Error> {
+        Ok(None)
+    }
+    /// Forgets a call.
+    fn delete_dialog(&self, _call_id: &str) -> Result<(), Error> {
+        Ok(())
+    }
     /// Makes every write so far durable (called at a clean stop; backends that commit
     /// durably at once need nothing).
     fn flush(&self) -> Result<(), Error> {

@@ -107,6 +107,11 @@ struct SipArgs {
     /// Serve SIP over UDP only (by default TCP is served on the same address too).
     #[arg(long, env = "HASP_NO_SIP_TCP")]
     no_sip_tcp: bool,
+    /// HOST[:PORT] to Record-Route with instead of --listen-sip: a name or address that
+    /// reaches every proxy of the cluster (a load balancer, a DNS name), so in-dialog
+    /// requests may be served by any proxy sharing the store.
+    #[arg(long, env = "HASP_RECORD_ROUTE", value_name = "HOST[:PORT]")]
+    record_route: Option<String>,
     /// TCP connections the SIP proxy keeps open at once.
     #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N", default_value_t = 4096)]
     sip_max_connections: usize,
@@ -137,6 +142,7 @@ fn start_sip(
             Some(s) => s.clone(),
             None => random_token()?,
         },
+        record_route: sip.record_route.clone(),
     };
     let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, store, Some(anchor));
     if let Some(li) = li {
@@ -478,9 +484,11 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
         })
         .collect();
     let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::focus::Focus::new(mixers)));
-    let anchor: Arc<dyn controlplane::anchor::MediaAnchor> =
-        Arc::new(controlplane::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?);
     let store = controlplane::store::open(&a.sip.store)?;
+    // Calls' relays are shared through the store, so another proxy serves their BYEs.
+    let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = Arc::new(
+        controlplane::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?.with_dialogs(store.clone()),
+    );
     let (local, transports) = start_sip(&a.sip, store.clone(), anchor, focus, None)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
