@@ -121,6 +121,11 @@ fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
     wait_for("the session to be deleted after BYE", Duration::from_secs(10), || {
         (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
     });
+    // The SIP counters are in /metrics: the INVITE, ACK and BYE were forwarded, the
+    // REGISTERs counted, nothing is pending once the transactions ended.
+    assert!(relay.metric("hasp_sip_forwarded_total") >= 2);
+    assert!(relay.metric("hasp_sip_registers_total") >= 2);
+    assert_eq!(relay.metric("hasp_sip_rate_limited_total"), 0);
 }
 
 #[test]
@@ -232,6 +237,7 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     wait_for("the relay session to be deleted after BYE", Duration::from_secs(10), || {
         (relay.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
     });
+    assert!(proxy.metric("hasp_sip_forwarded_total") >= 2, "hasp proxy serves /metrics");
     if !http {
         return;
     }
@@ -254,6 +260,7 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     wait_for("the room to be deleted after the BYE", Duration::from_secs(10), || {
         (relay.call("GET", &format!("/v1/conferences/{conf}"), None).0 == 404).then_some(())
     });
+    assert_eq!((proxy.metric("hasp_focus_rooms"), proxy.metric("hasp_focus_participants")), (0, 0));
 }
 
 #[test]

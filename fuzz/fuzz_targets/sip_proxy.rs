@@ -40,7 +40,7 @@ thread_local! {
         let dir = std::env::temp_dir().join(format!("hasp-fuzz-proxy-{}", std::process::id()));
         let store = controlplane::store::open(&format!("embedded:{}", dir.join("s.redb").display())).unwrap();
         store.put_user("bob", "fuzz.test", "pw").unwrap();
-        let cfg = ProxyConfig { domain: "fuzz.test".into(), local: "127.0.0.1:5060".parse().unwrap(), nonce_secret: "k".into(), record_route: None };
+        let cfg = ProxyConfig { domain: "fuzz.test".into(), local: "127.0.0.1:5060".parse().unwrap(), nonce_secret: "k".into(), record_route: None, rate_limit: 50 };
         let mut p = Proxy::new(cfg, store, None);
         p.set_focus(Arc::new(Focus::new(vec![Arc::new(NullMixer)])));
         (p, Instant::now())

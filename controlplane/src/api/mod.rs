@@ -35,6 +35,8 @@ pub struct ApiState {
     pub store: Option<Arc<dyn crate::store::Store>>,
     /// Call anchoring for NG over HTTP (`POST /ng`).
     pub calls: Option<Arc<crate::calls::Calls>>,
+    /// SIP counters, when the proxy runs in this process.
+    pub sip: Option<crate::sip::metrics::SipMetrics>,
 }
 
 /// Builds the router.
@@ -67,7 +69,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// Compares in time independent of where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -107,7 +109,11 @@ async fn health(State(st): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    let mut r = crate::metrics::render(&st.relay).into_response();
+    let mut text = crate::metrics::render(&st.relay);
+    if let Some(sip) = &st.sip {
+        sip.render(&mut text);
+    }
+    let mut r = text.into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
 }

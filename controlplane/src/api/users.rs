@@ -68,6 +68,17 @@ pub struct ProxyApiState {
     pub store: std::sync::Arc<dyn crate::store::Store>,
     /// Required bearer token; `None` when authentication is disabled.
     pub token: Option<std::sync::Arc<str>>,
+    /// SIP counters for `/metrics`.
+    pub sip: Option<crate::sip::metrics::SipMetrics>,
+}
+
+fn check_token(st: &ProxyApiState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(t) = &st.token else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if super::constant_time_eq(g.trim().as_bytes(), t.as_bytes()) => Ok(()),
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or missing API token")),
+    }
 }
 
 async fn proxy_create(
@@ -75,20 +86,30 @@ async fn proxy_create(
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    if let Some(t) = &st.token {
-        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given.map(str::trim) != Some(&**t) {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or missing API token"));
-        }
-    }
+    check_token(&st, &headers)?;
     provision(st.store.clone(), body).await
 }
 
-/// The API of `hasp proxy`: `GET /health`, `POST /v1/users`.
+async fn proxy_metrics(State(st): State<ProxyApiState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+    check_token(&st, &headers)?;
+    let mut text = String::new();
+    if let Some(sip) = &st.sip {
+        sip.render(&mut text);
+    }
+    let mut r = text.into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(r)
+}
+
+/// The API of `hasp proxy`: `GET /health`, `POST /v1/users`, `GET /metrics`.
 pub fn proxy_router(state: ProxyApiState) -> axum::Router {
     axum::Router::new()
         .route("/health", axum::routing::get(|| async { Json(serde_json::json!({"status": "ok", "role": "proxy"})) }))
         .route("/v1/users", axum::routing::post(proxy_create))
+        .route("/metrics", axum::routing::get(proxy_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }

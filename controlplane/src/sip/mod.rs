@@ -1,7 +1,8 @@
-//! SIP: messages, transactions (sans IO), and later the proxy and registrar.
+//! SIP: messages, transactions, the proxy and registrar (sans IO), and their driver.
 
 pub mod digest;
 pub mod message;
+pub mod metrics;
 pub mod proxy;
 pub mod registrar;
 pub mod server;

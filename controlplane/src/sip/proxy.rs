@@ -11,6 +11,7 @@ use crate::store::Store;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +30,9 @@ pub struct ProxyConfig {
     /// `HOST[:PORT]` put in Record-Route instead of `local`: a name (or address) that
     /// reaches every proxy of the cluster, so in-dialog requests can be served by any.
     pub record_route: Option<String>,
+    /// Requests per second accepted from one source address (bursts of twice that);
+    /// more are dropped and counted. 0: no limit.
+    pub rate_limit: u32,
 }
 
 /// How a message travels.
@@ -103,6 +107,56 @@ pub struct ProxyStats {
     pub forwarded: u64,
     /// REGISTERs handled.
     pub registers: u64,
+    /// Requests dropped by the per-source rate limit.
+    pub rate_limited: u64,
+}
+
+/// The proxy's counters, shared with the metrics endpoint (written by the proxy's one
+/// thread, read by the API).
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    /// Messages that did not parse.
+    pub malformed: AtomicU64,
+    /// Requests answered 4xx/5xx by the proxy itself.
+    pub rejected: AtomicU64,
+    /// Requests forwarded (each target tried counts).
+    pub forwarded: AtomicU64,
+    /// REGISTERs handled.
+    pub registers: AtomicU64,
+    /// Requests dropped by the per-source rate limit.
+    pub rate_limited: AtomicU64,
+    /// Transactions in progress (gauge).
+    pub transactions: AtomicU64,
+}
+
+/// A token bucket per source address: `rate` requests per second, bursts of twice that.
+#[derive(Debug)]
+struct RateLimit {
+    rate: f64,
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimit {
+    /// Sources tracked before idle ones are forgotten.
+    const MAX_SOURCES: usize = 100_000;
+
+    fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let burst = 2.0 * self.rate;
+        if self.buckets.len() >= Self::MAX_SOURCES && !self.buckets.contains_key(&ip) {
+            // Forget sources whose bucket has refilled: they lose nothing.
+            let rate = self.rate;
+            self.buckets.retain(|_, (t, at)| *t + rate * now.duration_since(*at).as_secs_f64() < burst);
+        }
+        let (tokens, at) = self.buckets.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + self.rate * now.duration_since(*at).as_secs_f64()).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 type SKey = (String, String, String);
@@ -149,7 +203,8 @@ pub struct Proxy {
     clients: HashMap<CKey, ClientTx>,
     out: Vec<(Peer, Vec<u8>)>,
     branch: u64,
-    stats: ProxyStats,
+    metrics: Arc<ProxyMetrics>,
+    limit: Option<RateLimit>,
     /// Deadlines, earliest first. An entry may be stale (the transaction moved on or is
     /// gone): it is checked against the transaction when it comes due, so a tick costs
     /// only the timers due, not a scan of every transaction.
@@ -200,6 +255,8 @@ impl Proxy {
     /// A proxy over a store, anchoring media through `calls` when given.
     pub fn new(cfg: ProxyConfig, store: Arc<dyn Store>, calls: Option<Arc<dyn MediaAnchor>>) -> Self {
         let nonces = Nonces::new(cfg.nonce_secret.clone());
+        let limit =
+            (cfg.rate_limit > 0).then(|| RateLimit { rate: f64::from(cfg.rate_limit), buckets: HashMap::new() });
         Self {
             cfg,
             store,
@@ -211,7 +268,8 @@ impl Proxy {
             clients: HashMap::new(),
             out: Vec::new(),
             branch: 0,
-            stats: ProxyStats::default(),
+            metrics: Arc::default(),
+            limit,
             timers: BinaryHeap::new(),
             touched: Vec::new(),
         }
@@ -245,7 +303,19 @@ impl Proxy {
 
     /// Counters.
     pub fn stats(&self) -> ProxyStats {
-        self.stats
+        let m = &self.metrics;
+        ProxyStats {
+            malformed: m.malformed.load(Ordering::Relaxed),
+            rejected: m.rejected.load(Ordering::Relaxed),
+            forwarded: m.forwarded.load(Ordering::Relaxed),
+            registers: m.registers.load(Ordering::Relaxed),
+            rate_limited: m.rate_limited.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The counters, live, for a metrics endpoint.
+    pub fn metrics(&self) -> Arc<ProxyMetrics> {
+        self.metrics.clone()
     }
 
     /// Takes what is to be sent.
@@ -360,11 +430,21 @@ impl Proxy {
                 self.timers.push(Reverse((t, k)));
             }
         }
+        self.metrics.transactions.store((self.clients.len() + self.servers.len()) as u64, Ordering::Relaxed);
     }
 
     fn datagram(&mut self, now: Instant, src: Peer, data: &[u8]) {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // keep-alive CRLFs
+        }
+        // Requests are limited per source before any parsing, so a flood costs little;
+        // responses belong to our own transactions and are never limited. Dropped, not
+        // answered: an answer would amplify the flood.
+        if let Some(l) = &mut self.limit {
+            if !data.starts_with(b"SIP/") && !l.allow(src.addr.ip(), now) {
+                self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         }
         match Message::parse(data, false) {
             Ok((m, _)) => {
@@ -375,7 +455,7 @@ impl Proxy {
                 }
             }
             Err(e) => {
-                self.stats.malformed += 1;
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                 // Answer a request we can still address; drop anything else.
                 if let Some(r) = bad_request_reply(data, &e.to_string()) {
                     self.out.push((src, r));
@@ -399,7 +479,7 @@ impl Proxy {
 
     fn on_request(&mut self, now: Instant, src: Peer, mut req: Message) {
         let Some(key) = server_key(&req) else {
-            self.stats.malformed += 1;
+            self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let method = req.method().to_string();
@@ -464,7 +544,7 @@ impl Proxy {
             }
         } else if self.our_domain(&ruri) {
             if method == "REGISTER" {
-                self.stats.registers += 1;
+                self.metrics.registers.fetch_add(1, Ordering::Relaxed);
                 let resp = registrar::register(
                     &*self.store,
                     &self.nonces,
@@ -626,7 +706,7 @@ impl Proxy {
     }
 
     fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {
-        self.stats.rejected += 1;
+        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         let r = req.response(code, reason, Some("rej"));
         self.reply(key, r, now);
     }
@@ -688,7 +768,7 @@ impl Proxy {
         self.out.extend(sends.into_iter().map(|b| (t.dst, b)));
         let ck = (branch, fwd.method().to_string());
         self.touched.push(TxKey::Client(ck.clone()));
-        self.stats.forwarded += 1;
+        self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
         s.client = Some(ck.clone());
         self.clients.insert(ck, ClientTx { tx, dst: t.dst, server: Some(key.clone()) });
     }
@@ -957,6 +1037,7 @@ mod tests {
             local: "127.0.0.1:5060".parse().unwrap(),
             nonce_secret: "s".into(),
             record_route: None,
+            rate_limit: 0,
         };
         Proxy::new(cfg, st, None)
     }
@@ -1052,6 +1133,38 @@ mod tests {
         // Nothing is kept once the server transaction ends too (Timer I/J).
         p.on_tick(t + Duration::from_secs(40));
         assert_eq!(p.transactions(), 0);
+    }
+
+    #[test]
+    fn requests_over_the_per_source_rate_are_dropped_and_counted() {
+        let cfg = ProxyConfig {
+            domain: "unit.test".into(),
+            local: "127.0.0.1:5060".parse().unwrap(),
+            nonce_secret: "s".into(),
+            record_route: None,
+            rate_limit: 10,
+        };
+        let mut p = Proxy::new(cfg, store("rate"), None);
+        let options = |n: u32| {
+            format!(
+                "OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKo{n}\r\nFrom: <sip:a@unit.test>;tag=1\r\nTo: <sip:127.0.0.1:5060>\r\nCall-ID: o{n}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+        };
+        let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:5070".parse().unwrap(), "10.0.0.2:5070".parse().unwrap());
+        let t0 = Instant::now();
+        for n in 0..30 {
+            p.on_datagram(t0, a, options(n).as_bytes());
+        }
+        assert_eq!(p.drain().len(), 20, "a burst of twice the rate passes");
+        assert_eq!(p.stats().rate_limited, 10);
+        p.on_datagram(t0, b, options(100).as_bytes());
+        assert_eq!(p.drain().len(), 1, "another source is not affected");
+        // One second refills ten tokens.
+        for n in 200..215 {
+            p.on_datagram(t0 + Duration::from_secs(1), a, options(n).as_bytes());
+        }
+        assert_eq!(p.drain().len(), 10);
+        assert_eq!(p.metrics().rate_limited.load(Ordering::Relaxed), 15);
     }
 
     #[derive(Debug, Default)]

@@ -55,6 +55,8 @@ pub struct DriverStats {
     pub queue_drops: AtomicU64,
     /// TCP connections accepted or opened.
     pub connections: AtomicU64,
+    /// TCP connections open now.
+    pub open: AtomicU64,
     /// TCP connections refused over the limit.
     pub refused: AtomicU64,
     /// Streams closed because they did not frame as SIP.
@@ -291,6 +293,21 @@ fn run_connection(
     l: Limits,
 ) -> std::io::Result<()> {
     stats.connections.fetch_add(1, Ordering::Relaxed);
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    let r = serve_connection(s, remote, out, conns, tx, stats, l);
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+    r
+}
+
+fn serve_connection(
+    s: TcpStream,
+    remote: SocketAddr,
+    out: Receiver<Vec<u8>>,
+    conns: &Conns,
+    tx: &Inbox,
+    stats: &Arc<DriverStats>,
+    l: Limits,
+) -> std::io::Result<()> {
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(l.idle))?;
     let mut w = s.try_clone()?;

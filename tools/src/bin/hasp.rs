@@ -112,6 +112,10 @@ struct SipArgs {
     /// requests may be served by any proxy sharing the store.
     #[arg(long, env = "HASP_RECORD_ROUTE", value_name = "HOST[:PORT]")]
     record_route: Option<String>,
+    /// SIP requests per second accepted from one source IP (bursts of twice that); more
+    /// are dropped and counted (hasp_sip_rate_limited_total). 0: no limit.
+    #[arg(long, env = "HASP_SIP_RATE_LIMIT", value_name = "N", default_value_t = 10_000)]
+    sip_rate_limit: u32,
     /// TCP connections the SIP proxy keeps open at once.
     #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N", default_value_t = 4096)]
     sip_max_connections: usize,
@@ -125,7 +129,7 @@ fn start_sip(
     anchor: Arc<dyn controlplane::anchor::MediaAnchor>,
     focus: Option<Arc<controlplane::focus::Focus>>,
     li: Option<Arc<controlplane::li::Li>>,
-) -> Result<(SocketAddr, String)> {
+) -> Result<(SocketAddr, String, controlplane::sip::metrics::SipMetrics)> {
     let udp =
         std::net::UdpSocket::bind(sip.listen_sip).with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
     let local = udp.local_addr()?;
@@ -143,17 +147,20 @@ fn start_sip(
             None => random_token()?,
         },
         record_route: sip.record_route.clone(),
+        rate_limit: sip.sip_rate_limit,
     };
     let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, store, Some(anchor));
     if let Some(li) = li {
         proxy.set_li(li);
     }
-    if let Some(f) = focus {
-        proxy.set_focus(f);
+    if let Some(f) = &focus {
+        proxy.set_focus(f.clone());
     }
+    let proxy_metrics = proxy.metrics();
     let limits = controlplane::sip::server::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
-    controlplane::sip::server::spawn(udp, tcp, proxy, limits)?;
-    Ok((local, transports.to_string()))
+    let handle = controlplane::sip::server::spawn(udp, tcp, proxy, limits)?;
+    let metrics = controlplane::sip::metrics::SipMetrics { proxy: proxy_metrics, driver: handle.stats, focus };
+    Ok((local, transports.to_string(), metrics))
 }
 
 /// Relay options. Each overrides the same key of the config file's `[relay]` table;
@@ -429,13 +436,15 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             });
         }
         let mut store = None;
+        let mut sip_metrics = None;
         if let Some(sip) = &sip {
             let st = controlplane::store::open(&sip.store)?;
             let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = calls.clone();
             // The conference focus mixes in this process's relay.
             let mixer: Arc<dyn controlplane::focus::Mixer> = relay.clone();
             let focus = Arc::new(controlplane::focus::Focus::new(vec![mixer]));
-            let (local, transports) = start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone())?;
+            let (local, transports, m) = start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone())?;
+            sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
             store = Some(st);
         }
@@ -449,7 +458,13 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             if cfg.no_auth { "off" } else { "token" },
         );
         std::io::stdout().flush()?;
-        let state = ApiState { relay: relay.clone(), token, store: store.clone(), calls: Some(calls.clone()) };
+        let state = ApiState {
+            relay: relay.clone(),
+            token,
+            store: store.clone(),
+            calls: Some(calls.clone()),
+            sip: sip_metrics,
+        };
         api::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("shutting down");
         if let Some(s) = store {
@@ -489,7 +504,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
     let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = Arc::new(
         controlplane::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?.with_dialogs(store.clone()),
     );
-    let (local, transports) = start_sip(&a.sip, store.clone(), anchor, focus, None)?;
+    let (local, transports, sip_metrics) = start_sip(&a.sip, store.clone(), anchor, focus, None)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
@@ -504,7 +519,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
         );
         std::io::stdout().flush()?;
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
-        let state = controlplane::api::users::ProxyApiState { store: store.clone(), token };
+        let state = controlplane::api::users::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
         axum::serve(listener, controlplane::api::users::proxy_router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
