@@ -11,6 +11,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Build every binary first: the end-to-end tests start target/debug/hasp.
 cargo build --workspace --all-targets --quiet
+export HASP_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/hasp"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

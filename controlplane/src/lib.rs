@@ -2,8 +2,8 @@
 //!
 //! This crate decides; the data plane forwards. For the relay role it allocates ports,
 //! binds sockets, pushes sessions to the data plane's workers and serves the REST
-//! session API ([`api`]). Later roles (SIP proxy, load balancer, DNS, membership) live
-//! here too.
+//! session API ([`api`]); the SIP proxy, registrar and conference focus ([`sip`],
+//! [`focus`]) live here too, as will the load balancer, DNS and membership.
 
 #![deny(missing_docs)]
 

@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 pub fn hasp_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // scripts/test.sh builds everything first and says where: no cargo run from
+        // inside the tests (nextest's own build unifies dev-dependency features
+        // differently, so a `cargo build` here would rebuild under running tests).
+        if let Some(p) = std::env::var_os("HASP_BIN") {
+            return PathBuf::from(p);
+        }
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
         // The same build as scripts/test.sh: a narrower one (`-p hasp-tools`) would
