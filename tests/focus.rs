@@ -14,39 +14,9 @@ use tones::*;
 
 const DOMAIN: &str = "conf.test";
 
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn three_party_conference_through_the_focus() {
-    let dir = std::env::temp_dir().join(format!("hasp-focus-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = format!("embedded:{}", dir.join("hasp.redb").display());
-    let relay = RelayProc::spawn(
-        &[
-            "up",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--api-token",
-            TOKEN,
-            "--listen-sip",
-            "127.0.0.1:0",
-            "--domain",
-            DOMAIN,
-            "--store",
-            &store,
-            "--rtp-ports",
-            "45600-45699",
-        ],
-        Some(TOKEN.to_string()),
-    );
-    let sip = field(&relay.ready_line, "sip=");
+    let (relay, sip, dir) = up_with_sip(DOMAIN, "45600-45699", "focus");
     let socks: Vec<UdpSocket> = (0..3).map(|_| udp()).collect();
     let mut uacs: Vec<_> = socks
         .iter()

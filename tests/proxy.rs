@@ -11,33 +11,8 @@ use std::time::Duration;
 
 const DOMAIN: &str = "hasp.test";
 
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
-}
-
 fn up(ports: &str, name: &str) -> (RelayProc, String, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("hasp-proxy-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = format!("embedded:{}", dir.join("hasp.redb").display());
-    let args = [
-        "up",
-        "--listen-api",
-        "127.0.0.1:0",
-        "--api-token",
-        TOKEN,
-        "--listen-sip",
-        "127.0.0.1:0",
-        "--domain",
-        DOMAIN,
-        "--store",
-        &store,
-        "--rtp-ports",
-        ports,
-    ];
-    let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
-    let sip = field(&relay.ready_line, "sip=");
-    (relay, sip, dir)
+    up_with_sip(DOMAIN, ports, &format!("proxy-{name}"))
 }
 
 fn add_user(relay: &RelayProc, user: &str, password: &str) {
@@ -67,10 +42,6 @@ fn register_with_digest_auth_and_wrong_password() {
     assert_eq!(register(&sip, "alice", "wonderland", "sip:alice@127.0.0.1:7000", 0), 200, "unregister");
     let (s, v) = relay.call("POST", "/v1/users", Some(r#"{"user":"a@b","domain":"x","password":"p"}"#));
     assert_eq!((s, v["code"].as_str()), (422, Some("invalid_request")));
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -130,9 +101,7 @@ fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
 
 #[test]
 fn hasp_user_add_provisions_the_embedded_store() {
-    let dir = std::env::temp_dir().join(format!("hasp-useradd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("useradd");
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let st =
         Command::new(hasp_bin()).args(["user", "add", "carol", DOMAIN, "s3cret", "--store", &store]).status().unwrap();
@@ -178,9 +147,7 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     let ng = field(&relay.ready_line, "ng=");
     let api = field(&relay.ready_line, "api=");
     let dead = free_port(); // nothing answers there
-    let dir = std::env::temp_dir().join(format!("hasp-proxy-role-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&format!("proxy-role-{name}"));
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let (r1, r2) = if http {
         (format!("http://127.0.0.1:{dead}"), api.clone())

@@ -21,36 +21,9 @@ use std::time::Duration;
 
 const DOMAIN: &str = "hasp.test";
 
-/// One value of the `key=value` words of hasp's ready line.
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
-}
-
-/// `hasp up` (relay, proxy and registrar in one process) on ephemeral API and SIP ports
-/// with its own embedded store; returns it, its SIP address and a scratch directory.
+/// `hasp up` for [`DOMAIN`] with its own store.
 fn up(rtp_ports: &str, name: &str) -> (RelayProc, String, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("hasp-sip-edge-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = format!("embedded:{}", dir.join("hasp.redb").display());
-    let args = [
-        "up",
-        "--listen-api",
-        "127.0.0.1:0",
-        "--api-token",
-        TOKEN,
-        "--listen-sip",
-        "127.0.0.1:0",
-        "--domain",
-        DOMAIN,
-        "--store",
-        &store,
-        "--rtp-ports",
-        rtp_ports,
-    ];
-    let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
-    let sip = field(&relay.ready_line, "sip=");
-    (relay, sip, dir)
+    up_with_sip(DOMAIN, rtp_ports, &format!("sip-edge-{name}"))
 }
 
 /// A sipp process killed on drop, so a failing test leaves no sipp behind for 30 s.

@@ -300,3 +300,47 @@ pub fn sipp(dir: &std::path::Path, scenario: &str, port: u16, keys: &[(&str, Str
     }
     c.spawn().expect("sipp (apt-get install sip-tester)")
 }
+
+/// One value of the `key=value` words of hasp's ready line.
+pub fn field(line: &str, key: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
+}
+
+/// A UDP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An empty scratch directory for one test (`name` keeps tests apart).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hasp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `hasp up` (relay, SIP proxy and registrar for `domain`) on ephemeral API and SIP
+/// ports with its own embedded store; returns it, its SIP address and its scratch
+/// directory (where sipp runs).
+pub fn up_with_sip(domain: &str, rtp_ports: &str, name: &str) -> (RelayProc, String, PathBuf) {
+    let dir = scratch_dir(name);
+    let store = format!("embedded:{}", dir.join("hasp.redb").display());
+    let args = [
+        "up",
+        "--listen-api",
+        "127.0.0.1:0",
+        "--api-token",
+        TOKEN,
+        "--listen-sip",
+        "127.0.0.1:0",
+        "--domain",
+        domain,
+        "--store",
+        &store,
+        "--rtp-ports",
+        rtp_ports,
+    ];
+    let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
+    let sip = field(&relay.ready_line, "sip=");
+    (relay, sip, dir)
+}
