@@ -123,10 +123,14 @@ impl NgRelays {
         self
     }
 
-    /// The relay a call was anchored on, from this proxy's memory or the shared store.
-    fn relay_of(&self, st: &NgState, call_id: &str) -> Option<usize> {
+    /// The relay a call was anchored on, from this proxy's memory or, for a call that
+    /// may have begun at another proxy (`shared`), the shared store.
+    fn relay_of(&self, st: &NgState, call_id: &str, shared: bool) -> Option<usize> {
         if let Some(i) = st.sticky.get(call_id) {
             return Some(*i);
+        }
+        if !shared {
+            return None;
         }
         let node = self.dialogs.as_ref()?.dialog(call_id).ok()??;
         self.relays.iter().position(|r| r.to_string() == node)
@@ -168,11 +172,12 @@ impl NgRelays {
     }
 
     /// Sends a request to the call's relay (or the next live one), failing over to the
-    /// others on timeout.
-    fn request(&self, call_id: &str, dict: Value) -> Result<Value, Error> {
+    /// others on timeout. `new_call`: the offer that starts a call, which no store
+    /// lookup can place (it saves a round trip to the store per call).
+    fn request(&self, call_id: &str, dict: Value, new_call: bool) -> Result<Value, Error> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.relays.len();
-        let start = self.relay_of(&st, call_id).unwrap_or(st.next % n);
+        let start = self.relay_of(&st, call_id, !new_call).unwrap_or(st.next % n);
         st.next = st.next.wrapping_add(1);
         for k in 0..n {
             let i = (start + k) % n;
@@ -249,7 +254,7 @@ impl MediaAnchor for NgRelays {
         if let Some(t) = to_tag {
             d.push(("to-tag", Value::str(t)));
         }
-        Self::sdp_of(self.request(call_id, Value::dict(d))?)
+        Self::sdp_of(self.request(call_id, Value::dict(d), to_tag.is_none())?)
     }
 
     fn answer(&self, call_id: &str, from_tag: &str, to_tag: &str, sdp: &str) -> Result<String, Error> {
@@ -260,12 +265,12 @@ impl MediaAnchor for NgRelays {
             ("to-tag", Value::str(to_tag)),
             ("sdp", Value::str(sdp)),
         ]);
-        Self::sdp_of(self.request(call_id, d)?)
+        Self::sdp_of(self.request(call_id, d, false)?)
     }
 
     fn delete(&self, call_id: &str) -> Result<(), Error> {
         let d = Value::dict([("command", Value::str("delete")), ("call-id", Value::str(call_id))]);
-        let r = self.request(call_id, d).map(|_| ());
+        let r = self.request(call_id, d, false).map(|_| ());
         self.state.lock().unwrap_or_else(|e| e.into_inner()).sticky.remove(call_id);
         if let Some(s) = &self.dialogs {
             let _ = s.delete_dialog(call_id);

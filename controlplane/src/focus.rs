@@ -257,14 +257,14 @@ impl Focus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::IpAddr;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A mixer that counts and can be made to fail.
+    /// A mixer that counts and can be made to fail (also used by the proxy's tests).
     #[derive(Debug, Default)]
-    struct FakeMixer {
+    pub(crate) struct FakeMixer {
         fail: std::sync::atomic::AtomicBool,
         rooms: AtomicU32,
         joined: AtomicU32,

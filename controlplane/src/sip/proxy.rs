@@ -1021,7 +1021,7 @@ fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::focus::{Focus, Mixer};
+    use crate::focus::Focus;
     use crate::store::{Binding, Store};
     use std::time::Duration;
 
@@ -1167,40 +1167,10 @@ mod tests {
         assert_eq!(p.metrics().rate_limited.load(Ordering::Relaxed), 15);
     }
 
-    #[derive(Debug, Default)]
-    struct OneRoom(std::sync::atomic::AtomicU32);
-
-    impl Mixer for OneRoom {
-        fn create_room(&self) -> Result<String, crate::Error> {
-            Ok("0000000000000001".into())
-        }
-        fn delete_room(&self, _: &str) -> Result<(), crate::Error> {
-            Ok(())
-        }
-        fn join(
-            &self,
-            _: &str,
-            _: dataplane::mixer::Codec,
-            pt: u8,
-            _: Option<SocketAddr>,
-        ) -> Result<crate::relay::ParticipantCreated, crate::Error> {
-            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u16;
-            Ok(crate::relay::ParticipantCreated {
-                id: format!("{n:08x}"),
-                address: "127.0.0.1".parse().unwrap(),
-                rtp_port: 40_000 + 2 * n,
-                payload_type: pt,
-            })
-        }
-        fn leave(&self, _: &str, _: &str) -> Result<(), crate::Error> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn the_focus_answers_conference_invites_and_byes() {
         let mut p = proxy(store("focus"));
-        let focus = Arc::new(Focus::new(vec![Arc::new(OneRoom::default())]));
+        let focus = Arc::new(Focus::new(vec![Arc::new(crate::focus::tests::FakeMixer::default())]));
         p.set_focus(focus.clone());
         let sdp = "v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
         let caller: SocketAddr = CALLER.parse().unwrap();
