@@ -191,7 +191,10 @@ impl Ng {
         Self { sock, to: to.to_string(), n: 0 }
     }
 
-    fn req(&mut self, dict: controlplane::ng::bencode::Value) -> Option<controlplane::ng::bencode::Value> {
+    fn req(
+        &mut self,
+        dict: controlplane::control::ng::bencode::Value,
+    ) -> Option<controlplane::control::ng::bencode::Value> {
         self.n += 1;
         let cookie = format!("{}_{}", std::process::id(), self.n);
         let mut msg = format!("{cookie} ").into_bytes();
@@ -200,7 +203,7 @@ impl Ng {
         let mut buf = vec![0u8; 65536];
         let n = self.sock.recv(&mut buf).ok()?;
         let body = buf[..n].strip_prefix(format!("{cookie} ").as_bytes())?;
-        controlplane::ng::bencode::decode(body).ok().map(|(v, _)| v)
+        controlplane::control::ng::bencode::decode(body).ok().map(|(v, _)| v)
     }
 }
 
@@ -235,7 +238,7 @@ fn mask_ports(sdp: &str) -> Vec<String> {
 
 #[test]
 fn rtpengine_and_hasp_answer_the_same_ng_requests_alike() {
-    use controlplane::ng::bencode::Value;
+    use controlplane::control::ng::bencode::Value;
     let ng_port = free_port();
     let rtpe = Rtpengine(
         Command::new("rtpengine")

@@ -383,8 +383,8 @@ fn malformed_x1_requests_get_clear_errors() {
 
 #[test]
 fn x2_signalling_and_x3_media_of_an_aor_target_share_a_correlation_id() {
-    use controlplane::calls::{AnchorOptions, Calls};
     use controlplane::li::{correlation_of, Li, SipEvent};
+    use controlplane::relay::calls::{AnchorOptions, Calls};
     use std::sync::Arc;
     let dir = tmp("x2");
     let cfg =

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use controlplane::ng::bencode::{decode, Value};
+use controlplane::control::ng::bencode::{decode, Value};
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;

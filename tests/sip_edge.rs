@@ -12,8 +12,8 @@
 mod common;
 
 use common::*;
-use controlplane::sip::Message;
 use serde_json::Value;
+use sip::Message;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -267,7 +267,7 @@ fn bye_from_the_callee_follows_the_record_route_and_frees_the_media() {
     let callee = trace(&dir, "uas.log");
     let bye = find(&callee, "sent", "BYE ");
     let contact = format!("sip:sipp@127.0.0.1:{uac_port}");
-    assert!(matches!(&bye.start, controlplane::sip::StartLine::Request { uri, .. } if *uri == contact), "{bye:?}");
+    assert!(matches!(&bye.start, sip::StartLine::Request { uri, .. } if *uri == contact), "{bye:?}");
     assert_eq!(bye.header("Route"), Some(format!("<sip:{proxy};lr>").as_str()), "{bye:?}");
     find(&callee, "received", "ACK ");
     let bye_ok = find(&callee, "received", "SIP/2.0 200");

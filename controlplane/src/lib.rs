@@ -2,25 +2,19 @@
 //!
 //! This crate decides; the data plane forwards. For the relay role it allocates ports,
 //! binds sockets, pushes sessions to the data plane's workers and serves the REST
-//! session API ([`api`]); the SIP proxy, registrar and conference focus ([`sip`],
-//! [`focus`]) live here too, as will the load balancer, DNS and membership.
+//! session API ([`control`]); the SIP proxy, registrar and conference focus ([`proxy`])
+//! live here too, as will the load balancer, DNS and membership (`cluster/`, `lb/`,
+//! `dns/`). One folder per role.
 
 #![deny(missing_docs)]
 
-pub mod anchor;
-pub mod api;
-pub mod calls;
 pub mod config;
+pub mod control;
 pub mod error;
-pub mod focus;
 pub mod li;
-pub mod metrics;
-pub mod ng;
-pub mod ports;
+pub mod obs;
+pub mod proxy;
 pub mod relay;
-pub mod rtpp;
-pub mod sdp;
-pub mod sip;
 pub mod store;
 
 pub use config::{Config, PortRange, RelayConfig};

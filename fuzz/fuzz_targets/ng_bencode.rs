@@ -1,6 +1,6 @@
 //! NG messages: cookie split, bencode decode, and re-encode of whatever decoded.
 #![no_main]
-use controlplane::ng::{bencode, split_cookie};
+use controlplane::control::ng::{bencode, split_cookie};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

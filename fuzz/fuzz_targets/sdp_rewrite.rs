@@ -1,7 +1,7 @@
 //! SDP: parse, then rewrite with relay ports; the rewrite must parse again with the
 //! same number of media sections.
 #![no_main]
-use controlplane::sdp::{Rewrite, RtcpAttr, Sdp};
+use controlplane::relay::sdp::{Rewrite, RtcpAttr, Sdp};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! SIP messages: parse (datagram and stream framing), read every accessor, and check
 //! that what parsed re-serialises to something that parses to the same message.
 #![no_main]
-use controlplane::sip::Message;
+use sip::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

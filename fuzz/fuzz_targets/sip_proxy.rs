@@ -2,9 +2,10 @@
 //! peers into one long-lived proxy with a registrar, a focus and no media anchor, timers
 //! run between them. Nothing may panic.
 #![no_main]
-use controlplane::focus::{Focus, Mixer};
+use controlplane::proxy::focus::{Focus, Mixer};
 use controlplane::relay::ParticipantCreated;
-use controlplane::sip::proxy::{Peer, Proxy, ProxyConfig};
+use controlplane::proxy::core::{Proxy, ProxyConfig};
+use sip::Peer;
 use libfuzzer_sys::fuzz_target;
 use std::cell::RefCell;
 use std::net::SocketAddr;

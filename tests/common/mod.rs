@@ -224,8 +224,8 @@ pub fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
 /// REGISTERs `user` with `contact`, answering the digest challenge with `password`;
 /// returns the final status code.
 pub fn sip_register(proxy: &str, domain: &str, user: &str, password: &str, contact: &str, expires: u32) -> u16 {
-    use controlplane::sip::digest::{expected_response, Credentials};
-    use controlplane::sip::Message;
+    use sip::digest::{expected_response, Credentials};
+    use sip::Message;
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let me = s.local_addr().unwrap();

@@ -5,7 +5,7 @@
 
 use super::tasks::{Task, TaskPatch};
 use super::Li;
-use crate::api::ApiError;
+use crate::control::rest::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};

@@ -11,8 +11,8 @@ pub mod delivery;
 pub mod pdu;
 pub mod tasks;
 
-use crate::calls::Calls;
 use crate::error::Error;
+use crate::relay::calls::Calls;
 use crate::relay::{format_id, parse_id, Relay};
 use audit::AuditLog;
 use dataplane::{SessionId, TapCounters, TapRecord, TapSpec};

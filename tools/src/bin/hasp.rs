@@ -5,8 +5,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use controlplane::api::{self, ApiState};
-use controlplane::calls::Calls;
+use controlplane::control::rest::{self, ApiState};
+use controlplane::relay::calls::Calls;
 use controlplane::{Config, PortRange, Relay, RelayConfig};
 use dataplane::{IoMode, LatchMode};
 use std::io::Write;
@@ -126,10 +126,10 @@ struct SipArgs {
 fn start_sip(
     sip: &SipArgs,
     store: Arc<dyn controlplane::store::Store>,
-    anchor: Arc<dyn controlplane::anchor::MediaAnchor>,
-    focus: Option<Arc<controlplane::focus::Focus>>,
+    anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor>,
+    focus: Option<Arc<controlplane::proxy::focus::Focus>>,
     li: Option<Arc<controlplane::li::Li>>,
-) -> Result<(SocketAddr, String, controlplane::sip::metrics::SipMetrics)> {
+) -> Result<(SocketAddr, String, controlplane::obs::sip::SipMetrics)> {
     let udp =
         std::net::UdpSocket::bind(sip.listen_sip).with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
     let local = udp.local_addr()?;
@@ -139,7 +139,7 @@ fn start_sip(
         Some(std::net::TcpListener::bind(local).with_context(|| format!("binding SIP over TCP on {local}"))?)
     };
     let transports = if tcp.is_some() { "udp,tcp" } else { "udp" };
-    let cfg = controlplane::sip::proxy::ProxyConfig {
+    let cfg = controlplane::proxy::core::ProxyConfig {
         domain: sip.domain.clone(),
         local,
         nonce_secret: match &sip.nonce_secret {
@@ -149,7 +149,7 @@ fn start_sip(
         record_route: sip.record_route.clone(),
         rate_limit: sip.sip_rate_limit,
     };
-    let mut proxy = controlplane::sip::proxy::Proxy::new(cfg, store, Some(anchor));
+    let mut proxy = controlplane::proxy::core::Proxy::new(cfg, store, Some(anchor));
     if let Some(li) = li {
         proxy.set_li(li);
     }
@@ -157,9 +157,9 @@ fn start_sip(
         proxy.set_focus(f.clone());
     }
     let proxy_metrics = proxy.metrics();
-    let limits = controlplane::sip::server::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
-    let handle = controlplane::sip::server::spawn(udp, tcp, proxy, limits)?;
-    let metrics = controlplane::sip::metrics::SipMetrics { proxy: proxy_metrics, driver: handle.stats, focus };
+    let limits = controlplane::proxy::driver::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
+    let handle = controlplane::proxy::driver::spawn(udp, tcp, proxy, limits)?;
+    let metrics = controlplane::obs::sip::SipMetrics { proxy: proxy_metrics, driver: handle.stats, focus };
     Ok((local, transports.to_string(), metrics))
 }
 
@@ -409,13 +409,13 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         let calls = Arc::new(Calls::new(relay.clone()));
         let mut extra = String::new();
         if let Some(ng) = cfg.listen_ng {
-            let (bound, _) = controlplane::ng::serve(ng, calls.clone())
+            let (bound, _) = controlplane::control::ng::serve(ng, calls.clone())
                 .await
                 .with_context(|| format!("binding the NG listener on {ng}"))?;
             extra.push_str(&format!(" ng={bound}"));
         }
         if let Some(rtpp) = &cfg.listen_rtpp {
-            let bound = controlplane::rtpp::serve(rtpp, calls.clone())
+            let bound = controlplane::control::rtpp::serve(rtpp, calls.clone())
                 .await
                 .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
             extra.push_str(&format!(" rtpp={bound}"));
@@ -439,10 +439,10 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         let mut sip_metrics = None;
         if let Some(sip) = &sip {
             let st = controlplane::store::open(&sip.store)?;
-            let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = calls.clone();
+            let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = calls.clone();
             // The conference focus mixes in this process's relay.
-            let mixer: Arc<dyn controlplane::focus::Mixer> = relay.clone();
-            let focus = Arc::new(controlplane::focus::Focus::new(vec![mixer]));
+            let mixer: Arc<dyn controlplane::proxy::focus::Mixer> = relay.clone();
+            let focus = Arc::new(controlplane::proxy::focus::Focus::new(vec![mixer]));
             let (local, transports, m) = start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone())?;
             sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
@@ -465,7 +465,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             calls: Some(calls.clone()),
             sip: sip_metrics,
         };
-        api::serve(listener, state, shutdown_signal()).await?;
+        rest::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("shutting down");
         if let Some(s) = store {
             s.flush().context("writing registrations to the store")?;
@@ -483,26 +483,26 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
     let relays = a
         .relays
         .iter()
-        .map(|r| controlplane::anchor::RelayUrl::parse(r))
+        .map(|r| controlplane::proxy::anchor::RelayUrl::parse(r))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     // The conference focus mixes on the relays whose REST API we know.
-    let mixers: Vec<Arc<dyn controlplane::focus::Mixer>> = relays
+    let mixers: Vec<Arc<dyn controlplane::proxy::focus::Mixer>> = relays
         .iter()
         .filter_map(|r| match r {
-            controlplane::anchor::RelayUrl::Http(base) => {
-                let m: Arc<dyn controlplane::focus::Mixer> =
-                    Arc::new(controlplane::anchor::RestMixer::new(base, a.relay_token.clone(), timeout));
+            controlplane::proxy::anchor::RelayUrl::Http(base) => {
+                let m: Arc<dyn controlplane::proxy::focus::Mixer> =
+                    Arc::new(controlplane::proxy::anchor::RestMixer::new(base, a.relay_token.clone(), timeout));
                 Some(m)
             }
-            controlplane::anchor::RelayUrl::Ng(_) => None,
+            controlplane::proxy::anchor::RelayUrl::Ng(_) => None,
         })
         .collect();
-    let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::focus::Focus::new(mixers)));
+    let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::proxy::focus::Focus::new(mixers)));
     let store = controlplane::store::open(&a.sip.store)?;
     // Calls' relays are shared through the store, so another proxy serves their BYEs.
-    let anchor: Arc<dyn controlplane::anchor::MediaAnchor> = Arc::new(
-        controlplane::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?.with_dialogs(store.clone()),
+    let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = Arc::new(
+        controlplane::proxy::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?.with_dialogs(store.clone()),
     );
     let (local, transports, sip_metrics) = start_sip(&a.sip, store.clone(), anchor, focus, None)?;
     let rt =
@@ -519,8 +519,8 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
         );
         std::io::stdout().flush()?;
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
-        let state = controlplane::api::users::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
-        axum::serve(listener, controlplane::api::users::proxy_router(state))
+        let state = controlplane::proxy::api::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
+        axum::serve(listener, controlplane::proxy::api::proxy_router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
         store.flush().context("writing registrations to the store")?;

@@ -1,9 +1,9 @@
 //! SIP metrics in the Prometheus text format, appended to `/metrics` of `hasp up` and
 //! `hasp proxy`.
 
-use super::proxy::ProxyMetrics;
-use super::server::DriverStats;
-use crate::focus::Focus;
+use crate::proxy::core::ProxyMetrics;
+use crate::proxy::driver::DriverStats;
+use crate::proxy::focus::Focus;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -7,7 +7,6 @@
 mod conferences;
 mod error;
 mod sessions;
-pub mod users;
 
 pub use error::ApiError;
 
@@ -34,9 +33,9 @@ pub struct ApiState {
     /// The SIP store, when the proxy/registrar runs in this process.
     pub store: Option<Arc<dyn crate::store::Store>>,
     /// Call anchoring for NG over HTTP (`POST /ng`).
-    pub calls: Option<Arc<crate::calls::Calls>>,
+    pub calls: Option<Arc<crate::relay::calls::Calls>>,
     /// SIP counters, when the proxy runs in this process.
-    pub sip: Option<crate::sip::metrics::SipMetrics>,
+    pub sip: Option<crate::obs::sip::SipMetrics>,
 }
 
 /// Builds the router.
@@ -54,7 +53,7 @@ pub fn router(state: ApiState) -> Router {
                 .patch(conferences::update_participant)
                 .delete(conferences::delete_participant),
         )
-        .route("/v1/users", axum::routing::post(users::create))
+        .route("/v1/users", axum::routing::post(crate::proxy::api::create))
         .route("/ng", axum::routing::post(ng_http))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -109,7 +108,7 @@ async fn health(State(st): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    let mut text = crate::metrics::render(&st.relay);
+    let mut text = crate::obs::relay::render(&st.relay);
     if let Some(sip) = &st.sip {
         sip.render(&mut text);
     }
@@ -124,18 +123,18 @@ async fn ng_http(State(st): State<ApiState>, body: axum::body::Bytes) -> Respons
     let Some(calls) = st.calls.clone() else {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "NG is not served here").into_response();
     };
-    let Some((cookie, dict)) = crate::ng::split_cookie(&body) else {
+    let Some((cookie, dict)) = crate::control::ng::split_cookie(&body) else {
         return ApiError::new(StatusCode::BAD_REQUEST, "bad_ng", "expected '<cookie> <bencoded dictionary>'")
             .into_response();
     };
     let cookie = cookie.to_vec();
-    let reply = match crate::ng::bencode::decode(dict) {
-        Ok((v, _)) => tokio::task::spawn_blocking(move || crate::ng::handle_command(&calls, &v))
+    let reply = match crate::control::ng::bencode::decode(dict) {
+        Ok((v, _)) => tokio::task::spawn_blocking(move || crate::control::ng::handle_command(&calls, &v))
             .await
-            .unwrap_or_else(|_| crate::ng::error_reply("internal error")),
-        Err(e) => crate::ng::error_reply(&format!("Could not decode dictionary: {e}")),
+            .unwrap_or_else(|_| crate::control::ng::error_reply("internal error")),
+        Err(e) => crate::control::ng::error_reply(&format!("Could not decode dictionary: {e}")),
     };
-    let mut r = crate::ng::frame(&cookie, &reply).into_response();
+    let mut r = crate::control::ng::frame(&cookie, &reply).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-rtpengine-ng"));
     r
 }

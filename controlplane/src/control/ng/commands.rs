@@ -2,9 +2,9 @@
 
 use super::bencode::Value;
 use super::error_reply;
-use crate::calls::{AnchorOptions, CallStats, Calls};
 use crate::error::Error;
-use crate::sdp::RtcpAttr;
+use crate::relay::calls::{AnchorOptions, CallStats, Calls};
+use crate::relay::sdp::RtcpAttr;
 use dataplane::{LatchMode, LatchPolicy};
 use std::net::IpAddr;
 

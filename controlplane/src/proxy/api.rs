@@ -1,6 +1,6 @@
 //! `POST /v1/users`: provision a SIP user (`{"user", "domain", "password"}`).
 
-use super::{ApiError, ApiState};
+use crate::control::rest::{ApiError, ApiState};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -21,7 +21,7 @@ fn ok_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'@' && b != b':')
 }
 
-pub(super) async fn create(
+pub(crate) async fn create(
     State(st): State<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -69,14 +69,14 @@ pub struct ProxyApiState {
     /// Required bearer token; `None` when authentication is disabled.
     pub token: Option<std::sync::Arc<str>>,
     /// SIP counters for `/metrics`.
-    pub sip: Option<crate::sip::metrics::SipMetrics>,
+    pub sip: Option<crate::obs::sip::SipMetrics>,
 }
 
 fn check_token(st: &ProxyApiState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
     let Some(t) = &st.token else { return Ok(()) };
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(g) if super::constant_time_eq(g.trim().as_bytes(), t.as_bytes()) => Ok(()),
+        Some(g) if crate::control::rest::constant_time_eq(g.trim().as_bytes(), t.as_bytes()) => Ok(()),
         _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or missing API token")),
     }
 }

@@ -1,9 +1,9 @@
 //! The registrar (RFC 3261 §10), sans IO: a REGISTER and the time in, the response out,
 //! bindings in the store. Digest authentication against the store's credentials.
 
-use super::digest::{challenge, expected_response, parse_credentials, Algorithm, NonceError, Nonces};
-use super::message::{aor_of, param, uri_of, Message};
 use crate::store::{Binding, Store};
+use sip::digest::{challenge, expected_response, parse_credentials, Algorithm, NonceError, Nonces};
+use sip::message::{aor_of, param, uri_of, Message};
 
 /// Shortest registration accepted (seconds).
 pub const MIN_EXPIRES: u64 = 60;

@@ -6,8 +6,8 @@
 //! only room names, Call-ID → participant, and the SDP.
 
 use crate::error::Error;
+use crate::relay::sdp::Sdp;
 use crate::relay::{parse_id, ParticipantCreated, Relay};
-use crate::sdp::Sdp;
 use dataplane::mixer::Codec;
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -10,9 +10,10 @@
 //! never stalls the core. Connections are keyed by remote address: a response, or a
 //! request to a contact that registered over TCP, reuses the connection it came on.
 
-use super::message::{Message, ParseError, MAX_MESSAGE};
-use super::proxy::{Peer, Proxy, Transport};
+use super::core::Proxy;
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
+use sip::message::{Message, ParseError, MAX_MESSAGE};
+use sip::{Peer, Transport};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};

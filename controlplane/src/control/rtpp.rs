@@ -7,8 +7,8 @@
 //! (lookup on the answer; the address is the To side's), `D callid from_tag [to_tag]`, `I` (info), `Q callid from_tag [to_tag]`
 //! (statistics). Errors answer `E<code>`.
 
-use crate::calls::Calls;
 use crate::error::Error;
+use crate::relay::calls::Calls;
 use dataplane::{LatchMode, LatchPolicy};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

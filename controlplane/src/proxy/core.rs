@@ -1,22 +1,20 @@
 //! The stateful proxy core (RFC 3261 §16): transactions, routing, registrar dispatch,
 //! media anchoring. It takes datagrams and the time and queues datagrams to send; the
-//! socket and the clock live in the driver ([`super::server`]).
+//! socket and the clock live in the driver ([`super::driver`]).
 
-use super::digest::Nonces;
-use super::message::{aor_of, host_port, uri_of, Message, StartLine};
 use super::registrar;
-use super::transaction::{client_key, server_key, Output, State, Transaction};
-use crate::anchor::MediaAnchor;
+use crate::proxy::anchor::MediaAnchor;
 use crate::store::Store;
+use sip::digest::Nonces;
+use sip::message::{aor_of, host_port, uri_of, Message, StartLine};
+use sip::transaction::{client_key, server_key, Output, State, Transaction};
+use sip::{Peer, Transport, MAX_UDP_PAYLOAD};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-/// Largest UDP payload over IPv4: a message longer than this cannot go over UDP.
-pub const MAX_UDP_PAYLOAD: usize = 65_507;
 
 /// Proxy settings.
 #[derive(Debug, Clone)]
@@ -33,67 +31,6 @@ pub struct ProxyConfig {
     /// Requests per second accepted from one source address (bursts of twice that);
     /// more are dropped and counted. 0: no limit.
     pub rate_limit: u32,
-}
-
-/// How a message travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Transport {
-    /// Datagrams; the transaction layer retransmits.
-    Udp,
-    /// A stream; reliable, no retransmissions.
-    Tcp,
-}
-
-impl Transport {
-    /// The name in Via headers.
-    pub fn via_name(self) -> &'static str {
-        match self {
-            Transport::Udp => "UDP",
-            Transport::Tcp => "TCP",
-        }
-    }
-
-    /// The transport a URI asks for (`;transport=tcp`), UDP by default (RFC 3263 §4.1
-    /// without NAPTR).
-    pub fn of_uri(uri: &str) -> Self {
-        let params = uri.split('>').next().unwrap_or(uri);
-        let tcp = params.split(';').skip(1).any(|p| {
-            p.split_once('=').is_some_and(|(k, v)| {
-                k.trim().eq_ignore_ascii_case("transport") && v.trim().eq_ignore_ascii_case("tcp")
-            })
-        });
-        if tcp {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        }
-    }
-}
-
-/// The other end of a message: a transport and an address (for TCP, the connection's
-/// remote address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Peer {
-    /// Transport.
-    pub transport: Transport,
-    /// Remote address.
-    pub addr: SocketAddr,
-}
-
-impl Peer {
-    /// A UDP peer.
-    pub fn udp(addr: SocketAddr) -> Self {
-        Self { transport: Transport::Udp, addr }
-    }
-
-    /// A TCP peer.
-    pub fn tcp(addr: SocketAddr) -> Self {
-        Self { transport: Transport::Tcp, addr }
-    }
-
-    fn reliable(self) -> bool {
-        self.transport == Transport::Tcp
-    }
 }
 
 /// Counters.
@@ -196,7 +133,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     store: Arc<dyn Store>,
     calls: Option<Arc<dyn MediaAnchor>>,
-    focus: Option<Arc<crate::focus::Focus>>,
+    focus: Option<Arc<crate::proxy::focus::Focus>>,
     li: Option<Arc<crate::li::Li>>,
     nonces: Nonces,
     servers: HashMap<SKey, ServerTx>,
@@ -276,7 +213,7 @@ impl Proxy {
     }
 
     /// Answers INVITEs to `conf-<room>@<domain>` as conference focus.
-    pub fn set_focus(&mut self, focus: Arc<crate::focus::Focus>) {
+    pub fn set_focus(&mut self, focus: Arc<crate::proxy::focus::Focus>) {
         self.focus = Some(focus);
     }
 
@@ -632,7 +569,7 @@ impl Proxy {
             return false;
         }
         let user = aor_of(uri).and_then(|a| a.split_once('@').map(|(u, _)| u.to_string())).unwrap_or_default();
-        let Some(room) = crate::focus::room_of_user(&user) else { return false };
+        let Some(room) = crate::proxy::focus::room_of_user(&user) else { return false };
         let method = method.clone();
         let in_dialog = req.to_tag().is_some();
         if in_dialog && !focus.is_member(req.call_id()) {
@@ -662,12 +599,12 @@ impl Proxy {
                         r.body = answer.into_bytes();
                         r
                     }
-                    Err(crate::focus::JoinError::NotAcceptable(why)) => {
+                    Err(crate::proxy::focus::JoinError::NotAcceptable(why)) => {
                         let mut r = req.response(488, "Not Acceptable Here", Some("focus"));
                         r.headers.push(("Warning".into(), format!("304 hasp \"{}\"", why.replace('"', "'"))));
                         r
                     }
-                    Err(crate::focus::JoinError::Unavailable(why)) => {
+                    Err(crate::proxy::focus::JoinError::Unavailable(why)) => {
                         tracing::warn!(room, error = %why, "no media node took a conference participant");
                         let mut r = req.response(503, "Service Unavailable", Some("focus"));
                         r.headers.push(("Retry-After".into(), "5".into()));
@@ -1021,7 +958,7 @@ fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::focus::Focus;
+    use crate::proxy::focus::Focus;
     use crate::store::{Binding, Store};
     use std::time::Duration;
 
@@ -1170,7 +1107,7 @@ mod tests {
     #[test]
     fn the_focus_answers_conference_invites_and_byes() {
         let mut p = proxy(store("focus"));
-        let focus = Arc::new(Focus::new(vec![Arc::new(crate::focus::tests::FakeMixer::default())]));
+        let focus = Arc::new(Focus::new(vec![Arc::new(crate::proxy::focus::tests::FakeMixer::default())]));
         p.set_focus(focus.clone());
         let sdp = "v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
         let caller: SocketAddr = CALLER.parse().unwrap();

@@ -3,7 +3,7 @@
 //! fixed table indexed by [`Timer`]; the driver asks [`Transaction::next_timeout`] and
 //! calls [`Transaction::on_timeout`] when it passes.
 
-use super::message::{Message, StartLine};
+use crate::message::{Message, StartLine};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

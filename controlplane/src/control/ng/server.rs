@@ -2,7 +2,7 @@
 
 use super::bencode::{decode, DecodeError};
 use super::{error_reply, frame, handle_command, split_cookie};
-use crate::calls::Calls;
+use crate::relay::calls::Calls;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,9 +5,13 @@
 //! the worker reports [`Event::Released`], i.e. once its ring has let go of the sockets,
 //! so a port is never handed out while the old socket still holds it.
 
+pub mod calls;
+pub mod ports;
+pub mod sdp;
+
 use crate::config::RelayConfig;
 use crate::error::Error;
-use crate::ports::PortAllocator;
+use crate::relay::ports::PortAllocator;
 use dataplane::relay::SessionSpec;
 use dataplane::{
     Command, Dataplane, DataplaneConfig, Event, LatchPolicy, NewSession, SessionId, SessionSnapshot,

@@ -4,9 +4,9 @@
 //! relay that does not answer marked down for a while. [`RestMixer`] drives a remote
 //! relay's conference mixer over its REST API for the conference focus.
 
-use crate::calls::{AnchorOptions, Calls};
+use crate::control::ng::bencode::{decode, Value};
 use crate::error::Error;
-use crate::ng::bencode::{decode, Value};
+use crate::relay::calls::{AnchorOptions, Calls};
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Mutex;
@@ -320,7 +320,7 @@ impl RestMixer {
     }
 }
 
-impl crate::focus::Mixer for RestMixer {
+impl crate::proxy::focus::Mixer for RestMixer {
     fn create_room(&self) -> Result<String, Error> {
         let v = self.call("POST", "/v1/conferences", Some(serde_json::json!({})))?;
         v["id"].as_str().map(str::to_string).ok_or_else(|| Error::Invalid("mixer answer without id".into()))

@@ -8,8 +8,8 @@
 //! and it is rewritten to advertise the *other* leg's port.
 
 use crate::error::Error;
+use crate::relay::sdp::{Rewrite, RtcpAttr, Sdp};
 use crate::relay::{parse_id, CreateRequest, Relay, SessionView};
-use crate::sdp::{Rewrite, RtcpAttr, Sdp};
 use dataplane::{LatchPolicy, SessionId};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
