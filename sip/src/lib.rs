@@ -10,6 +10,7 @@
 
 pub mod digest;
 pub mod message;
+pub mod steer;
 pub mod transaction;
 pub mod transport;
 

@@ -3,36 +3,70 @@
 //! ([`NgRelays`]: NG over UDP, or over HTTP on a relay's REST API), tried in turn, a
 //! relay that does not answer marked down for a while. [`RestMixer`] drives a remote
 //! relay's conference mixer over its REST API for the conference focus.
+//!
+//! The operations are asynchronous: the proxy's driver runs them as tasks, each with a
+//! deadline, and hands the results to the proxy core, which never waits for them. No
+//! lock is held across a network round trip: NG over UDP shares one socket among all
+//! requests in flight, a receiver task matching answers to requests by cookie; NG over
+//! HTTP goes through one pooled HTTP client.
 
 use crate::control::ng::bencode::{decode, Value};
 use crate::error::Error;
 use crate::relay::calls::{AnchorOptions, Calls};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::Mutex;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// A boxed future of an anchor operation.
+pub type AnchorFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
 
 /// What the proxy asks of a media relay.
 pub trait MediaAnchor: Send + Sync + std::fmt::Debug {
-    /// Anchors an offer; returns the SDP to forward.
-    fn offer(&self, call_id: &str, from_tag: &str, to_tag: Option<&str>, sdp: &str) -> Result<String, Error>;
-    /// Anchors an answer; returns the SDP to forward.
-    fn answer(&self, call_id: &str, from_tag: &str, to_tag: &str, sdp: &str) -> Result<String, Error>;
+    /// Anchors an offer; resolves to the SDP to forward.
+    fn offer(
+        self: Arc<Self>,
+        call_id: String,
+        from_tag: String,
+        to_tag: Option<String>,
+        sdp: String,
+    ) -> AnchorFuture<String>;
+    /// Anchors an answer; resolves to the SDP to forward.
+    fn answer(self: Arc<Self>, call_id: String, from_tag: String, to_tag: String, sdp: String) -> AnchorFuture<String>;
     /// Frees a call's media.
-    fn delete(&self, call_id: &str) -> Result<(), Error>;
+    fn delete(self: Arc<Self>, call_id: String) -> AnchorFuture<()>;
 }
 
+/// The relay in this process: its operations are quick and local (ports, sockets, a
+/// bounded channel to the workers), so they run right where the driver's task polls
+/// them, never on the proxy core's thread.
 impl MediaAnchor for Calls {
-    fn offer(&self, call_id: &str, from_tag: &str, to_tag: Option<&str>, sdp: &str) -> Result<String, Error> {
-        Calls::offer(self, call_id, from_tag, to_tag, sdp, &AnchorOptions::default())
+    fn offer(
+        self: Arc<Self>,
+        call_id: String,
+        from_tag: String,
+        to_tag: Option<String>,
+        sdp: String,
+    ) -> AnchorFuture<String> {
+        Box::pin(
+            async move { Calls::offer(&self, &call_id, &from_tag, to_tag.as_deref(), &sdp, &AnchorOptions::default()) },
+        )
     }
 
-    fn answer(&self, call_id: &str, from_tag: &str, to_tag: &str, sdp: &str) -> Result<String, Error> {
-        Calls::answer(self, call_id, from_tag, to_tag, sdp, &AnchorOptions::default())
+    fn answer(self: Arc<Self>, call_id: String, from_tag: String, to_tag: String, sdp: String) -> AnchorFuture<String> {
+        Box::pin(async move { Calls::answer(&self, &call_id, &from_tag, &to_tag, &sdp, &AnchorOptions::default()) })
     }
 
-    fn delete(&self, call_id: &str) -> Result<(), Error> {
-        Calls::delete(self, call_id).map(|_| ())
+    fn delete(self: Arc<Self>, call_id: String) -> AnchorFuture<()> {
+        Box::pin(async move { Calls::delete(&self, &call_id).map(|_| ()) })
     }
 }
 
@@ -42,6 +76,9 @@ const DIALOG_TTL: u64 = 12 * 3600;
 
 /// How long a relay that did not answer is skipped.
 const DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// Largest NG answer read (an answer carries one SDP).
+const MAX_NG_ANSWER: usize = 65_535;
 
 /// Where a remote relay takes NG requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,16 +119,21 @@ impl std::fmt::Display for RelayUrl {
     }
 }
 
+/// Answers awaited on the shared NG socket, by cookie.
+type Waiting = Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>;
+
 /// Remote relays spoken to over NG (UDP or HTTP).
 #[derive(Debug)]
 pub struct NgRelays {
     relays: Vec<RelayUrl>,
-    http: ureq::Agent,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
     token: Option<String>,
     /// Shared dialog state (call → relay), so another proxy finds a call's relay.
-    dialogs: Option<std::sync::Arc<dyn crate::store::Store>>,
-    sock: UdpSocket,
+    dialogs: Option<Arc<dyn crate::store::Store>>,
+    sock: Arc<tokio::net::UdpSocket>,
+    waiting: Arc<Waiting>,
     timeout: Duration,
+    cookie: AtomicU64,
     state: Mutex<NgState>,
 }
 
@@ -100,70 +142,133 @@ struct NgState {
     down_until: HashMap<usize, Instant>,
     sticky: HashMap<String, usize>,
     next: usize,
-    cookie: u64,
+}
+
+/// Reads NG answers off the shared socket and hands each to the request that waits for
+/// its cookie; answers nobody waits for (late, or forged) are dropped.
+async fn receive_answers(sock: Arc<tokio::net::UdpSocket>, waiting: std::sync::Weak<Waiting>) {
+    let mut buf = vec![0u8; MAX_NG_ANSWER];
+    loop {
+        let Ok((n, _)) = sock.recv_from(&mut buf).await else {
+            // ICMP errors from an earlier send surface here: not fatal.
+            if waiting.strong_count() == 0 {
+                return;
+            }
+            continue;
+        };
+        let Some(waiting) = waiting.upgrade() else { return };
+        let data = &buf[..n];
+        let Some(sp) = data.iter().position(|b| *b == b' ') else { continue };
+        let Ok(cookie) = std::str::from_utf8(&data[..sp]) else { continue };
+        let tx = waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(cookie);
+        if let Some(tx) = tx {
+            let _ = tx.send(data[sp + 1..].to_vec());
+        }
+    }
 }
 
 impl NgRelays {
     /// Relays in preference order (the bootstrap list; membership replaces it later);
-    /// `token` is the bearer token of `http://` relays' APIs.
+    /// `token` is the bearer token of `http://` relays' APIs; `timeout` is the wait for
+    /// one relay's answer before the next is tried. Must be called inside a tokio
+    /// runtime (the receiver of NG answers is a task).
     pub fn new(relays: Vec<RelayUrl>, timeout: Duration, token: Option<String>) -> Result<Self, Error> {
         if relays.is_empty() {
             return Err(Error::Config("no relay given".into()));
         }
         let v6 = relays.iter().any(|r| matches!(r, RelayUrl::Ng(a) if a.is_ipv6()));
-        let sock = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
-        let http = ureq::AgentBuilder::new().timeout(timeout).build();
-        Ok(Self { relays, http, token, dialogs: None, sock, timeout, state: Mutex::new(NgState::default()) })
+        let std_sock = std::net::UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
+        std_sock.set_nonblocking(true)?;
+        let sock = Arc::new(tokio::net::UdpSocket::from_std(std_sock)?);
+        let waiting: Arc<Waiting> = Arc::default();
+        tokio::spawn(receive_answers(sock.clone(), Arc::downgrade(&waiting)));
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        let http = HttpClient::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(32)
+            .build(connector);
+        Ok(Self {
+            relays,
+            http,
+            token,
+            dialogs: None,
+            sock,
+            waiting,
+            timeout,
+            cookie: AtomicU64::new(0),
+            state: Mutex::new(NgState::default()),
+        })
     }
 
     /// Records each call's relay in `store` and looks calls up there, so any proxy
     /// sharing the store (etcd) sends a call's re-INVITE or BYE to its relay.
-    pub fn with_dialogs(mut self, store: std::sync::Arc<dyn crate::store::Store>) -> Self {
+    pub fn with_dialogs(mut self, store: Arc<dyn crate::store::Store>) -> Self {
         self.dialogs = Some(store);
         self
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, NgState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The relay a call was anchored on, from this proxy's memory or, for a call that
-    /// may have begun at another proxy (`shared`), the shared store.
-    fn relay_of(&self, st: &NgState, call_id: &str, shared: bool) -> Option<usize> {
-        if let Some(i) = st.sticky.get(call_id) {
+    /// may have begun at another proxy (`shared`), the shared store (a blocking store
+    /// call, so on the blocking pool).
+    async fn relay_of(&self, call_id: &str, shared: bool) -> Option<usize> {
+        if let Some(i) = self.lock().sticky.get(call_id) {
             return Some(*i);
         }
-        if !shared {
-            return None;
-        }
-        let node = self.dialogs.as_ref()?.dialog(call_id).ok()??;
+        let store = self.dialogs.clone().filter(|_| shared)?;
+        let cid = call_id.to_string();
+        let node = tokio::task::spawn_blocking(move || store.dialog(&cid)).await.ok()?.ok()??;
         self.relays.iter().position(|r| r.to_string() == node)
     }
 
-    /// Remembers that `call_id` lives on relay `i` (in the shared store when it is new).
-    fn stick(&self, st: &mut NgState, call_id: &str, i: usize) {
-        if st.sticky.insert(call_id.to_string(), i) != Some(i) {
-            if let Some(d) = &self.dialogs {
-                if let Err(e) = d.put_dialog(call_id, &self.relays[i].to_string(), DIALOG_TTL) {
-                    tracing::warn!(error = %e, "could not share the call's relay");
-                }
+    /// Remembers that `call_id` lives on relay `i` (in the shared store when it is new;
+    /// written behind, so a slow store does not delay the call).
+    fn stick(&self, call_id: &str, i: usize) {
+        if self.lock().sticky.insert(call_id.to_string(), i) != Some(i) {
+            if let Some(d) = self.dialogs.clone() {
+                let (cid, node) = (call_id.to_string(), self.relays[i].to_string());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = d.put_dialog(&cid, &node, DIALOG_TTL) {
+                        tracing::warn!(error = %e, "could not share the call's relay");
+                    }
+                });
             }
         }
     }
 
+    /// One NG exchange over UDP; `None` when the relay did not answer in time.
+    async fn udp_exchange(&self, addr: SocketAddr, cookie: &str, msg: &[u8]) -> Option<Result<Value, Error>> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(cookie.to_string(), tx);
+        let sent = self.sock.send_to(msg, addr).await.is_ok();
+        let answer = if sent { tokio::time::timeout(self.timeout, rx).await.ok().and_then(Result::ok) } else { None };
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(cookie);
+        let body = answer?;
+        Some(decode(&body).map(|(v, _)| v).map_err(|e| Error::Invalid(format!("relay answer: {e}"))))
+    }
+
     /// One NG exchange over HTTP; `None` when the relay did not answer (down).
-    fn http_exchange(&self, base: &str, cookie: &str, msg: &[u8]) -> Option<Result<Value, Error>> {
-        let mut req = self.http.post(&format!("{base}/ng")).set("Content-Type", "application/x-rtpengine-ng");
+    async fn http_exchange(&self, base: &str, cookie: &str, msg: Vec<u8>) -> Option<Result<Value, Error>> {
+        let mut req = hyper::Request::post(format!("{base}/ng")).header("Content-Type", "application/x-rtpengine-ng");
         if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
+            req = req.header("Authorization", format!("Bearer {t}"));
         }
-        let resp = match req.send_bytes(msg) {
-            Ok(r) => r,
-            Err(ureq::Error::Status(code, r)) => {
-                let body = r.into_string().unwrap_or_default();
-                return Some(Err(Error::Invalid(format!("relay {base} answered HTTP {code}: {body}"))));
-            }
-            Err(_) => return None,
+        let req = req.body(Full::new(Bytes::from(msg))).ok()?;
+        let exchange = async {
+            let resp = self.http.request(req).await.ok()?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body))
         };
-        let mut body = Vec::new();
-        if std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).is_err() {
-            return None;
+        let (status, body) = tokio::time::timeout(self.timeout, exchange).await.ok()??;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return Some(Err(Error::Invalid(format!("relay {base} answered HTTP {}: {text}", status.as_u16()))));
         }
         let Some(b) = body.strip_prefix(format!("{cookie} ").as_bytes()) else {
             return Some(Err(Error::Invalid(format!("relay {base}: answer without our cookie"))));
@@ -174,54 +279,40 @@ impl NgRelays {
     /// Sends a request to the call's relay (or the next live one), failing over to the
     /// others on timeout. `new_call`: the offer that starts a call, which no store
     /// lookup can place (it saves a round trip to the store per call).
-    fn request(&self, call_id: &str, dict: Value, new_call: bool) -> Result<Value, Error> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    async fn request(&self, call_id: &str, dict: Value, new_call: bool) -> Result<Value, Error> {
         let n = self.relays.len();
-        let start = self.relay_of(&st, call_id, !new_call).unwrap_or(st.next % n);
-        st.next = st.next.wrapping_add(1);
-        for k in 0..n {
-            let i = (start + k) % n;
-            if st.down_until.get(&i).is_some_and(|t| Instant::now() < *t) && k + 1 < n {
-                continue;
-            }
-            st.cookie += 1;
-            let cookie = format!("hasp{}_{}", std::process::id(), st.cookie);
+        let known = self.relay_of(call_id, !new_call).await;
+        let order = {
+            let mut st = self.lock();
+            let start = known.unwrap_or(st.next % n);
+            st.next = st.next.wrapping_add(1);
+            // Live relays first, from `start`; those marked down last, as a last resort.
+            let now = Instant::now();
+            let (mut order, down): (Vec<usize>, Vec<usize>) =
+                (0..n).map(|k| (start + k) % n).partition(|i| st.down_until.get(i).is_none_or(|t| now >= *t));
+            order.extend(down);
+            order
+        };
+        for i in order {
+            let cookie = format!("hasp{}_{}", std::process::id(), self.cookie.fetch_add(1, Ordering::Relaxed) + 1);
             let mut msg = format!("{cookie} ").into_bytes();
             dict.encode_to(&mut msg);
-            let addr = match &self.relays[i] {
-                RelayUrl::Ng(a) => *a,
-                RelayUrl::Http(base) => match self.http_exchange(base, &cookie, &msg) {
-                    Some(r) => {
-                        let v = r?;
-                        st.down_until.remove(&i);
-                        self.stick(&mut st, call_id, i);
-                        return Self::result(v);
-                    }
-                    None => {
-                        tracing::warn!(relay = %base, "relay did not answer; marked down");
-                        st.down_until.insert(i, Instant::now() + DOWN_FOR);
-                        continue;
-                    }
-                },
+            let got = match &self.relays[i] {
+                RelayUrl::Ng(a) => self.udp_exchange(*a, &cookie, &msg).await,
+                RelayUrl::Http(base) => self.http_exchange(base, &cookie, msg).await,
             };
-            if self.sock.send_to(&msg, addr).is_err() {
-                st.down_until.insert(i, Instant::now() + DOWN_FOR);
-                continue;
+            match got {
+                Some(v) => {
+                    let v = v?;
+                    self.lock().down_until.remove(&i);
+                    self.stick(call_id, i);
+                    return Self::result(v);
+                }
+                None => {
+                    tracing::warn!(relay = %self.relays[i], "relay did not answer; marked down");
+                    self.lock().down_until.insert(i, Instant::now() + DOWN_FOR);
+                }
             }
-            let deadline = Instant::now() + self.timeout;
-            let mut buf = vec![0u8; 65536];
-            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                let _ = self.sock.set_read_timeout(Some(left.max(Duration::from_millis(1))));
-                let Ok((len, _)) = self.sock.recv_from(&mut buf) else { break };
-                // Late answers to an earlier request carry another cookie: skip them.
-                let Some(body) = buf[..len].strip_prefix(format!("{cookie} ").as_bytes()) else { continue };
-                let v = decode(body).map_err(|e| Error::Invalid(format!("relay answer: {e}")))?.0;
-                st.down_until.remove(&i);
-                self.stick(&mut st, call_id, i);
-                return Self::result(v);
-            }
-            tracing::warn!(relay = %self.relays[i], "relay did not answer; marked down");
-            st.down_until.insert(i, Instant::now() + DOWN_FOR);
         }
         Err(Error::Busy("no relay answered".into()))
     }
@@ -244,38 +335,52 @@ impl NgRelays {
 }
 
 impl MediaAnchor for NgRelays {
-    fn offer(&self, call_id: &str, from_tag: &str, to_tag: Option<&str>, sdp: &str) -> Result<String, Error> {
-        let mut d = vec![
-            ("command", Value::str("offer")),
-            ("call-id", Value::str(call_id)),
-            ("from-tag", Value::str(from_tag)),
-            ("sdp", Value::str(sdp)),
-        ];
-        if let Some(t) = to_tag {
-            d.push(("to-tag", Value::str(t)));
-        }
-        Self::sdp_of(self.request(call_id, Value::dict(d), to_tag.is_none())?)
+    fn offer(
+        self: Arc<Self>,
+        call_id: String,
+        from_tag: String,
+        to_tag: Option<String>,
+        sdp: String,
+    ) -> AnchorFuture<String> {
+        Box::pin(async move {
+            let mut d = vec![
+                ("command", Value::str("offer")),
+                ("call-id", Value::str(&call_id)),
+                ("from-tag", Value::str(&from_tag)),
+                ("sdp", Value::str(&sdp)),
+            ];
+            if let Some(t) = &to_tag {
+                d.push(("to-tag", Value::str(t)));
+            }
+            Self::sdp_of(self.request(&call_id, Value::dict(d), to_tag.is_none()).await?)
+        })
     }
 
-    fn answer(&self, call_id: &str, from_tag: &str, to_tag: &str, sdp: &str) -> Result<String, Error> {
-        let d = Value::dict([
-            ("command", Value::str("answer")),
-            ("call-id", Value::str(call_id)),
-            ("from-tag", Value::str(from_tag)),
-            ("to-tag", Value::str(to_tag)),
-            ("sdp", Value::str(sdp)),
-        ]);
-        Self::sdp_of(self.request(call_id, d, false)?)
+    fn answer(self: Arc<Self>, call_id: String, from_tag: String, to_tag: String, sdp: String) -> AnchorFuture<String> {
+        Box::pin(async move {
+            let d = Value::dict([
+                ("command", Value::str("answer")),
+                ("call-id", Value::str(&call_id)),
+                ("from-tag", Value::str(&from_tag)),
+                ("to-tag", Value::str(&to_tag)),
+                ("sdp", Value::str(&sdp)),
+            ]);
+            Self::sdp_of(self.request(&call_id, d, false).await?)
+        })
     }
 
-    fn delete(&self, call_id: &str) -> Result<(), Error> {
-        let d = Value::dict([("command", Value::str("delete")), ("call-id", Value::str(call_id))]);
-        let r = self.request(call_id, d, false).map(|_| ());
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).sticky.remove(call_id);
-        if let Some(s) = &self.dialogs {
-            let _ = s.delete_dialog(call_id);
-        }
-        r
+    fn delete(self: Arc<Self>, call_id: String) -> AnchorFuture<()> {
+        Box::pin(async move {
+            let d = Value::dict([("command", Value::str("delete")), ("call-id", Value::str(&call_id))]);
+            let r = self.request(&call_id, d, false).await.map(|_| ());
+            self.lock().sticky.remove(&call_id);
+            if let Some(s) = self.dialogs.clone() {
+                tokio::task::spawn_blocking(move || {
+                    let _ = s.delete_dialog(&call_id);
+                });
+            }
+            r
+        })
     }
 }
 

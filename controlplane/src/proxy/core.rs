@@ -1,20 +1,56 @@
-//! The stateful proxy core (RFC 3261 §16): transactions, routing, registrar dispatch,
-//! media anchoring. It takes datagrams and the time and queues datagrams to send; the
-//! socket and the clock live in the driver ([`super::driver`]).
+//! The stateful proxy core (RFC 3261 §16): transactions, routing, registrar, conference
+//! focus and media anchoring — sans IO for real.
+//!
+//! The core takes messages (with their peer), the time, and the *completions* of
+//! operations it asked for, and returns [`Action`]s: datagrams or stream messages to
+//! send, and operations to start ([`Op`]: store reads and writes, media anchoring, name
+//! resolution, focus join/leave), each with a deadline. The driver
+//! ([`super::driver`]) performs operations concurrently and feeds their results back
+//! with [`Proxy::on_completion`]; the core waits for none of them. An operation whose
+//! completion has not come by its deadline fails inside the core (its own timer), and a
+//! completion that arrives later is ignored, so a hung relay, store or DNS server delays
+//! only the requests that need it: every other call, REGISTER and OPTIONS proceeds.
 
+use super::focus::JoinError;
 use super::registrar;
-use crate::proxy::anchor::MediaAnchor;
-use crate::store::Store;
-use sip::digest::Nonces;
+use crate::error::Error;
+use crate::store::Binding;
+use sip::digest::{Credentials, Nonces};
 use sip::message::{aor_of, host_port, uri_of, Message, StartLine};
+use sip::steer;
 use sip::transaction::{client_key, server_key, Output, State, Transaction};
 use sip::{Peer, Transport, MAX_UDP_PAYLOAD};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long the core gives each kind of operation before it fails it itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// Store reads and writes: long enough to ride out an etcd leader election (the
+    /// etcd backend's own deadline is 5 s), well inside a client's Timer F (32 s).
+    pub store: Duration,
+    /// Media anchoring (the client tries relays in turn, 500 ms each).
+    pub anchor: Duration,
+    /// Name resolution (RFC 3263).
+    pub resolve: Duration,
+    /// Conference focus join/leave on a media node.
+    pub focus: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            store: Duration::from_secs(6),
+            anchor: Duration::from_secs(3),
+            resolve: Duration::from_secs(4),
+            focus: Duration::from_secs(3),
+        }
+    }
+}
 
 /// Proxy settings.
 #[derive(Debug, Clone)]
@@ -48,8 +84,8 @@ pub struct ProxyStats {
     pub rate_limited: u64,
 }
 
-/// The proxy's counters, shared with the metrics endpoint (written by the proxy's one
-/// thread, read by the API).
+/// The proxy's counters, shared with the metrics endpoint (written by the core
+/// instances, read by the API).
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     /// Messages that did not parse.
@@ -62,8 +98,142 @@ pub struct ProxyMetrics {
     pub registers: AtomicU64,
     /// Requests dropped by the per-source rate limit.
     pub rate_limited: AtomicU64,
-    /// Transactions in progress (gauge).
+    /// Transactions in progress (gauge, summed over the core instances).
     pub transactions: AtomicU64,
+    /// Operations started (store, anchor, resolve, focus).
+    pub ops_started: AtomicU64,
+    /// Operations that failed (an error completion).
+    pub ops_failed: AtomicU64,
+    /// Operations the core gave up on at their deadline.
+    pub ops_timed_out: AtomicU64,
+    /// Operations in progress (gauge).
+    pub ops_pending: AtomicU64,
+}
+
+/// An operation the core asks the driver to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// The password of `user@domain` ([`Done::Password`]).
+    Password {
+        /// User part.
+        user: String,
+        /// Domain.
+        domain: String,
+    },
+    /// The unexpired bindings of an AOR at Unix time `now` ([`Done::Bindings`]).
+    Bindings {
+        /// `user@domain`.
+        aor: String,
+        /// Unix seconds.
+        now: u64,
+    },
+    /// Replaces the bindings of an AOR ([`Done::Stored`]).
+    SetBindings {
+        /// `user@domain`.
+        aor: String,
+        /// The new bindings (empty: none).
+        bindings: Vec<Binding>,
+    },
+    /// Resolves a SIP URI to the peers to try, in order (RFC 3263; [`Done::Resolved`]).
+    Resolve {
+        /// The URI (a Route, a Request-URI or a contact).
+        uri: String,
+    },
+    /// Anchors an offer ([`Done::Sdp`]).
+    Offer {
+        /// Call-ID.
+        call_id: String,
+        /// From tag.
+        from_tag: String,
+        /// To tag (a re-offer in a dialog).
+        to_tag: Option<String>,
+        /// The offer.
+        sdp: String,
+    },
+    /// Anchors an answer ([`Done::Sdp`]).
+    Answer {
+        /// Call-ID.
+        call_id: String,
+        /// From tag.
+        from_tag: String,
+        /// To tag.
+        to_tag: String,
+        /// The answer.
+        sdp: String,
+    },
+    /// Frees a call's media ([`Done::Deleted`]).
+    Delete {
+        /// Call-ID.
+        call_id: String,
+    },
+    /// Joins a conference room ([`Done::Joined`]).
+    Join {
+        /// Room name.
+        room: String,
+        /// The participant's dialog.
+        call_id: String,
+        /// Its offer.
+        offer: String,
+        /// A re-INVITE: only an existing participant may send one.
+        in_dialog: bool,
+    },
+    /// Leaves a conference room ([`Done::Left`]).
+    Leave {
+        /// The participant's dialog.
+        call_id: String,
+    },
+}
+
+impl Op {
+    fn deadline(&self, d: &Deadlines) -> Duration {
+        match self {
+            Op::Password { .. } | Op::Bindings { .. } | Op::SetBindings { .. } => d.store,
+            Op::Resolve { .. } => d.resolve,
+            Op::Offer { .. } | Op::Answer { .. } | Op::Delete { .. } => d.anchor,
+            Op::Join { .. } | Op::Leave { .. } => d.focus,
+        }
+    }
+}
+
+/// A successful completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// The password, if the user exists.
+    Password(Option<String>),
+    /// The bindings.
+    Bindings(Vec<Binding>),
+    /// Written.
+    Stored,
+    /// Peers in the order to try; empty: the name does not exist.
+    Resolved(Vec<Peer>),
+    /// The anchored SDP to forward.
+    Sdp(String),
+    /// Freed.
+    Deleted,
+    /// The focus's answer, or why it refused.
+    Joined(Result<String, JoinError>),
+    /// Whether the dialog was a participant.
+    Left(bool),
+}
+
+/// Identifies an operation between [`Action::Start`] and [`Proxy::on_completion`].
+pub type OpId = u64;
+
+/// What the driver is to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Send a message to a peer.
+    Send(Peer, Vec<u8>),
+    /// Start an operation; report its result with [`Proxy::on_completion`] (before
+    /// `deadline`, or it is no longer awaited).
+    Start {
+        /// Its id.
+        id: OpId,
+        /// What to do.
+        op: Op,
+        /// When the core stops waiting.
+        deadline: Instant,
+    },
 }
 
 /// A token bucket per source address: `rate` requests per second, bursts of twice that.
@@ -85,7 +255,7 @@ impl RateLimit {
             self.buckets.retain(|_, (t, at)| *t + rate * now.duration_since(*at).as_secs_f64() < burst);
         }
         let (tokens, at) = self.buckets.entry(ip).or_insert((burst, now));
-        *tokens = (*tokens + self.rate * now.duration_since(*at).as_secs_f64()).min(burst);
+        *tokens = (*tokens + self.rate * now.saturating_duration_since(*at).as_secs_f64()).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -99,17 +269,24 @@ impl RateLimit {
 type SKey = (String, String, String);
 type CKey = (String, String);
 
-/// A transaction whose timers may have changed.
+/// Something with a deadline: a transaction's timer, or an operation's.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum TxKey {
+enum TimerKey {
     Client(CKey),
     Server(SKey),
+    Op(OpId),
 }
 
+/// A place to forward to. `dst` is known for an IP literal or once `hop` is resolved.
+#[derive(Debug, Clone)]
 struct Target {
+    /// The Request-URI to send.
     uri: String,
-    dst: Peer,
+    /// The URI whose host is the next hop (a Route, a Path, or the Request-URI).
+    hop: String,
+    /// Route headers to add (a binding's Path).
     routes: Vec<String>,
+    dst: Option<Peer>,
 }
 
 struct ServerTx {
@@ -120,6 +297,15 @@ struct ServerTx {
     targets: VecDeque<Target>,
     client: Option<CKey>,
     best: Option<Message>,
+    /// A CANCEL came: no new branch is started.
+    cancelled: bool,
+}
+
+impl ServerTx {
+    /// No final response sent yet.
+    fn open(&self) -> bool {
+        matches!(self.tx.state(), State::Trying | State::Proceeding)
+    }
 }
 
 struct ClientTx {
@@ -128,36 +314,80 @@ struct ClientTx {
     server: Option<SKey>,
 }
 
-/// The proxy.
+/// What a pending operation's completion continues.
+enum Pending {
+    /// REGISTER: the user's password, to check the digest.
+    RegPassword { sk: SKey, aor: String, creds: Box<Credentials> },
+    /// REGISTER: the AOR's bindings, to apply the request to.
+    RegBindings { sk: SKey, aor: String },
+    /// REGISTER: the new bindings being written.
+    RegStore { sk: SKey, aor: String, bindings: Vec<Binding> },
+    /// The callee's bindings.
+    Lookup { sk: SKey },
+    /// Whether an AOR without bindings is a user (480) or not (404).
+    Known { sk: SKey },
+    /// The next hop of a target.
+    Resolve { sk: SKey, target: Target },
+    /// The next hop of a request forwarded statelessly (an ACK).
+    ResolveStateless { req: Message },
+    /// The anchored offer of a request.
+    Offer { sk: SKey, call_id: String },
+    /// The anchored answer of a 2xx.
+    Answer { sk: SKey, resp: Message, call_id: String },
+    /// The anchored answer of a retransmitted 2xx, forwarded statelessly.
+    StatelessAnswer { resp: Message, dst: Peer, call_id: String },
+    /// A conference join.
+    Join { sk: SKey, user: String, transport: Transport },
+    /// A conference leave (BYE).
+    Leave { sk: SKey },
+    /// Nothing waits for the result (media deletes).
+    Detached,
+}
+
+/// One proxy core instance. Several run side by side (`--sip-threads`), each owning the
+/// transactions of the Call-IDs steered to it ([`sip::steer`]).
 pub struct Proxy {
     cfg: ProxyConfig,
-    store: Arc<dyn Store>,
-    calls: Option<Arc<dyn MediaAnchor>>,
-    focus: Option<Arc<crate::proxy::focus::Focus>>,
+    /// Whether media is anchored (offer/answer/delete operations are issued).
+    anchor: bool,
+    /// Whether conference URIs are answered (join/leave operations are issued).
+    focus: bool,
     li: Option<Arc<crate::li::Li>>,
     nonces: Nonces,
+    deadlines: Deadlines,
     servers: HashMap<SKey, ServerTx>,
     clients: HashMap<CKey, ClientTx>,
-    out: Vec<(Peer, Vec<u8>)>,
+    out: Vec<Action>,
+    /// This instance's index (written into its branches, so responses find it).
+    shard: usize,
     branch: u64,
+    next_op: OpId,
+    pending: HashMap<OpId, Pending>,
+    /// Anchor operations in flight per call, and the calls deleted meanwhile (whose
+    /// media is deleted again once those complete, so a late offer leaks nothing).
+    anchoring: HashMap<String, u32>,
+    doomed: HashSet<String>,
+    /// REGISTERs of one AOR are applied one at a time (read, modify, write): the
+    /// queue of those waiting, per AOR being written.
+    registering: HashMap<String, VecDeque<SKey>>,
     metrics: Arc<ProxyMetrics>,
+    /// What this instance last added to the shared gauges.
+    reported: (u64, u64),
     limit: Option<RateLimit>,
-    /// Deadlines, earliest first. An entry may be stale (the transaction moved on or is
-    /// gone): it is checked against the transaction when it comes due, so a tick costs
-    /// only the timers due, not a scan of every transaction.
-    timers: BinaryHeap<Reverse<(Instant, TxKey)>>,
+    /// Deadlines, earliest first. An entry may be stale (the transaction moved on, the
+    /// operation completed): it is checked when it comes due, so a tick costs only the
+    /// timers due, not a scan of every transaction.
+    timers: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Transactions touched since the last [`Proxy::settle`].
-    touched: Vec<TxKey>,
+    touched: Vec<TimerKey>,
+    /// The wall clock at one instant, so Unix times derive from the injected `now`.
+    epoch: (Instant, u64),
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("domain", &self.cfg.domain).finish_non_exhaustive()
+        f.debug_struct("Proxy").field("domain", &self.cfg.domain).field("shard", &self.shard).finish_non_exhaustive()
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// FNV-1a over two strings: a stable, cheap tag for a dialog.
@@ -177,49 +407,83 @@ fn rr_uri(host: &str, t: Transport) -> String {
     }
 }
 
-fn resolve(uri: &str) -> Option<Peer> {
+/// The peer of a URI whose host is an IP literal (no resolution needed).
+pub fn literal_peer(uri: &str) -> Option<Peer> {
     let (host, port) = host_port(uri)?;
-    let port = port.unwrap_or(5060);
-    let transport = Transport::of_uri(uri);
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(Peer { transport, addr: SocketAddr::new(ip, port) });
-    }
-    let addr = (host.as_str(), port).to_socket_addrs().ok()?.next()?;
-    Some(Peer { transport, addr })
+    let ip = host.parse::<IpAddr>().ok()?;
+    Some(Peer { transport: Transport::of_uri(uri), addr: SocketAddr::new(ip, port.unwrap_or(5060)) })
 }
 
 impl Proxy {
-    /// A proxy over a store, anchoring media through `calls` when given.
-    pub fn new(cfg: ProxyConfig, store: Arc<dyn Store>, calls: Option<Arc<dyn MediaAnchor>>) -> Self {
+    /// A proxy core; `anchor`: whether media is anchored (the driver performs the
+    /// offer/answer/delete operations).
+    pub fn new(cfg: ProxyConfig, anchor: bool) -> Self {
         let nonces = Nonces::new(cfg.nonce_secret.clone());
         let limit =
             (cfg.rate_limit > 0).then(|| RateLimit { rate: f64::from(cfg.rate_limit), buckets: HashMap::new() });
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self {
             cfg,
-            store,
-            calls,
-            focus: None,
+            anchor,
+            focus: false,
             li: None,
             nonces,
+            deadlines: Deadlines::default(),
             servers: HashMap::new(),
             clients: HashMap::new(),
             out: Vec::new(),
+            shard: 0,
             branch: 0,
+            next_op: 0,
+            pending: HashMap::new(),
+            anchoring: HashMap::new(),
+            doomed: HashSet::new(),
+            registering: HashMap::new(),
             metrics: Arc::default(),
+            reported: (0, 0),
             limit,
             timers: BinaryHeap::new(),
             touched: Vec::new(),
+            epoch: (Instant::now(), unix),
         }
     }
 
-    /// Answers INVITEs to `conf-<room>@<domain>` as conference focus.
-    pub fn set_focus(&mut self, focus: Arc<crate::proxy::focus::Focus>) {
-        self.focus = Some(focus);
+    /// Answers INVITEs to `conf-<room>@<domain>` as conference focus (the driver
+    /// performs join/leave).
+    pub fn set_focus(&mut self, on: bool) {
+        self.focus = on;
     }
 
     /// Hands every SIP message received to lawful intercept's X2 hook.
     pub fn set_li(&mut self, li: Arc<crate::li::Li>) {
         self.li = Some(li);
+    }
+
+    /// This instance's index among `--sip-threads` instances, and the counters they
+    /// share.
+    pub fn set_shard(&mut self, shard: usize, metrics: Arc<ProxyMetrics>) {
+        self.shard = shard;
+        self.metrics = metrics;
+    }
+
+    /// Operation deadlines.
+    pub fn set_deadlines(&mut self, d: Deadlines) {
+        self.deadlines = d;
+    }
+
+    /// Ties the injected monotonic clock to the wall clock: `at` is Unix time `unix`
+    /// (registrations and nonces are in Unix seconds).
+    pub fn set_epoch(&mut self, at: Instant, unix: u64) {
+        self.epoch = (at, unix);
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        let (at, unix) = self.epoch;
+        if now >= at {
+            unix + now.duration_since(at).as_secs()
+        } else {
+            unix.saturating_sub(at.duration_since(now).as_secs())
+        }
     }
 
     fn x2(&self, src: Peer, m: &Message, raw: &[u8]) {
@@ -255,9 +519,29 @@ impl Proxy {
         self.metrics.clone()
     }
 
-    /// Takes what is to be sent.
-    pub fn drain(&mut self) -> Vec<(Peer, Vec<u8>)> {
+    /// Takes the actions to perform, in order.
+    pub fn drain(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.out)
+    }
+
+    /// Takes the actions into `into` (reusing its allocation).
+    pub fn drain_into(&mut self, into: &mut Vec<Action>) {
+        into.append(&mut self.out);
+    }
+
+    fn send(&mut self, to: Peer, bytes: Vec<u8>) {
+        self.out.push(Action::Send(to, bytes));
+    }
+
+    fn start(&mut self, now: Instant, op: Op, then: Pending) -> OpId {
+        self.next_op += 1;
+        let id = self.next_op;
+        let deadline = now + op.deadline(&self.deadlines);
+        self.metrics.ops_started.fetch_add(1, Ordering::Relaxed);
+        self.pending.insert(id, then);
+        self.timers.push(Reverse((deadline, TimerKey::Op(id))));
+        self.out.push(Action::Start { id, op, deadline });
+        id
     }
 
     fn is_us(&self, uri: &str) -> bool {
@@ -300,14 +584,36 @@ impl Proxy {
         Some(aor)
     }
 
+    /// Whether a message from `src` passes the per-source rate limit. Requests are
+    /// limited before any parsing, so a flood costs little; responses belong to our own
+    /// transactions and are never limited. A message refused is counted and must be
+    /// dropped, not answered (an answer would amplify the flood).
+    pub fn admit(&mut self, now: Instant, src: Peer, data: &[u8]) -> bool {
+        let Some(l) = &mut self.limit else { return true };
+        if data.starts_with(b"SIP/") || l.allow(src.addr.ip(), now) {
+            return true;
+        }
+        self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
     /// One UDP datagram from `src`.
     pub fn on_datagram(&mut self, now: Instant, src: SocketAddr, data: &[u8]) {
         self.on_message(now, Peer::udp(src), data);
     }
 
-    /// One message (a datagram, or a message framed off a stream) from `src`.
+    /// One message (a datagram, or a message framed off a stream) from `src`, checked
+    /// against the rate limit first.
     pub fn on_message(&mut self, now: Instant, src: Peer, data: &[u8]) {
-        self.datagram(now, src, data);
+        if self.admit(now, src, data) {
+            self.on_admitted(now, src, data);
+        }
+    }
+
+    /// One message that already passed [`Proxy::admit`] (on the instance that received
+    /// it, which handed it to this one, its owner).
+    pub fn on_admitted(&mut self, now: Instant, src: Peer, data: &[u8]) {
+        self.message(now, src, data);
         self.settle();
     }
 
@@ -329,9 +635,25 @@ impl Proxy {
         self.settle();
     }
 
+    /// The result of operation `id`. A result for an operation no longer awaited (its
+    /// deadline passed, or it was never started) is ignored.
+    pub fn on_completion(&mut self, now: Instant, id: OpId, result: Result<Done, Error>) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        if result.is_err() {
+            self.metrics.ops_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.resume(now, p, result);
+        self.settle();
+    }
+
     /// Transactions in progress (client and server).
     pub fn transactions(&self) -> usize {
         self.clients.len() + self.servers.len()
+    }
+
+    /// Operations awaited.
+    pub fn pending_ops(&self) -> usize {
+        self.pending.len()
     }
 
     /// Re-arms the timers of the transactions touched and forgets those that ended (a
@@ -339,11 +661,11 @@ impl Proxy {
     fn settle(&mut self) {
         while let Some(k) = self.touched.pop() {
             let (next, done) = match &k {
-                TxKey::Client(ck) => match self.clients.get(ck) {
+                TimerKey::Client(ck) => match self.clients.get(ck) {
                     Some(c) => (c.tx.next_timeout(), c.tx.state() == State::Terminated),
                     None => continue,
                 },
-                TxKey::Server(sk) => match self.servers.get(sk) {
+                TimerKey::Server(sk) => match self.servers.get(sk) {
                     Some(s) => (
                         s.tx.next_timeout(),
                         s.tx.state() == State::Terminated
@@ -351,37 +673,39 @@ impl Proxy {
                     ),
                     None => continue,
                 },
+                TimerKey::Op(_) => continue,
             };
             if done {
                 match &k {
-                    TxKey::Client(ck) => {
+                    TimerKey::Client(ck) => {
                         if let Some(sk) = self.clients.remove(ck).and_then(|c| c.server) {
-                            self.touched.push(TxKey::Server(sk));
+                            self.touched.push(TimerKey::Server(sk));
                         }
                     }
-                    TxKey::Server(sk) => {
+                    TimerKey::Server(sk) => {
                         self.servers.remove(sk);
                     }
+                    TimerKey::Op(_) => {}
                 }
             } else if let Some(t) = next {
                 self.timers.push(Reverse((t, k)));
             }
         }
-        self.metrics.transactions.store((self.clients.len() + self.servers.len()) as u64, Ordering::Relaxed);
+        // Shared gauges: add what changed since this instance last reported.
+        let now = ((self.clients.len() + self.servers.len()) as u64, self.pending.len() as u64);
+        let (tx, ops) = self.reported;
+        if now.0 != tx {
+            self.metrics.transactions.fetch_add(now.0.wrapping_sub(tx), Ordering::Relaxed);
+        }
+        if now.1 != ops {
+            self.metrics.ops_pending.fetch_add(now.1.wrapping_sub(ops), Ordering::Relaxed);
+        }
+        self.reported = now;
     }
 
-    fn datagram(&mut self, now: Instant, src: Peer, data: &[u8]) {
+    fn message(&mut self, now: Instant, src: Peer, data: &[u8]) {
         if data.iter().all(|b| b.is_ascii_whitespace()) {
             return; // keep-alive CRLFs
-        }
-        // Requests are limited per source before any parsing, so a flood costs little;
-        // responses belong to our own transactions and are never limited. Dropped, not
-        // answered: an answer would amplify the flood.
-        if let Some(l) = &mut self.limit {
-            if !data.starts_with(b"SIP/") && !l.allow(src.addr.ip(), now) {
-                self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
         }
         match Message::parse(data, false) {
             Ok((m, _)) => {
@@ -395,23 +719,28 @@ impl Proxy {
                 self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                 // Answer a request we can still address; drop anything else.
                 if let Some(r) = bad_request_reply(data, &e.to_string()) {
-                    self.out.push((src, r));
+                    self.send(src, r);
                 }
             }
         }
     }
 
     fn reply(&mut self, key: &SKey, resp: Message, now: Instant) {
-        self.touched.push(TxKey::Server(key.clone()));
+        self.touched.push(TimerKey::Server(key.clone()));
         if let Some(s) = self.servers.get_mut(key) {
             s.tx.respond(&resp, now);
             let src = s.src;
             while let Some(o) = s.tx.poll_output() {
                 if let Output::Transmit(b) = o {
-                    self.out.push((src, b));
+                    self.out.push(Action::Send(src, b));
                 }
             }
         }
+    }
+
+    /// The request of a server transaction still waiting for its final response.
+    fn open_request(&self, sk: &SKey) -> Option<Message> {
+        self.servers.get(sk).filter(|s| s.open()).map(|s| s.tx.request().clone())
     }
 
     fn on_request(&mut self, now: Instant, src: Peer, mut req: Message) {
@@ -420,7 +749,7 @@ impl Proxy {
             return;
         };
         let method = req.method().to_string();
-        self.touched.push(TxKey::Server(key.clone()));
+        self.touched.push(TimerKey::Server(key.clone()));
         if method == "ACK" {
             if let Some(s) = self.servers.get_mut(&key) {
                 if s.tx.state() == State::Completed {
@@ -428,7 +757,7 @@ impl Proxy {
                     return;
                 }
             }
-            self.forward_stateless(req);
+            self.forward_stateless(now, req);
             return;
         }
         if let Some(s) = self.servers.get_mut(&key) {
@@ -437,7 +766,7 @@ impl Proxy {
             let src = s.src;
             while let Some(o) = s.tx.poll_output() {
                 if let Output::Transmit(b) = o {
-                    self.out.push((src, b));
+                    self.out.push(Action::Send(src, b));
                 }
             }
             return;
@@ -451,6 +780,7 @@ impl Proxy {
                 targets: VecDeque::new(),
                 client: None,
                 best: None,
+                cancelled: false,
             },
         );
         if method == "CANCEL" {
@@ -463,8 +793,13 @@ impl Proxy {
             _ => {}
         }
         let me = self.cfg.local.to_string();
-        if req.header_values("Via").any(|v| v.contains(&me) && v.contains("z9hG4bK-hasp")) {
+        if req.header_values("Via").any(|v| v.contains(&me) && v.contains(steer::BRANCH_PREFIX)) {
             return self.reject(&key, &req, 482, "Loop Detected", now);
+        }
+        // A 100 at once: the client stops retransmitting while we look things up.
+        if method == "INVITE" {
+            let trying = req.response(100, "Trying", None);
+            self.reply(&key, trying, now);
         }
         if self.focus_request(now, &key, src, &req) {
             return;
@@ -474,123 +809,319 @@ impl Proxy {
             StartLine::Request { uri, .. } => uri.clone(),
             StartLine::Response { .. } => return,
         };
-        let targets: Vec<Target> = if let Some(r) = req.header_values("Route").next() {
-            match resolve(uri_of(r)) {
-                Some(dst) => vec![Target { uri: ruri.clone(), dst, routes: Vec::new() }],
-                None => return self.reject(&key, &req, 404, "Route Unresolvable", now),
-            }
-        } else if self.our_domain(&ruri) {
-            if method == "REGISTER" {
-                self.metrics.registers.fetch_add(1, Ordering::Relaxed);
-                let resp = registrar::register(
-                    &*self.store,
-                    &self.nonces,
-                    &self.cfg.domain,
-                    &req,
-                    &src.addr.to_string(),
-                    unix_now(),
-                );
-                return self.reply(&key, resp, now);
-            }
-            let Some(aor) = self.local_aor(&ruri) else {
-                // To the proxy itself (keep-alive OPTIONS and the like).
-                let r = req.response(
-                    if method == "OPTIONS" { 200 } else { 405 },
-                    if method == "OPTIONS" { "OK" } else { "Method Not Allowed" },
-                    Some("p"),
-                );
-                return self.reply(&key, r, now);
-            };
-            let bindings = match self.store.bindings(&aor, unix_now()) {
-                Ok(b) => b,
-                Err(_) => {
-                    let r = registrar::unavailable(&req);
-                    return self.reply(&key, r, now);
-                }
-            };
-            if bindings.is_empty() {
-                let (user, dom) = aor.split_once('@').unwrap_or((&aor, ""));
-                let known = self.store.password(user, dom).ok().flatten().is_some();
-                return if known {
-                    self.reject(&key, &req, 480, "Temporarily Unavailable", now)
-                } else {
-                    self.reject(&key, &req, 404, "Not Found", now)
-                };
-            }
-            // Most recent registration first.
-            let mut bindings = bindings;
-            bindings.sort_by_key(|b| std::cmp::Reverse(b.expires_at));
-            bindings
-                .into_iter()
-                .filter_map(|b| {
-                    let first = b.path.first().map(|p| uri_of(p).to_string());
-                    let via = first.as_deref().unwrap_or(&b.contact).to_string();
-                    // RFC 3261 routes to the Contact (or the first Path hop); the source
-                    // of the REGISTER is kept for NAT handling, not used by default.
-                    let dst = resolve(&via)?;
-                    Some(Target { uri: b.contact, dst, routes: b.path })
-                })
-                .collect()
-        } else {
-            match resolve(&ruri) {
-                Some(dst) => vec![Target { uri: ruri.clone(), dst, routes: Vec::new() }],
-                None => return self.reject(&key, &req, 404, "Unresolvable", now),
-            }
-        };
-        // Prepare the request as forwarded.
         let mf = req.max_forwards().unwrap_or(70).saturating_sub(1);
         req.set("Max-Forwards", mf.to_string());
-        if method == "INVITE" {
-            let trying = req.response(100, "Trying", None);
-            self.reply(&key, trying, now);
-            if let Some(sdp) = self.anchor_offer(&req) {
-                req.body = sdp.into_bytes();
-            }
+        let route = req.header_values("Route").next().map(|r| uri_of(r).to_string());
+        if let Some(hop) = route {
+            let t = Target { uri: ruri, dst: literal_peer(&hop), hop, routes: Vec::new() };
+            return self.targets_ready(now, &key, req, vec![t]);
         }
-        if method == "BYE" {
-            if let Some(c) = &self.calls {
-                let _ = c.delete(req.call_id());
-            }
+        if !self.our_domain(&ruri) {
+            let t = Target { uri: ruri.clone(), dst: literal_peer(&ruri), hop: ruri, routes: Vec::new() };
+            return self.targets_ready(now, &key, req, vec![t]);
         }
+        if method == "REGISTER" {
+            self.metrics.registers.fetch_add(1, Ordering::Relaxed);
+            return self.register(now, &key, &req);
+        }
+        let Some(aor) = self.local_aor(&ruri) else {
+            // To the proxy itself (keep-alive OPTIONS and the like).
+            let r = req.response(
+                if method == "OPTIONS" { 200 } else { 405 },
+                if method == "OPTIONS" { "OK" } else { "Method Not Allowed" },
+                Some("p"),
+            );
+            return self.reply(&key, r, now);
+        };
         if let Some(s) = self.servers.get_mut(&key) {
+            s.forward = Some(req);
+        }
+        let t = self.unix(now);
+        self.start(now, Op::Bindings { aor, now: t }, Pending::Lookup { sk: key });
+    }
+
+    /// The targets are known: anchor the offer if there is one, then forward.
+    fn targets_ready(&mut self, now: Instant, key: &SKey, req: Message, targets: Vec<Target>) {
+        let method = req.method().to_string();
+        let offer = (self.anchor && method == "INVITE" && !req.body.is_empty())
+            .then(|| {
+                let sdp = std::str::from_utf8(&req.body).ok()?.to_string();
+                Some(Op::Offer {
+                    call_id: req.call_id().to_string(),
+                    from_tag: req.from_tag()?.to_string(),
+                    to_tag: req.to_tag().map(str::to_string),
+                    sdp,
+                })
+            })
+            .flatten();
+        if method == "BYE" {
+            // The media goes now; the BYE does not wait for it.
+            self.delete_media(now, req.call_id());
+        }
+        let call_id = req.call_id().to_string();
+        if let Some(s) = self.servers.get_mut(key) {
             s.forward = Some(req);
             s.targets = targets.into();
         }
-        self.next_target(now, &key);
+        match offer {
+            Some(op) => {
+                *self.anchoring.entry(call_id.clone()).or_default() += 1;
+                self.start(now, op, Pending::Offer { sk: key.clone(), call_id });
+            }
+            None => self.next_target(now, key),
+        }
     }
 
-    /// Handles a request for the conference focus: a new INVITE to a conference URI of
-    /// our domain, or an in-dialog request of a focus dialog. Returns whether it did.
-    fn focus_request(&mut self, now: Instant, key: &SKey, src: Peer, req: &Message) -> bool {
-        let Some(focus) = self.focus.clone() else { return false };
-        let StartLine::Request { uri, method } = &req.start else { return false };
-        let mut routes = req.header_values("Route");
-        if !routes.all(|r| self.is_us(uri_of(r))) || !self.our_domain(uri) {
-            return false;
+    /// Frees a call's media (not waiting for it). If an offer or answer of the call is
+    /// still being anchored, its media is freed again when that completes.
+    fn delete_media(&mut self, now: Instant, call_id: &str) {
+        if !self.anchor {
+            return;
         }
-        let user = aor_of(uri).and_then(|a| a.split_once('@').map(|(u, _)| u.to_string())).unwrap_or_default();
-        let Some(room) = crate::proxy::focus::room_of_user(&user) else { return false };
-        let method = method.clone();
-        let in_dialog = req.to_tag().is_some();
-        if in_dialog && !focus.is_member(req.call_id()) {
-            let r = req.response(481, "Call/Transaction Does Not Exist", None);
-            self.reply(key, r, now);
-            return true;
+        if self.anchoring.contains_key(call_id) {
+            self.doomed.insert(call_id.to_string());
         }
-        let resp = match method.as_str() {
-            "INVITE" => {
-                if !in_dialog {
-                    let trying = req.response(100, "Trying", None);
-                    self.reply(key, trying, now);
+        self.start(now, Op::Delete { call_id: call_id.to_string() }, Pending::Detached);
+    }
+
+    /// An anchor offer or answer of `call_id` completed.
+    fn anchored(&mut self, now: Instant, call_id: &str) {
+        let left = match self.anchoring.get_mut(call_id) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        let doomed = self.doomed.contains(call_id);
+        if left == 0 {
+            self.anchoring.remove(call_id);
+            self.doomed.remove(call_id);
+        }
+        if doomed {
+            self.start(now, Op::Delete { call_id: call_id.to_string() }, Pending::Detached);
+        }
+    }
+
+    fn register(&mut self, now: Instant, key: &SKey, req: &Message) {
+        match registrar::start(&self.nonces, &self.cfg.domain, req, self.unix(now)) {
+            registrar::Start::Reply(r) => self.reply(key, r, now),
+            registrar::Start::Authenticate { aor, user, domain, creds } => {
+                self.start(now, Op::Password { user, domain }, Pending::RegPassword { sk: key.clone(), aor, creds });
+            }
+        }
+    }
+
+    /// Reads the AOR's bindings for a REGISTER, or queues it behind the one of the same
+    /// AOR being applied.
+    fn register_bindings(&mut self, now: Instant, key: SKey, aor: String) {
+        if let Some(q) = self.registering.get_mut(&aor) {
+            q.push_back(key);
+            return;
+        }
+        self.registering.insert(aor.clone(), VecDeque::new());
+        let t = self.unix(now);
+        self.start(now, Op::Bindings { aor: aor.clone(), now: t }, Pending::RegBindings { sk: key, aor });
+    }
+
+    /// The REGISTER of `aor` being applied is done: the next one waiting goes.
+    fn register_next(&mut self, now: Instant, aor: &str) {
+        loop {
+            let Some(next) = self.registering.get_mut(aor).and_then(VecDeque::pop_front) else {
+                self.registering.remove(aor);
+                return;
+            };
+            if self.open_request(&next).is_some() {
+                let t = self.unix(now);
+                self.start(
+                    now,
+                    Op::Bindings { aor: aor.to_string(), now: t },
+                    Pending::RegBindings { sk: next, aor: aor.to_string() },
+                );
+                return;
+            }
+        }
+    }
+
+    fn resume(&mut self, now: Instant, p: Pending, r: Result<Done, Error>) {
+        match p {
+            Pending::RegPassword { sk, aor, creds } => {
+                let Some(req) = self.open_request(&sk) else { return };
+                match r {
+                    Ok(Done::Password(pw)) => match registrar::check_password(&req, &creds, pw.as_deref()) {
+                        Ok(()) => self.register_bindings(now, sk, aor),
+                        Err(resp) => self.reply(&sk, resp, now),
+                    },
+                    _ => self.reply(&sk, registrar::unavailable(&req), now),
                 }
-                let offer = std::str::from_utf8(&req.body).unwrap_or("");
-                match focus.join(room, req.call_id(), offer) {
-                    Ok(answer) => {
+            }
+            Pending::RegBindings { sk, aor } => {
+                let Some(req) = self.open_request(&sk) else { return self.register_next(now, &aor) };
+                let src = self.servers.get(&sk).map(|s| s.src.addr.to_string()).unwrap_or_default();
+                let t = self.unix(now);
+                let applied = match r {
+                    Ok(Done::Bindings(b)) => registrar::apply(&req, b, &src, t),
+                    _ => Err(registrar::unavailable(&req)),
+                };
+                match applied {
+                    Ok(bindings) => {
+                        let op = Op::SetBindings { aor: aor.clone(), bindings: bindings.clone() };
+                        self.start(now, op, Pending::RegStore { sk, aor, bindings });
+                    }
+                    Err(resp) => {
+                        self.reply(&sk, resp, now);
+                        self.register_next(now, &aor);
+                    }
+                }
+            }
+            Pending::RegStore { sk, aor, bindings } => {
+                if let Some(req) = self.open_request(&sk) {
+                    let resp = match r {
+                        Ok(Done::Stored) => registrar::accepted(&req, &bindings, self.unix(now)),
+                        _ => registrar::unavailable(&req),
+                    };
+                    self.reply(&sk, resp, now);
+                }
+                self.register_next(now, &aor);
+            }
+            Pending::Lookup { sk } => {
+                let Some(req) = self.open_request(&sk) else { return };
+                let bindings = match r {
+                    Ok(Done::Bindings(b)) => b,
+                    _ => return self.reply(&sk, registrar::unavailable(&req), now),
+                };
+                if bindings.is_empty() {
+                    let ruri = match &req.start {
+                        StartLine::Request { uri, .. } => uri.clone(),
+                        StartLine::Response { .. } => return,
+                    };
+                    let aor = self.local_aor(&ruri).unwrap_or_default();
+                    let (user, dom) = aor.split_once('@').unwrap_or((&aor, ""));
+                    let op = Op::Password { user: user.to_string(), domain: dom.to_string() };
+                    self.start(now, op, Pending::Known { sk });
+                    return;
+                }
+                // Most recent registration first.
+                let mut bindings = bindings;
+                bindings.sort_by_key(|b| Reverse(b.expires_at));
+                let targets = bindings
+                    .into_iter()
+                    .map(|b| {
+                        // RFC 3261 routes to the Contact (or the first Path hop); the
+                        // source of the REGISTER is kept for NAT handling, not used by
+                        // default.
+                        let hop = b.path.first().map(|p| uri_of(p).to_string()).unwrap_or_else(|| b.contact.clone());
+                        Target { uri: b.contact, dst: literal_peer(&hop), hop, routes: b.path }
+                    })
+                    .collect();
+                let Some(fwd) = self.servers.get_mut(&sk).and_then(|s| s.forward.take()) else { return };
+                self.targets_ready(now, &sk, fwd, targets);
+            }
+            Pending::Known { sk } => {
+                let Some(req) = self.open_request(&sk) else { return };
+                match r {
+                    Ok(Done::Password(Some(_))) => self.reject(&sk, &req, 480, "Temporarily Unavailable", now),
+                    Ok(Done::Password(None)) => self.reject(&sk, &req, 404, "Not Found", now),
+                    _ => self.reply(&sk, registrar::unavailable(&req), now),
+                }
+            }
+            Pending::Resolve { sk, target } => {
+                let Some(req) = self.open_request(&sk) else { return };
+                let Some(s) = self.servers.get_mut(&sk) else { return };
+                match r {
+                    Ok(Done::Resolved(peers)) if !peers.is_empty() => {
+                        // Every address in order: the next is tried if one fails
+                        // (RFC 3263 §4.3).
+                        for p in peers.into_iter().rev() {
+                            s.targets.push_front(Target { dst: Some(p), ..target.clone() });
+                        }
+                    }
+                    Ok(_) => {
+                        if s.best.is_none() {
+                            s.best = Some(req.response(404, "Unresolvable", Some("dns")));
+                        }
+                    }
+                    Err(_) => {
+                        if s.best.is_none() {
+                            let mut r = req.response(503, "Service Unavailable", Some("dns"));
+                            r.headers.push(("Warning".into(), "399 hasp \"name resolution failed\"".into()));
+                            s.best = Some(r);
+                        }
+                    }
+                }
+                self.next_target(now, &sk);
+            }
+            Pending::ResolveStateless { req } => {
+                if let Ok(Done::Resolved(peers)) = r {
+                    if let Some(dst) = peers.first() {
+                        self.send_stateless(req, *dst);
+                    }
+                }
+            }
+            Pending::Offer { sk, call_id } => {
+                // A call deleted meanwhile (CANCEL, BYE) has its media freed again by
+                // `anchored`; one whose transaction ended otherwise is freed here.
+                let doomed = self.doomed.contains(&call_id);
+                self.anchored(now, &call_id);
+                let open = self.servers.get(&sk).is_some_and(|s| s.open() && !s.cancelled);
+                if !open {
+                    if r.is_ok() && !doomed {
+                        self.start(now, Op::Delete { call_id }, Pending::Detached);
+                    }
+                    return;
+                }
+                match r {
+                    Ok(Done::Sdp(sdp)) => {
+                        if let Some(f) = self.servers.get_mut(&sk).and_then(|s| s.forward.as_mut()) {
+                            f.body = sdp.into_bytes();
+                        }
+                        self.next_target(now, &sk);
+                    }
+                    other => {
+                        let why = match other {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "unexpected completion".into(),
+                        };
+                        tracing::warn!(call_id, error = %why, "media could not be anchored");
+                        let Some(req) = self.open_request(&sk) else { return };
+                        if req.to_tag().is_none() {
+                            // A relay that answers late may have made media: free it.
+                            self.delete_media(now, &call_id);
+                        }
+                        let mut resp = req.response(503, "Service Unavailable", Some("media"));
+                        resp.headers.push(("Retry-After".into(), "5".into()));
+                        resp.headers.push(("Warning".into(), "399 hasp \"no media relay answered\"".into()));
+                        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.reply(&sk, resp, now);
+                    }
+                }
+            }
+            Pending::Answer { sk, mut resp, call_id } => {
+                self.anchored(now, &call_id);
+                match r {
+                    Ok(Done::Sdp(sdp)) => resp.body = sdp.into_bytes(),
+                    // The callee answered: the call goes on, unanchored, rather than
+                    // being lost (the relay failed between offer and answer).
+                    other => tracing::warn!(call_id, result = ?other.err(), "answer not anchored"),
+                }
+                self.reply(&sk, resp, now);
+            }
+            Pending::StatelessAnswer { mut resp, dst, call_id } => {
+                self.anchored(now, &call_id);
+                if let Ok(Done::Sdp(sdp)) = r {
+                    resp.body = sdp.into_bytes();
+                }
+                self.send(dst, resp.to_bytes());
+            }
+            Pending::Join { sk, user, transport } => {
+                let Some(req) = self.open_request(&sk) else { return };
+                let resp = match r {
+                    Ok(Done::Joined(Ok(answer))) => {
                         // The same tag for a retransmitted INVITE (whose 200 was lost):
                         // derived from the dialog, not counted.
                         let tag = format!("hasp-focus-{:016x}", fnv1a(req.call_id(), req.from_tag().unwrap_or("")));
                         let mut r = req.response(200, "OK", Some(&tag));
-                        let t = match src.transport {
+                        let t = match transport {
                             Transport::Udp => "",
                             Transport::Tcp => ";transport=tcp",
                         };
@@ -599,47 +1130,76 @@ impl Proxy {
                         r.body = answer.into_bytes();
                         r
                     }
-                    Err(crate::proxy::focus::JoinError::NotAcceptable(why)) => {
+                    Ok(Done::Joined(Err(JoinError::NotAcceptable(why)))) => {
                         let mut r = req.response(488, "Not Acceptable Here", Some("focus"));
                         r.headers.push(("Warning".into(), format!("304 hasp \"{}\"", why.replace('"', "'"))));
                         r
                     }
-                    Err(crate::proxy::focus::JoinError::Unavailable(why)) => {
-                        tracing::warn!(room, error = %why, "no media node took a conference participant");
+                    Ok(Done::Joined(Err(JoinError::NoDialog))) => {
+                        req.response(481, "Call/Transaction Does Not Exist", None)
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(Done::Joined(Err(JoinError::Unavailable(w)))) => w,
+                            Err(e) => e.to_string(),
+                            _ => "unexpected completion".into(),
+                        };
+                        tracing::warn!(error = %why, "no media node took a conference participant");
                         let mut r = req.response(503, "Service Unavailable", Some("focus"));
                         r.headers.push(("Retry-After".into(), "5".into()));
                         r
                     }
-                }
+                };
+                self.reply(&sk, resp, now);
+            }
+            Pending::Leave { sk } => {
+                let Some(req) = self.open_request(&sk) else { return };
+                let resp = match r {
+                    Ok(Done::Left(true)) => req.response(200, "OK", None),
+                    Ok(Done::Left(false)) => req.response(481, "Call/Transaction Does Not Exist", None),
+                    _ => registrar::unavailable(&req),
+                };
+                self.reply(&sk, resp, now);
+            }
+            Pending::Detached => {}
+        }
+    }
+
+    /// Handles a request for the conference focus: a new INVITE to a conference URI of
+    /// our domain, or an in-dialog request of a focus dialog. Returns whether it did.
+    fn focus_request(&mut self, now: Instant, key: &SKey, src: Peer, req: &Message) -> bool {
+        if !self.focus {
+            return false;
+        }
+        let StartLine::Request { uri, method } = &req.start else { return false };
+        let mut routes = req.header_values("Route");
+        if !routes.all(|r| self.is_us(uri_of(r))) || !self.our_domain(uri) {
+            return false;
+        }
+        let user = aor_of(uri).and_then(|a| a.split_once('@').map(|(u, _)| u.to_string())).unwrap_or_default();
+        let Some(room) = super::focus::room_of_user(&user) else { return false };
+        let (room, call_id) = (room.to_string(), req.call_id().to_string());
+        let in_dialog = req.to_tag().is_some();
+        match method.as_str() {
+            "INVITE" => {
+                let offer = String::from_utf8_lossy(&req.body).into_owned();
+                let op = Op::Join { room, call_id, offer, in_dialog };
+                self.start(now, op, Pending::Join { sk: key.clone(), user, transport: src.transport });
             }
             "BYE" => {
-                focus.leave(req.call_id());
-                req.response(200, "OK", None)
+                self.start(now, Op::Leave { call_id }, Pending::Leave { sk: key.clone() });
             }
-            "OPTIONS" | "INFO" | "UPDATE" => req.response(200, "OK", None),
-            "CANCEL" => return false, // handled as for any INVITE (answered already)
-            _ => req.response(405, "Method Not Allowed", Some("focus")),
-        };
-        self.reply(key, resp, now);
+            "OPTIONS" | "INFO" | "UPDATE" => {
+                let r = req.response(200, "OK", None);
+                self.reply(key, r, now);
+            }
+            "CANCEL" => return false, // handled as for any INVITE
+            _ => {
+                let r = req.response(405, "Method Not Allowed", Some("focus"));
+                self.reply(key, r, now);
+            }
+        }
         true
-    }
-
-    fn anchor_offer(&self, req: &Message) -> Option<String> {
-        let calls = self.calls.as_ref()?;
-        if req.body.is_empty() {
-            return None;
-        }
-        let sdp = std::str::from_utf8(&req.body).ok()?;
-        calls.offer(req.call_id(), req.from_tag()?, req.to_tag(), sdp).ok()
-    }
-
-    fn anchor_answer(&self, resp: &Message) -> Option<String> {
-        let calls = self.calls.as_ref()?;
-        if resp.body.is_empty() {
-            return None;
-        }
-        let sdp = std::str::from_utf8(&resp.body).ok()?;
-        calls.answer(resp.call_id(), resp.from_tag()?, resp.to_tag()?, sdp).ok()
     }
 
     fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {
@@ -648,66 +1208,80 @@ impl Proxy {
         self.reply(key, r, now);
     }
 
-    /// Forwards to the next target, or answers with the best response (408 if none).
+    /// Forwards to the next target (resolving its next hop first if it is a name), or
+    /// answers with the best response (408 if none).
     fn next_target(&mut self, now: Instant, key: &SKey) {
-        let Some(s) = self.servers.get_mut(key) else { return };
-        let Some(t) = s.targets.pop_front() else {
-            let best = s.best.take();
-            let req = s.tx.request().clone();
-            let resp = best.unwrap_or_else(|| req.response(408, "Request Timeout", Some("to")));
-            if req.method() == "INVITE" {
-                if let Some(c) = &self.calls {
-                    let _ = c.delete(req.call_id());
+        loop {
+            let Some(s) = self.servers.get_mut(key) else { return };
+            if !s.open() {
+                return;
+            }
+            let Some(t) = s.targets.pop_front() else {
+                let best = s.best.take();
+                let req = s.tx.request().clone();
+                let resp = match best {
+                    Some(b) => b,
+                    None if s.cancelled => req.response(487, "Request Terminated", Some("can")),
+                    None => req.response(408, "Request Timeout", Some("to")),
+                };
+                if req.method() == "INVITE" && req.to_tag().is_none() {
+                    self.delete_media(now, req.call_id());
+                }
+                return self.reply(key, resp, now);
+            };
+            let Some(dst) = t.dst else {
+                let op = Op::Resolve { uri: t.hop.clone() };
+                self.start(now, op, Pending::Resolve { sk: key.clone(), target: t });
+                return;
+            };
+            let Some(mut fwd) = s.forward.clone() else { return };
+            let inbound = s.src.transport;
+            if let StartLine::Request { uri, .. } = &mut fwd.start {
+                *uri = t.uri.clone();
+            }
+            let dialog_creating = matches!(fwd.method(), "INVITE" | "SUBSCRIBE" | "REFER") && fwd.to_tag().is_none();
+            let rr_host = self.cfg.record_route.clone().unwrap_or_else(|| self.cfg.local.to_string());
+            if dialog_creating {
+                // One Record-Route, or two when the transport changes here (RFC 5658):
+                // the top one faces the callee, the other the caller.
+                if inbound != dst.transport {
+                    fwd.push_front("Record-Route", rr_uri(&rr_host, inbound));
+                }
+                fwd.push_front("Record-Route", rr_uri(&rr_host, dst.transport));
+            }
+            for r in t.routes.iter().rev() {
+                fwd.push_front("Route", r.clone());
+            }
+            self.branch += 1;
+            let branch = steer::branch(self.shard, &format!("{:x}", std::process::id()), self.branch);
+            fwd.push_front(
+                "Via",
+                format!("SIP/2.0/{} {};branch={branch};rport", dst.transport.via_name(), self.cfg.local),
+            );
+            let mut tx = Transaction::client(fwd.clone(), dst.reliable(), now);
+            let mut sends = Vec::new();
+            while let Some(o) = tx.poll_output() {
+                if let Output::Transmit(b) = o {
+                    sends.push(b);
                 }
             }
-            return self.reply(key, resp, now);
-        };
-        let Some(mut fwd) = s.forward.clone() else { return };
-        let inbound = s.src.transport;
-        if let StartLine::Request { uri, .. } = &mut fwd.start {
-            *uri = t.uri.clone();
-        }
-        let dialog_creating = matches!(fwd.method(), "INVITE" | "SUBSCRIBE" | "REFER") && fwd.to_tag().is_none();
-        let rr_host = self.cfg.record_route.clone().unwrap_or_else(|| self.cfg.local.to_string());
-        if dialog_creating {
-            // One Record-Route, or two when the transport changes here (RFC 5658): the
-            // top one faces the callee, the other the caller.
-            if inbound != t.dst.transport {
-                fwd.push_front("Record-Route", rr_uri(&rr_host, inbound));
+            if dst.transport == Transport::Udp && sends.iter().any(|b| b.len() > MAX_UDP_PAYLOAD) {
+                // It cannot be sent to this target (RFC 3261 §18.1.1 would want TCP,
+                // which the target did not offer): the next one, or 513 at the end.
+                if s.best.is_none() {
+                    let req = s.tx.request();
+                    s.best = Some(req.response(513, "Message Too Large", Some("big")));
+                }
+                continue;
             }
-            fwd.push_front("Record-Route", rr_uri(&rr_host, t.dst.transport));
+            self.out.extend(sends.into_iter().map(|b| Action::Send(dst, b)));
+            let ck = (branch, fwd.method().to_string());
+            self.touched.push(TimerKey::Client(ck.clone()));
+            self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+            s.client = Some(ck.clone());
+            self.clients.insert(ck, ClientTx { tx, dst, server: Some(key.clone()) });
+            return;
         }
-        for r in t.routes.iter().rev() {
-            fwd.push_front("Route", r.clone());
-        }
-        self.branch += 1;
-        let branch = format!("z9hG4bK-hasp-{:x}-{}", std::process::id(), self.branch);
-        fwd.push_front(
-            "Via",
-            format!("SIP/2.0/{} {};branch={branch};rport", t.dst.transport.via_name(), self.cfg.local),
-        );
-        let mut tx = Transaction::client(fwd.clone(), t.dst.reliable(), now);
-        let mut sends = Vec::new();
-        while let Some(o) = tx.poll_output() {
-            if let Output::Transmit(b) = o {
-                sends.push(b);
-            }
-        }
-        if t.dst.transport == Transport::Udp && sends.iter().any(|b| b.len() > MAX_UDP_PAYLOAD) {
-            // It cannot be sent to this target (RFC 3261 §18.1.1 would want TCP, which
-            // the target did not offer): the next one, or 513 at the end.
-            if s.best.is_none() {
-                let req = s.tx.request();
-                s.best = Some(req.response(513, "Message Too Large", Some("big")));
-            }
-            return self.next_target(now, key);
-        }
-        self.out.extend(sends.into_iter().map(|b| (t.dst, b)));
-        let ck = (branch, fwd.method().to_string());
-        self.touched.push(TxKey::Client(ck.clone()));
-        self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
-        s.client = Some(ck.clone());
-        self.clients.insert(ck, ClientTx { tx, dst: t.dst, server: Some(key.clone()) });
     }
 
     fn on_cancel(&mut self, now: Instant, key: &SKey, cancel: &Message) {
@@ -716,7 +1290,18 @@ impl Proxy {
         let invite_key = (key.0.clone(), key.1.clone(), "INVITE".to_string());
         let Some(s) = self.servers.get_mut(&invite_key) else { return };
         s.targets.clear();
-        let Some(ck) = s.client.clone() else { return };
+        s.cancelled = true;
+        let client = s.client.clone().filter(|ck| self.clients.contains_key(ck));
+        self.delete_media(now, cancel.call_id());
+        let Some(ck) = client else {
+            // Nothing forwarded yet (a lookup or the anchoring is still running): the
+            // INVITE ends here, and whatever completes later starts nothing.
+            if let Some(req) = self.open_request(&invite_key) {
+                let r = req.response(487, "Request Terminated", Some("can"));
+                self.reply(&invite_key, r, now);
+            }
+            return;
+        };
         let Some(c) = self.clients.get(&ck) else { return };
         if c.tx.state() != State::Proceeding {
             return;
@@ -742,15 +1327,12 @@ impl Proxy {
         let mut tx = Transaction::client(c.clone(), dst.reliable(), now);
         while let Some(o) = tx.poll_output() {
             if let Output::Transmit(b) = o {
-                self.out.push((dst, b));
+                self.out.push(Action::Send(dst, b));
             }
         }
         if let Some(k) = client_key(&c) {
-            self.touched.push(TxKey::Client(k.clone()));
+            self.touched.push(TimerKey::Client(k.clone()));
             self.clients.insert(k, ClientTx { tx, dst, server: None });
-        }
-        if let Some(calls) = &self.calls {
-            let _ = calls.delete(cancel.call_id());
         }
     }
 
@@ -758,15 +1340,28 @@ impl Proxy {
         let Some(ck) = client_key(&resp) else { return };
         let Some(c) = self.clients.get_mut(&ck) else {
             // No transaction (a 2xx retransmission after it ended): forward statelessly.
-            self.forward_response_stateless(resp);
+            self.forward_response_stateless(now, resp);
             return;
         };
         c.tx.on_response(resp, now);
         self.pump_client(now, &ck);
     }
 
+    /// The Answer operation for a 2xx to an INVITE carrying SDP, if media is anchored.
+    fn answer_op(&self, r: &Message) -> Option<Op> {
+        if !self.anchor || r.body.is_empty() {
+            return None;
+        }
+        Some(Op::Answer {
+            call_id: r.call_id().to_string(),
+            from_tag: r.from_tag()?.to_string(),
+            to_tag: r.to_tag()?.to_string(),
+            sdp: std::str::from_utf8(&r.body).ok()?.to_string(),
+        })
+    }
+
     fn pump_client(&mut self, now: Instant, ck: &CKey) {
-        self.touched.push(TxKey::Client(ck.clone()));
+        self.touched.push(TimerKey::Client(ck.clone()));
         let Some(c) = self.clients.get_mut(ck) else { return };
         let (dst, server) = (c.dst, c.server.clone());
         let mut outs = Vec::new();
@@ -775,7 +1370,7 @@ impl Proxy {
         }
         for o in outs {
             match o {
-                Output::Transmit(b) => self.out.push((dst, b)),
+                Output::Transmit(b) => self.out.push(Action::Send(dst, b)),
                 Output::Response(mut r) => {
                     let Some(sk) = server.clone() else { continue };
                     r.pop_front("Via");
@@ -785,8 +1380,11 @@ impl Proxy {
                     }
                     let invite = r.method() == "INVITE";
                     if (200..300).contains(&code) && invite {
-                        if let Some(sdp) = self.anchor_answer(&r) {
-                            r.body = sdp.into_bytes();
+                        if let Some(op) = self.answer_op(&r) {
+                            let call_id = r.call_id().to_string();
+                            *self.anchoring.entry(call_id.clone()).or_default() += 1;
+                            self.start(now, op, Pending::Answer { sk, resp: r, call_id });
+                            continue;
                         }
                     }
                     if code >= 300 && invite && (code == 408 || code >= 500) {
@@ -800,9 +1398,12 @@ impl Proxy {
                             continue;
                         }
                     }
-                    if code >= 300 && invite {
-                        if let Some(c) = &self.calls {
-                            let _ = c.delete(r.call_id());
+                    if code >= 300 && invite && r.header("To").is_some() {
+                        // A failed initial INVITE frees its media; a failed re-INVITE
+                        // leaves the established call alone.
+                        let initial = self.servers.get(&sk).is_some_and(|s| s.tx.request().to_tag().is_none());
+                        if initial {
+                            self.delete_media(now, r.call_id());
                         }
                     }
                     self.reply(&sk, r, now);
@@ -817,7 +1418,7 @@ impl Proxy {
         }
     }
 
-    fn forward_stateless(&mut self, mut req: Message) {
+    fn forward_stateless(&mut self, now: Instant, mut req: Message) {
         self.consume_own_routes(&mut req);
         if req.header_values("Route").next().is_none() {
             if let StartLine::Request { uri, .. } = &req.start {
@@ -830,29 +1431,39 @@ impl Proxy {
             StartLine::Request { uri, .. } => Some(uri.clone()),
             StartLine::Response { .. } => None,
         });
-        let Some(dst) = next.as_deref().and_then(resolve) else { return };
+        let Some(next) = next else { return };
         let mf = req.max_forwards().unwrap_or(70);
         if mf == 0 {
             return;
         }
         req.set("Max-Forwards", (mf - 1).to_string());
+        match literal_peer(&next) {
+            Some(dst) => self.send_stateless(req, dst),
+            None => {
+                self.start(now, Op::Resolve { uri: next }, Pending::ResolveStateless { req });
+            }
+        }
+    }
+
+    fn send_stateless(&mut self, mut req: Message, dst: Peer) {
         // A stateless branch: the same for retransmissions of the same ACK.
         let b = req.via().and_then(|v| v.branch).unwrap_or_default();
         req.push_front(
             "Via",
             format!(
-                "SIP/2.0/{} {};branch=z9hG4bK-hasp-sl-{}",
+                "SIP/2.0/{} {};branch={}sl-{}",
                 dst.transport.via_name(),
                 self.cfg.local,
+                steer::BRANCH_PREFIX,
                 b.trim_start_matches("z9hG4bK")
             ),
         );
-        self.out.push((dst, req.to_bytes()));
+        self.send(dst, req.to_bytes());
     }
 
-    fn forward_response_stateless(&mut self, mut resp: Message) {
+    fn forward_response_stateless(&mut self, now: Instant, mut resp: Message) {
         let top = resp.via();
-        if !top.as_ref().is_some_and(|v| v.branch.as_deref().is_some_and(|b| b.starts_with("z9hG4bK-hasp"))) {
+        if !top.as_ref().is_some_and(|v| v.branch.as_deref().is_some_and(|b| b.starts_with(steer::BRANCH_PREFIX))) {
             return;
         }
         resp.pop_front("Via");
@@ -861,15 +1472,20 @@ impl Proxy {
         let port = v.rport.flatten().or(v.port).unwrap_or(5060);
         let Ok(ip) = host.parse::<IpAddr>() else { return };
         let transport = if v.transport == "TCP" { Transport::Tcp } else { Transport::Udp };
+        let dst = Peer { transport, addr: SocketAddr::new(ip, port) };
         if (200..300).contains(&resp.code().unwrap_or(0)) && resp.method() == "INVITE" {
-            if let Some(sdp) = self.anchor_answer(&resp) {
-                resp.body = sdp.into_bytes();
+            if let Some(op) = self.answer_op(&resp) {
+                let call_id = resp.call_id().to_string();
+                *self.anchoring.entry(call_id.clone()).or_default() += 1;
+                self.start(now, op, Pending::StatelessAnswer { resp, dst, call_id });
+                return;
             }
         }
-        self.out.push((Peer { transport, addr: SocketAddr::new(ip, port) }, resp.to_bytes()));
+        self.send(dst, resp.to_bytes());
     }
 
-    /// Drives timers: runs the transactions whose deadline has come.
+    /// Drives timers: runs the transactions whose deadline has come, and fails the
+    /// operations whose deadline passed without a completion.
     pub fn on_tick(&mut self, now: Instant) {
         while let Some(Reverse((t, _))) = self.timers.peek() {
             if *t > now {
@@ -877,7 +1493,7 @@ impl Proxy {
             }
             let Some(Reverse((_, k))) = self.timers.pop() else { break };
             match &k {
-                TxKey::Client(ck) => {
+                TimerKey::Client(ck) => {
                     let Some(c) = self.clients.get_mut(ck) else { continue };
                     if c.tx.next_timeout().is_none_or(|t| t > now) {
                         continue; // stale entry
@@ -885,7 +1501,7 @@ impl Proxy {
                     c.tx.on_timeout(now);
                     self.pump_client(now, ck);
                 }
-                TxKey::Server(sk) => {
+                TimerKey::Server(sk) => {
                     let Some(s) = self.servers.get_mut(sk) else { continue };
                     if s.tx.next_timeout().is_none_or(|t| t > now) {
                         continue;
@@ -894,10 +1510,15 @@ impl Proxy {
                     let src = s.src;
                     while let Some(o) = s.tx.poll_output() {
                         if let Output::Transmit(b) = o {
-                            self.out.push((src, b));
+                            self.out.push(Action::Send(src, b));
                         }
                     }
                     self.touched.push(k.clone());
+                }
+                TimerKey::Op(id) => {
+                    let Some(p) = self.pending.remove(id) else { continue };
+                    self.metrics.ops_timed_out.fetch_add(1, Ordering::Relaxed);
+                    self.resume(now, p, Err(Error::Busy("deadline passed".into())));
                 }
             }
         }
@@ -958,17 +1579,135 @@ fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::focus::Focus;
-    use crate::store::{Binding, Store};
+    use crate::proxy::focus::{tests::FakeMixer, Focus};
     use std::time::Duration;
 
-    fn store(name: &str) -> Arc<dyn Store> {
-        let dir = std::env::temp_dir().join(format!("hasp-proxy-unit-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        Arc::new(crate::store::embedded::Embedded::open(&dir.join("s.redb")).unwrap())
+    /// The outside world of a core under test: the store, the relay and the focus,
+    /// answering operations at once unless `hold` says to keep one back (a hung relay,
+    /// a slow store), so a test completes it late, out of order, with an error, or never.
+    struct World {
+        bindings: HashMap<String, Vec<Binding>>,
+        passwords: HashMap<String, String>,
+        hold: fn(&Op) -> bool,
+        held: Vec<(OpId, Op)>,
+        started: Vec<Op>,
+        sent: Vec<(Peer, String)>,
+        /// Calls with media on the relay, and how many offers made it.
+        media: HashMap<String, u32>,
+        focus: Focus,
     }
 
-    fn proxy(st: Arc<dyn Store>) -> Proxy {
+    const T0: u64 = 1_700_000_000;
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                bindings: HashMap::new(),
+                passwords: HashMap::new(),
+                hold: |_| false,
+                held: Vec::new(),
+                started: Vec::new(),
+                sent: Vec::new(),
+                media: HashMap::new(),
+                focus: Focus::new(vec![Arc::new(FakeMixer::default())]),
+            }
+        }
+
+        fn bind(&mut self, aor: &str, contacts: &[(&str, u64)]) {
+            let b = contacts
+                .iter()
+                .map(|(c, exp)| Binding {
+                    contact: c.to_string(),
+                    expires_at: T0 + exp,
+                    path: vec![],
+                    call_id: "r".into(),
+                    cseq: 1,
+                    received: None,
+                })
+                .collect();
+            self.bindings.insert(aor.into(), b);
+        }
+
+        fn perform(&mut self, op: &Op) -> Result<Done, Error> {
+            Ok(match op {
+                Op::Password { user, domain } => {
+                    Done::Password(self.passwords.get(&format!("{user}@{domain}")).cloned())
+                }
+                Op::Bindings { aor, now } => Done::Bindings(
+                    self.bindings.get(aor).into_iter().flatten().filter(|b| b.expires_at > *now).cloned().collect(),
+                ),
+                Op::SetBindings { aor, bindings } => {
+                    self.bindings.insert(aor.clone(), bindings.clone());
+                    Done::Stored
+                }
+                Op::Resolve { uri } => Done::Resolved(literal_peer(uri).into_iter().collect()),
+                Op::Offer { call_id, sdp, .. } | Op::Answer { call_id, sdp, .. } => {
+                    *self.media.entry(call_id.clone()).or_default() += 1;
+                    Done::Sdp(sdp.replace("10.0.0.1", "192.0.2.99"))
+                }
+                Op::Delete { call_id } => {
+                    self.media.remove(call_id);
+                    Done::Deleted
+                }
+                Op::Join { room, call_id, offer, in_dialog } => {
+                    if *in_dialog && !self.focus.is_member(call_id) {
+                        Done::Joined(Err(JoinError::NoDialog))
+                    } else {
+                        Done::Joined(self.focus.join(room, call_id, offer))
+                    }
+                }
+                Op::Leave { call_id } => Done::Left(self.focus.leave(call_id)),
+            })
+        }
+
+        /// Performs what the core asked until it asks nothing more.
+        fn run(&mut self, p: &mut Proxy, now: Instant) {
+            loop {
+                let actions = p.drain();
+                if actions.is_empty() {
+                    return;
+                }
+                for a in actions {
+                    match a {
+                        Action::Send(to, b) => self.sent.push((to, String::from_utf8_lossy(&b).into_owned())),
+                        Action::Start { id, op, .. } => {
+                            self.started.push(op.clone());
+                            if (self.hold)(&op) {
+                                self.held.push((id, op));
+                            } else {
+                                let r = self.perform(&op);
+                                p.on_completion(now, id, r);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Delivers a message and performs what follows.
+        fn deliver(&mut self, p: &mut Proxy, now: Instant, src: Peer, msg: &[u8]) {
+            p.on_message(now, src, msg);
+            self.run(p, now);
+        }
+
+        /// Completes the held operation at `i` (performing it for real, or with `r`).
+        fn complete(&mut self, p: &mut Proxy, now: Instant, i: usize, r: Option<Result<Done, Error>>) {
+            let (id, op) = self.held.remove(i);
+            let r = r.unwrap_or_else(|| self.perform(&op));
+            p.on_completion(now, id, r);
+            self.run(p, now);
+        }
+
+        fn take_sent(&mut self) -> Vec<(Peer, String)> {
+            std::mem::take(&mut self.sent)
+        }
+
+        fn deletes(&self, call_id: &str) -> usize {
+            self.started.iter().filter(|o| matches!(o, Op::Delete { call_id: c } if c == call_id)).count()
+        }
+    }
+
+    fn proxy(anchor: bool) -> (Proxy, Instant) {
         let cfg = ProxyConfig {
             domain: "unit.test".into(),
             local: "127.0.0.1:5060".parse().unwrap(),
@@ -976,23 +1715,14 @@ mod tests {
             record_route: None,
             rate_limit: 0,
         };
-        Proxy::new(cfg, st, None)
+        let mut p = Proxy::new(cfg, anchor);
+        let t0 = Instant::now();
+        p.set_epoch(t0, T0);
+        (p, t0)
     }
 
-    fn bind(st: &dyn Store, aor: &str, contacts: &[(&str, u64)]) {
-        let b: Vec<Binding> = contacts
-            .iter()
-            .map(|(c, exp)| Binding {
-                contact: c.to_string(),
-                expires_at: *exp,
-                path: vec![],
-                call_id: "r".into(),
-                cseq: 1,
-                received: None,
-            })
-            .collect();
-        st.set_bindings(aor, &b).unwrap();
-    }
+    const SDP: &str =
+        "v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
 
     fn invite(uri: &str, branch: &str, sdp: &str) -> Vec<u8> {
         format!(
@@ -1002,65 +1732,101 @@ mod tests {
         .into_bytes()
     }
 
-    fn first_line(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).lines().next().unwrap_or("").to_string()
+    fn options(n: u32) -> Vec<u8> {
+        format!(
+            "OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKo{n}\r\nFrom: <sip:a@unit.test>;tag=1\r\nTo: <sip:127.0.0.1:5060>\r\nCall-ID: o{n}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn register(call_id: &str, cseq: u32, auth: Option<&str>) -> Vec<u8> {
+        let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        format!(
+            "REGISTER sip:unit.test SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5080;branch=z9hG4bKr{call_id}{cseq}\r\nFrom: <sip:bob@unit.test>;tag=r\r\nTo: <sip:bob@unit.test>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:bob@10.0.0.2:5080>\r\nExpires: 600\r\n{auth}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// A REGISTER with valid digest credentials for bob (password "pw"), answering the
+    /// proxy's own challenge.
+    fn authorized_register(w: &mut World, p: &mut Proxy, now: Instant, call_id: &str) -> Vec<u8> {
+        w.deliver(p, now, Peer::udp("10.0.0.2:5080".parse().unwrap()), &register(call_id, 1, None));
+        let sent = w.take_sent();
+        let challenge = sent.iter().find(|(_, m)| m.starts_with("SIP/2.0 401")).expect("a challenge").1.clone();
+        let nonce = challenge.split("nonce=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+        let creds = sip::digest::Credentials {
+            username: "bob".into(),
+            realm: "unit.test".into(),
+            nonce: nonce.clone(),
+            uri: "sip:unit.test".into(),
+            response: String::new(),
+            algorithm: Some("MD5".into()),
+            ..Default::default()
+        };
+        let resp = sip::digest::expected_response(&creds, "REGISTER", "pw").unwrap();
+        let auth = format!(
+            "Digest username=\"bob\", realm=\"unit.test\", nonce=\"{nonce}\", uri=\"sip:unit.test\", response=\"{resp}\", algorithm=MD5"
+        );
+        register(call_id, 2, Some(&auth))
+    }
+
+    fn first_line(m: &str) -> &str {
+        m.lines().next().unwrap_or("")
+    }
+
+    fn lines_to(sent: &[(Peer, String)], to: Peer) -> Vec<&str> {
+        sent.iter().filter(|(d, _)| *d == to).map(|(_, m)| first_line(m)).collect()
     }
 
     const CALLER: &str = "10.0.0.1:5070";
 
+    fn caller() -> Peer {
+        Peer::udp(CALLER.parse().unwrap())
+    }
+
     #[test]
     fn a_refused_tcp_contact_fails_over_to_the_next_at_once() {
-        let st = store("tcp-failover");
-        let far = unix_now() + 600;
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
         // The TCP contact is newer, so it is tried first.
-        bind(
-            &*st,
-            "bob@unit.test",
-            &[("sip:bob@10.0.0.2:5080;transport=tcp", far + 10), ("sip:bob@10.0.0.3:5080", far)],
-        );
-        let mut p = proxy(st);
-        let t0 = Instant::now();
-        p.on_datagram(t0, CALLER.parse().unwrap(), &invite("sip:bob@unit.test", "1", ""));
-        let out = p.drain();
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.2:5080;transport=tcp", 610), ("sip:bob@10.0.0.3:5080", 600)]);
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "1", ""));
+        let out = w.take_sent();
         let tcp = Peer::tcp("10.0.0.2:5080".parse().unwrap());
-        assert!(out.iter().any(|(d, b)| *d == tcp && first_line(b).starts_with("INVITE")), "{out:?}");
-        let sent = out.iter().find(|(d, _)| *d == tcp).map(|(_, b)| String::from_utf8_lossy(b).to_string()).unwrap();
+        let sent = out.iter().find(|(d, _)| *d == tcp).map(|(_, b)| b.clone()).expect("sent over TCP");
+        assert!(sent.starts_with("INVITE"), "{sent}");
         assert!(sent.contains("Via: SIP/2.0/TCP 127.0.0.1:5060"), "{sent}");
         assert!(sent.contains("Record-Route: <sip:127.0.0.1:5060;transport=tcp;lr>"), "{sent}");
         assert!(sent.contains("Record-Route: <sip:127.0.0.1:5060;lr>"), "double Record-Route: {sent}");
         // The connection is refused 10 ms later: the UDP contact gets the INVITE now,
         // not after Timer B.
         p.on_transport_error(t0 + Duration::from_millis(10), tcp);
-        let out = p.drain();
+        w.run(&mut p, t0);
         let udp = Peer::udp("10.0.0.3:5080".parse().unwrap());
-        assert!(out.iter().any(|(d, b)| *d == udp && first_line(b).starts_with("INVITE")), "{out:?}");
+        assert_eq!(lines_to(&w.take_sent(), udp), ["INVITE sip:bob@10.0.0.3:5080 SIP/2.0"]);
     }
 
     #[test]
     fn an_unanswered_invite_is_retransmitted_then_408_and_forgotten() {
-        let st = store("timeout");
-        bind(&*st, "bob@unit.test", &[("sip:bob@10.0.0.3:5080", unix_now() + 600)]);
-        let mut p = proxy(st);
-        let t0 = Instant::now();
-        let caller: SocketAddr = CALLER.parse().unwrap();
-        p.on_datagram(t0, caller, &invite("sip:bob@unit.test", "2", ""));
-        let _ = p.drain();
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "2", ""));
+        let _ = w.take_sent();
         // Timer A doubles: retransmissions at 0.5, 1.5, 3.5, 7.5 s …
         let mut sent = 0;
         let mut t = t0;
         let mut final_resp = None;
-        while t < t0 + Duration::from_secs(40) {
+        while t < t0 + Duration::from_secs(40) && final_resp.is_none() {
             t += Duration::from_millis(100);
             p.on_tick(t);
-            for (d, b) in p.drain() {
-                if d.addr == caller {
-                    final_resp = Some((t - t0, first_line(&b)));
+            w.run(&mut p, t);
+            for (d, b) in w.take_sent() {
+                if d == caller() {
+                    final_resp = Some((t - t0, first_line(&b).to_string()));
                 } else {
                     sent += 1;
                 }
-            }
-            if final_resp.is_some() {
-                break;
             }
         }
         let (after, line) = final_resp.expect("a final response");
@@ -1069,7 +1835,7 @@ mod tests {
         assert_eq!(sent, 6, "retransmissions at 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s");
         // Nothing is kept once the server transaction ends too (Timer I/J).
         p.on_tick(t + Duration::from_secs(40));
-        assert_eq!(p.transactions(), 0);
+        assert_eq!((p.transactions(), p.pending_ops()), (0, 0));
     }
 
     #[test]
@@ -1081,24 +1847,19 @@ mod tests {
             record_route: None,
             rate_limit: 10,
         };
-        let mut p = Proxy::new(cfg, store("rate"), None);
-        let options = |n: u32| {
-            format!(
-                "OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bKo{n}\r\nFrom: <sip:a@unit.test>;tag=1\r\nTo: <sip:127.0.0.1:5060>\r\nCall-ID: o{n}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            )
-        };
+        let mut p = Proxy::new(cfg, false);
         let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:5070".parse().unwrap(), "10.0.0.2:5070".parse().unwrap());
         let t0 = Instant::now();
         for n in 0..30 {
-            p.on_datagram(t0, a, options(n).as_bytes());
+            p.on_datagram(t0, a, &options(n));
         }
         assert_eq!(p.drain().len(), 20, "a burst of twice the rate passes");
         assert_eq!(p.stats().rate_limited, 10);
-        p.on_datagram(t0, b, options(100).as_bytes());
+        p.on_datagram(t0, b, &options(100));
         assert_eq!(p.drain().len(), 1, "another source is not affected");
         // One second refills ten tokens.
         for n in 200..215 {
-            p.on_datagram(t0 + Duration::from_secs(1), a, options(n).as_bytes());
+            p.on_datagram(t0 + Duration::from_secs(1), a, &options(n));
         }
         assert_eq!(p.drain().len(), 10);
         assert_eq!(p.metrics().rate_limited.load(Ordering::Relaxed), 15);
@@ -1106,28 +1867,25 @@ mod tests {
 
     #[test]
     fn the_focus_answers_conference_invites_and_byes() {
-        let mut p = proxy(store("focus"));
-        let focus = Arc::new(Focus::new(vec![Arc::new(crate::proxy::focus::tests::FakeMixer::default())]));
-        p.set_focus(focus.clone());
-        let sdp = "v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 7000 RTP/AVP 0\r\n";
-        let caller: SocketAddr = CALLER.parse().unwrap();
-        let t0 = Instant::now();
-        let inv = invite("sip:conf-room@unit.test", "3", sdp);
-        p.on_datagram(t0, caller, &inv);
-        let out = p.drain();
-        let lines: Vec<String> = out.iter().map(|(_, b)| first_line(b)).collect();
+        let (mut p, t0) = proxy(false);
+        p.set_focus(true);
+        let mut w = World::new();
+        let inv = invite("sip:conf-room@unit.test", "3", SDP);
+        w.deliver(&mut p, t0, caller(), &inv);
+        let out = w.take_sent();
+        let lines: Vec<&str> = out.iter().map(|(_, b)| first_line(b)).collect();
         assert_eq!(lines, ["SIP/2.0 100 Trying", "SIP/2.0 200 OK"]);
-        let ok = String::from_utf8_lossy(&out[1].1).to_string();
+        let ok = out[1].1.clone();
         assert!(
             ok.contains("m=audio 40000 RTP/AVP 0") && ok.contains("Contact: <sip:conf-room@127.0.0.1:5060>"),
             "{ok}"
         );
         let tag = |m: &str| m.lines().find(|l| l.starts_with("To:")).unwrap().to_string();
         // A retransmitted INVITE (the 200 was lost) gets the same answer and To tag.
-        p.on_datagram(t0 + Duration::from_millis(500), caller, &inv);
-        let again = p.drain().into_iter().map(|(_, b)| String::from_utf8_lossy(&b).to_string()).collect::<Vec<_>>();
-        assert_eq!(tag(again.last().unwrap()), tag(&ok));
-        assert_eq!(focus.counts(), (1, 1));
+        w.deliver(&mut p, t0 + Duration::from_millis(500), caller(), &inv);
+        let again = w.take_sent();
+        assert_eq!(tag(&again.last().unwrap().1), tag(&ok));
+        assert_eq!(w.focus.counts(), (1, 1));
         // ACK and BYE are ours: nothing is forwarded, BYE gets 200 and leaves the room.
         let to = tag(&ok);
         let in_dialog = |m: &str, cseq: u32, branch: &str| {
@@ -1135,15 +1893,167 @@ mod tests {
                 "{m} sip:conf-room@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <sip:a@unit.test>;tag=fa\r\n{to}\r\nCall-ID: call-3\r\nCSeq: {cseq} {m}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
             )
         };
-        p.on_datagram(t0 + Duration::from_secs(1), caller, in_dialog("ACK", 1, "ack").as_bytes());
-        assert!(p.drain().is_empty(), "the ACK is absorbed");
-        p.on_datagram(t0 + Duration::from_secs(2), caller, in_dialog("BYE", 2, "bye").as_bytes());
-        let out = p.drain();
+        w.deliver(&mut p, t0 + Duration::from_secs(1), caller(), in_dialog("ACK", 1, "ack").as_bytes());
+        assert!(w.take_sent().is_empty(), "the ACK is absorbed");
+        w.deliver(&mut p, t0 + Duration::from_secs(2), caller(), in_dialog("BYE", 2, "bye").as_bytes());
+        let out = w.take_sent();
         assert_eq!(out.len(), 1);
-        assert_eq!((out[0].0.addr, first_line(&out[0].1)), (caller, "SIP/2.0 200 OK".to_string()));
-        assert_eq!(focus.counts(), (0, 0));
-        // A BYE for a dialog the focus does not know: 481.
-        p.on_datagram(t0 + Duration::from_secs(3), caller, in_dialog("BYE", 3, "bye2").as_bytes());
-        assert_eq!(first_line(&p.drain()[0].1), "SIP/2.0 481 Call/Transaction Does Not Exist");
+        assert_eq!((out[0].0, first_line(&out[0].1)), (caller(), "SIP/2.0 200 OK"));
+        assert_eq!(w.focus.counts(), (0, 0));
+        // A BYE or re-INVITE for a dialog the focus does not know: 481.
+        w.deliver(&mut p, t0 + Duration::from_secs(3), caller(), in_dialog("BYE", 3, "bye2").as_bytes());
+        assert_eq!(first_line(&w.take_sent()[0].1), "SIP/2.0 481 Call/Transaction Does Not Exist");
+        let reinvite = in_dialog("INVITE", 4, "re")
+            .replace("Content-Length: 0\r\n\r\n", &format!("Content-Length: {}\r\n\r\n{SDP}", SDP.len()));
+        w.deliver(&mut p, t0 + Duration::from_secs(4), caller(), reinvite.as_bytes());
+        assert_eq!(first_line(&w.take_sent().last().unwrap().1), "SIP/2.0 481 Call/Transaction Does Not Exist");
+        assert_eq!(w.focus.counts(), (0, 0));
+    }
+
+    /// The bar of the redesign, in the core: while an INVITE waits for a relay that
+    /// never answers, OPTIONS and REGISTER are answered at once; the INVITE gets 503
+    /// at the anchor deadline, and the relay's late answer changes nothing.
+    #[test]
+    fn options_and_register_are_answered_while_an_invite_waits_on_a_hung_relay() {
+        let (mut p, t0) = proxy(true);
+        let mut w = World::new();
+        w.hold = |op| matches!(op, Op::Offer { .. });
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        w.passwords.insert("bob@unit.test".into(), "pw".into());
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "4", SDP));
+        assert_eq!(lines_to(&w.take_sent(), caller()), ["SIP/2.0 100 Trying"]);
+        assert_eq!(w.held.len(), 1, "the offer waits on the relay");
+        let t = t0 + Duration::from_millis(10);
+        w.deliver(&mut p, t, caller(), &options(1));
+        assert_eq!(lines_to(&w.take_sent(), caller()), ["SIP/2.0 200 OK"]);
+        let reg = authorized_register(&mut w, &mut p, t, "reg-1");
+        w.deliver(&mut p, t, Peer::udp("10.0.0.2:5080".parse().unwrap()), &reg);
+        let sent = w.take_sent();
+        assert_eq!(sent.iter().map(|(_, m)| first_line(m)).collect::<Vec<_>>(), ["SIP/2.0 200 OK"]);
+        assert!(sent[0].1.contains("Contact: <sip:bob@10.0.0.2:5080>;expires=600"), "{}", sent[0].1);
+        // The anchor deadline passes: 503, the half-made media is deleted, nothing is
+        // forwarded to the callee.
+        let deadline = t0 + Deadlines::default().anchor;
+        p.on_tick(deadline);
+        w.run(&mut p, deadline);
+        let sent = w.take_sent();
+        assert_eq!(lines_to(&sent, caller()), ["SIP/2.0 503 Service Unavailable"]);
+        assert_eq!(lines_to(&sent, Peer::udp("10.0.0.3:5080".parse().unwrap())), Vec::<&str>::new());
+        assert_eq!(p.metrics().ops_timed_out.load(Ordering::Relaxed), 1);
+        // The relay answers late: ignored.
+        w.complete(&mut p, deadline + Duration::from_millis(1), 0, None);
+        assert!(w.take_sent().is_empty());
+    }
+
+    #[test]
+    fn a_failed_anchor_answers_503_and_deletes_the_call_media() {
+        let (mut p, t0) = proxy(true);
+        let mut w = World::new();
+        w.hold = |op| matches!(op, Op::Offer { .. });
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "5", SDP));
+        w.complete(&mut p, t0, 0, Some(Err(Error::Busy("no relay answered".into()))));
+        assert_eq!(lines_to(&w.take_sent(), caller()), ["SIP/2.0 100 Trying", "SIP/2.0 503 Service Unavailable"]);
+        assert_eq!(w.deletes("call-5"), 1);
+        assert_eq!(p.metrics().ops_failed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn offers_completing_out_of_order_each_forward_their_own_sdp() {
+        let (mut p, t0) = proxy(true);
+        let mut w = World::new();
+        w.hold = |op| matches!(op, Op::Offer { .. });
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        let sdp_b = SDP.replace("7000", "7100");
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "a", SDP));
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "b", &sdp_b));
+        assert_eq!(w.held.len(), 2);
+        // The second completes first.
+        w.complete(&mut p, t0 + Duration::from_millis(5), 1, None);
+        w.complete(&mut p, t0 + Duration::from_millis(9), 0, None);
+        let bob = Peer::udp("10.0.0.3:5080".parse().unwrap());
+        let forwarded: Vec<String> = w.take_sent().into_iter().filter(|(d, _)| *d == bob).map(|(_, m)| m).collect();
+        assert_eq!(forwarded.len(), 2);
+        assert!(forwarded[0].contains("Call-ID: call-b") && forwarded[0].contains("m=audio 7100"), "{}", forwarded[0]);
+        assert!(forwarded[1].contains("Call-ID: call-a") && forwarded[1].contains("m=audio 7000"), "{}", forwarded[1]);
+        assert!(forwarded.iter().all(|m| m.contains("c=IN IP4 192.0.2.99")), "anchored SDP forwarded");
+    }
+
+    #[test]
+    fn a_cancel_while_the_offer_is_pending_ends_the_invite_and_frees_the_late_media() {
+        let (mut p, t0) = proxy(true);
+        let mut w = World::new();
+        w.hold = |op| matches!(op, Op::Offer { .. });
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        let inv = String::from_utf8(invite("sip:bob@unit.test", "6", SDP)).unwrap();
+        w.deliver(&mut p, t0, caller(), inv.as_bytes());
+        let cancel = inv
+            .replace("INVITE sip:bob@unit.test SIP/2.0", "CANCEL sip:bob@unit.test SIP/2.0")
+            .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL")
+            .split("Content-Type")
+            .next()
+            .unwrap()
+            .to_string()
+            + "Content-Length: 0\r\n\r\n";
+        w.deliver(&mut p, t0 + Duration::from_millis(20), caller(), cancel.as_bytes());
+        assert_eq!(
+            lines_to(&w.take_sent(), caller()),
+            ["SIP/2.0 100 Trying", "SIP/2.0 200 OK", "SIP/2.0 487 Request Terminated"]
+        );
+        assert_eq!(w.deletes("call-6"), 1);
+        // The relay answers the offer after all: its media is freed, nothing forwarded.
+        w.complete(&mut p, t0 + Duration::from_millis(40), 0, None);
+        assert!(w.take_sent().is_empty());
+        assert_eq!(w.deletes("call-6"), 2);
+        assert!(!w.media.contains_key("call-6"), "no media left behind");
+    }
+
+    #[test]
+    fn a_bye_while_a_reoffer_is_pending_frees_the_media_again_once_it_completes() {
+        let (mut p, t0) = proxy(true);
+        let mut w = World::new();
+        w.hold = |op| matches!(op, Op::Offer { to_tag: Some(_), .. });
+        let callee = "sip:bob@10.0.0.3:5080";
+        let in_dialog = |m: &str, cseq: u32, body: &str| {
+            format!(
+                "{m} {callee} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{m}{cseq}\r\nFrom: <sip:a@unit.test>;tag=fa\r\nTo: <sip:bob@unit.test>;tag=tb\r\nCall-ID: call-7\r\nCSeq: {cseq} {m}\r\nMax-Forwards: 70\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        w.deliver(&mut p, t0, caller(), in_dialog("INVITE", 2, SDP).as_bytes());
+        assert_eq!(w.held.len(), 1, "the re-offer waits on the relay");
+        w.deliver(&mut p, t0 + Duration::from_millis(5), caller(), in_dialog("BYE", 3, "").as_bytes());
+        let bob = Peer::udp("10.0.0.3:5080".parse().unwrap());
+        assert_eq!(lines_to(&w.take_sent(), bob), ["BYE sip:bob@10.0.0.3:5080 SIP/2.0"], "the BYE does not wait");
+        assert_eq!(w.deletes("call-7"), 1);
+        w.complete(&mut p, t0 + Duration::from_millis(50), 0, None);
+        assert_eq!(w.deletes("call-7"), 2, "the media the late re-offer made is freed too");
+        assert!(!w.media.contains_key("call-7"));
+    }
+
+    #[test]
+    fn registers_wait_for_a_slow_store_without_holding_up_other_requests() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        w.passwords.insert("bob@unit.test".into(), "pw".into());
+        w.hold = |op| matches!(op, Op::Bindings { .. } | Op::SetBindings { .. });
+        let bob = Peer::udp("10.0.0.2:5080".parse().unwrap());
+        let r1 = authorized_register(&mut w, &mut p, t0, "reg-a");
+        let r2 = authorized_register(&mut w, &mut p, t0, "reg-b");
+        w.deliver(&mut p, t0, bob, &r1);
+        w.deliver(&mut p, t0, bob, &r2);
+        // One AOR is written by one REGISTER at a time: the second waits for the first.
+        assert_eq!(w.held.iter().filter(|(_, o)| matches!(o, Op::Bindings { .. })).count(), 1);
+        w.deliver(&mut p, t0, caller(), &options(9));
+        assert_eq!(lines_to(&w.take_sent(), caller()), ["SIP/2.0 200 OK"], "OPTIONS does not wait");
+        // The first's read and write complete, then the second's.
+        w.complete(&mut p, t0, 0, None);
+        w.complete(&mut p, t0, 0, None);
+        assert_eq!(lines_to(&w.take_sent(), bob), ["SIP/2.0 200 OK"]);
+        w.complete(&mut p, t0, 0, None);
+        // The store fails the second's write: 503, never a hang.
+        w.complete(&mut p, t0, 0, Some(Err(Error::Store("etcd: deadline exceeded".into()))));
+        assert_eq!(lines_to(&w.take_sent(), bob), ["SIP/2.0 503 Service Unavailable"]);
+        assert_eq!((w.held.len(), p.pending_ops()), (0, 0));
     }
 }

@@ -1,40 +1,63 @@
-//! The SIP driver: sockets, connections and the clock around the sans-IO proxy core.
+//! The SIP driver: sockets, connections, the clock and the operations around the
+//! sans-IO proxy cores.
 //!
-//! One core thread owns the [`Proxy`] and the UDP socket: it blocks in `poll(2)` on the
-//! socket and an eventfd, with a deadline at the proxy's next timer, then reads every
-//! datagram waiting (no thread hand-off per datagram on the UDP path). Messages framed
-//! off TCP connections and connection failures come through a bounded channel whose
-//! senders ring the eventfd. Each
-//! TCP connection (accepted, or opened to reach a target) has a reader thread that frames
-//! messages by Content-Length and a writer thread fed by a bounded queue, so a slow peer
-//! never stalls the core. Connections are keyed by remote address: a response, or a
-//! request to a contact that registered over TCP, reuses the connection it came on.
+//! `--sip-threads N` core instances run side by side, each on its own thread with its
+//! own UDP socket bound to the same address (`SO_REUSEPORT`, so the kernel spreads
+//! sources over them) and its own transactions. A message belongs to the instance of its
+//! Call-ID, or for a response to the instance named in our Via branch
+//! ([`sip::steer`]); a thread that reads a message it does not own checks the sender's
+//! rate limit and hands it to the owner's inbox. Each thread blocks only in `poll(2)` on
+//! its socket and an eventfd, with a deadline at its core's next timer.
+//!
+//! Operations the cores ask for ([`Op`]: store, media anchoring, name resolution,
+//! conference focus) run as tasks on the tokio runtime, each bounded by its deadline;
+//! blocking backends (the store, the focus's REST calls) run on the blocking pool behind
+//! a semaphore. Completions come back through the owner's inbox and ring its eventfd.
+//! Nothing on a core's thread waits for a relay, the store or DNS.
+//!
+//! SIP over TCP runs on the same runtime: one task reads and frames each connection, one
+//! writes it from a byte-bounded queue with a write timeout; connections are capped in
+//! total and per source IP, closed when idle, and the accept loop backs off when the
+//! process runs out of descriptors instead of spinning.
 
-use super::core::Proxy;
-use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
+use super::anchor::MediaAnchor;
+use super::core::{Action, Done, Op, OpId, Proxy};
+use super::focus::{Focus, JoinError};
+use crate::error::Error;
+use crate::store::Store;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError, TrySendError};
 use sip::message::{Message, ParseError, MAX_MESSAGE};
-use sip::{Peer, Transport};
+use sip::{steer, Peer, Transport};
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
 
 /// Limits of the driver.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Events (messages) queued for the core before new ones are dropped and counted.
+    /// Messages queued for one core instance before new ones are dropped and counted.
     pub queue: usize,
     /// TCP connections open at once; more are refused.
     pub max_connections: usize,
+    /// TCP connections accepted from one source IP; more are refused, so one source
+    /// cannot take every connection.
+    pub max_connections_per_ip: usize,
     /// A TCP connection that carried nothing (not even a keep-alive) this long is closed.
     pub idle: Duration,
     /// How long connecting to a target may take before it counts as a transport error.
     pub connect_timeout: Duration,
-    /// Messages queued for one connection before more are dropped.
-    pub per_connection_queue: usize,
+    /// How long one write to a connection may take before the connection is closed.
+    pub write_timeout: Duration,
+    /// Bytes queued for one connection before more messages are dropped and counted.
+    pub per_connection_bytes: usize,
+    /// Blocking operations (store, focus) running at once; more wait for a slot within
+    /// their deadline.
+    pub blocking_ops: usize,
 }
 
 impl Default for Limits {
@@ -42,9 +65,12 @@ impl Default for Limits {
         Self {
             queue: 65_536,
             max_connections: 4096,
+            max_connections_per_ip: 256,
             idle: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(2),
-            per_connection_queue: 1024,
+            write_timeout: Duration::from_secs(10),
+            per_connection_bytes: 1 << 20,
+            blocking_ops: 64,
         }
     }
 }
@@ -52,32 +78,135 @@ impl Default for Limits {
 /// Driver counters.
 #[derive(Debug, Default)]
 pub struct DriverStats {
-    /// Messages dropped because the core's queue was full.
+    /// Messages dropped because a core's queue was full.
     pub queue_drops: AtomicU64,
     /// TCP connections accepted or opened.
     pub connections: AtomicU64,
     /// TCP connections open now.
     pub open: AtomicU64,
-    /// TCP connections refused over the limit.
+    /// TCP connections refused over a limit (total or per source IP).
     pub refused: AtomicU64,
     /// Streams closed because they did not frame as SIP.
     pub bad_streams: AtomicU64,
     /// Messages not sent (connection queue full or connection gone).
     pub send_drops: AtomicU64,
+    /// Messages handed from the instance that read them to the one that owns them.
+    pub steered: AtomicU64,
+    /// Times the accept loop backed off because descriptors ran out.
+    pub accept_backoffs: AtomicU64,
+}
+
+/// Where the proxy's operations are performed.
+#[derive(Debug)]
+pub struct Services {
+    /// Credentials and registrations.
+    pub store: Arc<dyn Store>,
+    /// Media anchoring, if calls' media is anchored.
+    pub anchor: Option<Arc<dyn MediaAnchor>>,
+    /// The conference focus, if this proxy is one.
+    pub focus: Option<Arc<Focus>>,
+    /// Name resolution (RFC 3263).
+    pub resolver: Arc<super::resolve::Resolver>,
+    /// Slots for blocking operations.
+    blocking: Arc<Semaphore>,
+}
+
+impl Services {
+    /// The services, with at most `blocking_ops` blocking operations at once.
+    pub fn new(
+        store: Arc<dyn Store>,
+        anchor: Option<Arc<dyn MediaAnchor>>,
+        focus: Option<Arc<Focus>>,
+        resolver: Arc<super::resolve::Resolver>,
+        blocking_ops: usize,
+    ) -> Self {
+        Self { store, anchor, focus, resolver, blocking: Arc::new(Semaphore::new(blocking_ops.max(1))) }
+    }
+
+    /// Runs `f` on the blocking pool once a slot is free.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let permit = self.blocking.clone().acquire_owned().await.map_err(|_| Error::Busy("shutting down".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            drop(permit);
+            r
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+
+    /// Performs one operation.
+    pub async fn run(self: Arc<Self>, op: Op) -> Result<Done, Error> {
+        let no_anchor = || Error::Config("no media anchor configured".into());
+        let no_focus = || Error::Config("no conference focus configured".into());
+        match op {
+            Op::Password { user, domain } => {
+                let st = self.store.clone();
+                self.blocking(move || st.password(&user, &domain)).await.map(Done::Password)
+            }
+            Op::Bindings { aor, now } => {
+                let st = self.store.clone();
+                self.blocking(move || st.bindings(&aor, now)).await.map(Done::Bindings)
+            }
+            Op::SetBindings { aor, bindings } => {
+                let st = self.store.clone();
+                self.blocking(move || st.set_bindings(&aor, &bindings)).await.map(|()| Done::Stored)
+            }
+            Op::Resolve { uri } => match self.resolver.resolve(&uri).await {
+                Ok(peers) => Ok(Done::Resolved(peers)),
+                Err(super::resolve::ResolveError::NotFound(_)) => Ok(Done::Resolved(Vec::new())),
+                Err(e) => Err(Error::Invalid(e.to_string())),
+            },
+            Op::Offer { call_id, from_tag, to_tag, sdp } => {
+                let a = self.anchor.clone().ok_or_else(no_anchor)?;
+                a.offer(call_id, from_tag, to_tag, sdp).await.map(Done::Sdp)
+            }
+            Op::Answer { call_id, from_tag, to_tag, sdp } => {
+                let a = self.anchor.clone().ok_or_else(no_anchor)?;
+                a.answer(call_id, from_tag, to_tag, sdp).await.map(Done::Sdp)
+            }
+            Op::Delete { call_id } => {
+                let a = self.anchor.clone().ok_or_else(no_anchor)?;
+                a.delete(call_id).await.map(|()| Done::Deleted)
+            }
+            Op::Join { room, call_id, offer, in_dialog } => {
+                let f = self.focus.clone().ok_or_else(no_focus)?;
+                self.blocking(move || {
+                    if in_dialog && !f.is_member(&call_id) {
+                        return Ok(Done::Joined(Err(JoinError::NoDialog)));
+                    }
+                    Ok(Done::Joined(f.join(&room, &call_id, &offer)))
+                })
+                .await
+            }
+            Op::Leave { call_id } => {
+                let f = self.focus.clone().ok_or_else(no_focus)?;
+                self.blocking(move || Ok(Done::Left(f.leave(&call_id)))).await
+            }
+        }
+    }
 }
 
 enum Event {
-    Message(Peer, Vec<u8>),
+    /// A message for this instance; `admitted`: it passed the rate limit already.
+    Message {
+        peer: Peer,
+        bytes: Vec<u8>,
+        admitted: bool,
+    },
     TransportError(Peer),
 }
 
-type Conns = Arc<Mutex<HashMap<SocketAddr, Sender<Vec<u8>>>>>;
-
-/// The core's inbox for events from other threads: a bounded channel and the eventfd
-/// that wakes the core's poll.
+/// A core instance's inbox: bounded messages, completions (never dropped: their
+/// number is bounded by the operations the core started), and the eventfd that wakes
+/// its poll.
 #[derive(Clone)]
 struct Inbox {
-    tx: Sender<Event>,
+    messages: Sender<Event>,
+    done: Sender<(OpId, Result<Done, Error>)>,
     wake: Arc<OwnedFd>,
 }
 
@@ -86,6 +215,22 @@ impl Inbox {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
         unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn offer(&self, stats: &DriverStats, e: Event) {
+        match self.messages.try_send(e) {
+            Ok(()) => self.ring(),
+            Err(TrySendError::Full(_)) => {
+                stats.queue_drops.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn complete(&self, id: OpId, r: Result<Done, Error>) {
+        if self.done.send((id, r)).is_ok() {
+            self.ring();
+        }
     }
 }
 
@@ -99,73 +244,128 @@ fn eventfd() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// What every thread and task of the driver shares.
+struct Shared {
+    inboxes: Vec<Inbox>,
+    stats: Arc<DriverStats>,
+    services: Arc<Services>,
+    rt: tokio::runtime::Handle,
+    tcp: Tcp,
+    limits: Limits,
+}
+
+impl Shared {
+    fn broadcast(&self, e: impl Fn() -> Event) {
+        for i in &self.inboxes {
+            i.offer(&self.stats, e());
+        }
+    }
+}
+
 /// A running driver.
 #[derive(Debug, Clone)]
 pub struct Handle {
     /// Counters.
     pub stats: Arc<DriverStats>,
+    /// The address SIP is served on (UDP, and TCP when enabled).
+    pub local: SocketAddr,
 }
 
-/// Serves SIP over UDP on `udp` and, when given, TCP on `tcp` (normally the same
-/// address) until the process ends.
-pub fn spawn(udp: UdpSocket, tcp: Option<TcpListener>, mut proxy: Proxy, limits: Limits) -> std::io::Result<Handle> {
-    let (tx, rx) = bounded::<Event>(limits.queue);
-    let tx = Inbox { tx, wake: Arc::new(eventfd()?) };
+/// What to serve.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen {
+    /// The address (port 0 picks one).
+    pub addr: SocketAddr,
+    /// Serve TCP on the same address too.
+    pub tcp: bool,
+    /// Core instances (threads).
+    pub threads: usize,
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    // Room for a burst while the core is busy: 4 MiB (the kernel caps it at rmem_max).
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// Binds SIP on `listen` and serves it with one core per thread, built by `make_core`
+/// from its index and the bound address, until the process ends. Operations run on `rt`.
+pub fn spawn(
+    listen: Listen,
+    make_core: impl Fn(usize, SocketAddr) -> Proxy,
+    services: Arc<Services>,
+    limits: Limits,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<Handle> {
+    let n = listen.threads.max(1);
+    // The first socket picks the port (when 0); the others share it (SO_REUSEPORT).
+    let first = udp_socket(listen.addr)?;
+    let local = first.local_addr()?;
+    let mut socks = vec![first];
+    for _ in 1..n {
+        socks.push(udp_socket(local)?);
+    }
+    let tcp_listener = if listen.tcp {
+        let l = std::net::TcpListener::bind(local)?;
+        l.set_nonblocking(true)?;
+        Some(l)
+    } else {
+        None
+    };
     let stats = Arc::new(DriverStats::default());
-    let conns: Conns = Arc::default();
-    udp.set_nonblocking(true)?;
-    if let Some(listener) = tcp {
-        let (t, st, c) = (tx.clone(), stats.clone(), conns.clone());
-        std::thread::Builder::new().name("hasp-sip-tcp".into()).spawn(move || {
-            for s in listener.incoming() {
-                let Ok(s) = s else { continue };
-                let Ok(remote) = s.peer_addr() else { continue };
-                if c.lock().unwrap_or_else(|e| e.into_inner()).len() >= limits.max_connections {
-                    st.refused.fetch_add(1, Ordering::Relaxed);
-                    let _ = s.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let _ = start_connection(s, remote, &c, &t, &st, limits);
-            }
+    let mut inboxes = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..n {
+        let (mtx, mrx) = bounded(limits.queue);
+        let (dtx, drx) = unbounded();
+        inboxes.push(Inbox { messages: mtx, done: dtx, wake: Arc::new(eventfd()?) });
+        receivers.push((mrx, drx));
+    }
+    let shared =
+        Arc::new(Shared { inboxes, stats: stats.clone(), services, rt: rt.clone(), tcp: Tcp::default(), limits });
+    if let Some(l) = tcp_listener {
+        let sh = shared.clone();
+        let _guard = rt.enter();
+        let l = tokio::net::TcpListener::from_std(l)?;
+        rt.spawn(accept_loop(l, sh));
+    }
+    for (i, (sock, (mrx, drx))) in socks.into_iter().zip(receivers).enumerate() {
+        let mut core = make_core(i, local);
+        let sh = shared.clone();
+        std::thread::Builder::new().name(format!("hasp-sip-{i}")).spawn(move || {
+            run_core(i, n, &mut core, &sock, &mrx, &drx, &sh);
         })?;
     }
-    let (c, st) = (conns.clone(), stats.clone());
-    std::thread::Builder::new().name("hasp-sip".into()).spawn(move || {
-        core(&mut proxy, &rx, &tx, &udp, &c, &st, limits);
-    })?;
-    Ok(Handle { stats })
-}
-
-fn offer(tx: &Inbox, stats: &DriverStats, e: Event) {
-    match tx.tx.try_send(e) {
-        Ok(()) => tx.ring(),
-        Err(TrySendError::Full(_)) => {
-            stats.queue_drops.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(TrySendError::Disconnected(_)) => {}
-    }
+    Ok(Handle { stats, local })
 }
 
 /// Datagrams read per wake-up before timers and the inbox get a turn.
 const UDP_BATCH: usize = 256;
 
-fn core(
-    proxy: &mut Proxy,
-    rx: &Receiver<Event>,
-    tx: &Inbox,
+fn run_core(
+    me: usize,
+    n: usize,
+    core: &mut Proxy,
     udp: &UdpSocket,
-    conns: &Conns,
-    stats: &Arc<DriverStats>,
-    limits: Limits,
+    messages: &Receiver<Event>,
+    done: &Receiver<(OpId, Result<Done, Error>)>,
+    sh: &Arc<Shared>,
 ) {
     let max_wait = Duration::from_millis(100);
     let mut buf = vec![0u8; 65_536];
+    let mut actions = Vec::new();
+    let wake = sh.inboxes[me].wake.clone();
     loop {
         let now = Instant::now();
-        let wait = proxy.next_deadline().map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
+        let wait = core.next_deadline().map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
         let mut fds = [
             libc::pollfd { fd: udp.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: tx.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // Round up so a deadline less than 1 ms away does not spin.
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
@@ -173,7 +373,17 @@ fn core(
         unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         for _ in 0..UDP_BATCH {
             match udp.recv_from(&mut buf) {
-                Ok((n, src)) => proxy.on_message(Instant::now(), Peer::udp(src), &buf[..n]),
+                Ok((len, src)) => {
+                    let (peer, data, now) = (Peer::udp(src), &buf[..len], Instant::now());
+                    let owner = steer::shard_of(data, n);
+                    if owner == me {
+                        core.on_message(now, peer, data);
+                    } else if core.admit(now, peer, data) {
+                        sh.stats.steered.fetch_add(1, Ordering::Relaxed);
+                        let e = Event::Message { peer, bytes: data.to_vec(), admitted: true };
+                        sh.inboxes[owner].offer(&sh.stats, e);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 // ICMP errors from earlier sends surface here on Linux: not fatal.
                 Err(_) => continue,
@@ -182,33 +392,62 @@ fn core(
         if fds[1].revents != 0 {
             let mut v = 0u64;
             // SAFETY: reading 8 bytes into a valid u64 from our eventfd.
-            unsafe { libc::read(tx.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            unsafe { libc::read(wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        while let Ok((id, r)) = done.try_recv() {
+            core.on_completion(Instant::now(), id, r);
         }
         loop {
-            match rx.try_recv() {
-                Ok(Event::Message(peer, bytes)) => proxy.on_message(Instant::now(), peer, &bytes),
-                Ok(Event::TransportError(peer)) => proxy.on_transport_error(Instant::now(), peer),
+            match messages.try_recv() {
+                Ok(Event::Message { peer, bytes, admitted: true }) => core.on_admitted(Instant::now(), peer, &bytes),
+                Ok(Event::Message { peer, bytes, admitted: false }) => core.on_message(Instant::now(), peer, &bytes),
+                Ok(Event::TransportError(peer)) => core.on_transport_error(Instant::now(), peer),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return,
             }
         }
         let now = Instant::now();
-        if proxy.next_deadline().is_some_and(|d| d <= now) {
-            proxy.on_tick(now);
+        if core.next_deadline().is_some_and(|d| d <= now) {
+            core.on_tick(now);
         }
-        for (peer, bytes) in proxy.drain() {
-            match peer.transport {
-                Transport::Udp => {
-                    // Linux reports an earlier ICMP "port unreachable" on the next call on
-                    // an unconnected UDP socket, which then sends nothing: try once more.
-                    if send_udp(udp, &bytes, peer.addr).is_err() && send_udp(udp, &bytes, peer.addr).is_err() {
-                        // Failing twice is this message's own failure: its transaction
-                        // fails at once rather than at Timer B.
-                        stats.send_drops.fetch_add(1, Ordering::Relaxed);
-                        offer(tx, stats, Event::TransportError(peer));
+        // Sending may fail a transaction at once, which may produce more to send.
+        for _ in 0..4 {
+            core.drain_into(&mut actions);
+            if actions.is_empty() {
+                break;
+            }
+            let mut failed = Vec::new();
+            for a in actions.drain(..) {
+                match a {
+                    Action::Send(peer, bytes) => match peer.transport {
+                        Transport::Udp => {
+                            // Linux reports an earlier ICMP "port unreachable" on the next
+                            // call on an unconnected UDP socket, which then sends nothing:
+                            // try once more.
+                            if send_udp(udp, &bytes, peer.addr).is_err() && send_udp(udp, &bytes, peer.addr).is_err() {
+                                // Failing twice is this message's own failure: its
+                                // transaction fails at once rather than at Timer B.
+                                sh.stats.send_drops.fetch_add(1, Ordering::Relaxed);
+                                failed.push(peer);
+                            }
+                        }
+                        Transport::Tcp => sh.tcp.send(sh, peer.addr, bytes),
+                    },
+                    Action::Start { id, op, deadline } => {
+                        let (services, inbox) = (sh.services.clone(), sh.inboxes[me].clone());
+                        sh.rt.spawn(async move {
+                            let at = tokio::time::Instant::from_std(deadline);
+                            let r = match tokio::time::timeout_at(at, services.run(op)).await {
+                                Ok(r) => r,
+                                Err(_) => Err(Error::Busy("deadline passed".into())),
+                            };
+                            inbox.complete(id, r);
+                        });
                     }
                 }
-                Transport::Tcp => send_tcp(peer.addr, bytes, conns, tx, stats, limits),
+            }
+            for p in failed {
+                core.on_transport_error(Instant::now(), p);
             }
         }
     }
@@ -228,124 +467,183 @@ fn send_udp(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) -> std::io::Result<us
     }
 }
 
-/// Queues `bytes` on the connection to `addr`, opening one (in the background) if none.
-fn send_tcp(addr: SocketAddr, bytes: Vec<u8>, conns: &Conns, tx: &Inbox, stats: &Arc<DriverStats>, l: Limits) {
-    let mut map = conns.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(w) = map.get(&addr) {
-        if w.try_send(bytes).is_err() {
+/// One connection's writer side, as the table holds it.
+struct Conn {
+    id: u64,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued and not yet written (the queue's bound).
+    queued: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    fn push(&self, bytes: Vec<u8>, limit: usize, stats: &DriverStats) {
+        let len = bytes.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > limit {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            stats.send_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.send(bytes).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
             stats.send_drops.fetch_add(1, Ordering::Relaxed);
         }
-        return;
     }
-    if map.len() >= l.max_connections {
-        stats.refused.fetch_add(1, Ordering::Relaxed);
-        offer(tx, stats, Event::TransportError(Peer::tcp(addr)));
-        return;
+}
+
+/// SIP over TCP: the connections by remote address (a response, or a request to a
+/// contact that registered over TCP, reuses the connection it came on), and the
+/// accepted ones per source IP. The locks are held for a map operation, never across IO.
+#[derive(Default)]
+struct Tcp {
+    conns: Mutex<HashMap<SocketAddr, Conn>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    next_id: AtomicU64,
+}
+
+impl Tcp {
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Conn>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
-    // The writer queue exists at once so that messages sent while connecting wait in it.
-    let (wtx, wrx) = bounded::<Vec<u8>>(l.per_connection_queue);
-    let _ = wtx.try_send(bytes);
-    map.insert(addr, wtx);
-    drop(map);
-    let (c, t, st) = (conns.clone(), tx.clone(), stats.clone());
-    let spawned = std::thread::Builder::new().name("hasp-sip-connect".into()).spawn(move || {
-        match TcpStream::connect_timeout(&addr, l.connect_timeout) {
-            Ok(s) => {
-                let _ = run_connection(s, addr, wrx, &c, &t, &st, l);
-            }
-            Err(_) => {
-                c.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
-                offer(&t, &st, Event::TransportError(Peer::tcp(addr)));
-            }
+
+    /// Queues `bytes` on the connection to `addr`, opening one (as a task) if none.
+    fn send(&self, sh: &Arc<Shared>, addr: SocketAddr, bytes: Vec<u8>) {
+        let mut map = self.conns();
+        if let Some(c) = map.get(&addr) {
+            c.push(bytes, sh.limits.per_connection_bytes, &sh.stats);
+            return;
         }
-    });
-    if spawned.is_err() {
-        conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
-        offer(tx, stats, Event::TransportError(Peer::tcp(addr)));
+        if map.len() >= sh.limits.max_connections {
+            drop(map);
+            sh.stats.refused.fetch_add(1, Ordering::Relaxed);
+            sh.broadcast(|| Event::TransportError(Peer::tcp(addr)));
+            return;
+        }
+        // The writer queue exists at once, so messages sent while connecting wait in it.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Conn { id, tx, queued: Arc::default() };
+        conn.push(bytes, sh.limits.per_connection_bytes, &sh.stats);
+        let queued = conn.queued.clone();
+        map.insert(addr, conn);
+        drop(map);
+        let sh2 = sh.clone();
+        sh.rt.spawn(async move {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(sh2.limits.connect_timeout, connect).await {
+                Ok(Ok(s)) => serve_connection(s, addr, id, rx, queued, sh2, None).await,
+                _ => {
+                    sh2.tcp.forget(addr, id);
+                    sh2.broadcast(|| Event::TransportError(Peer::tcp(addr)));
+                }
+            }
+        });
+    }
+
+    /// Removes the connection `id` to `addr` (not a newer one to the same address).
+    fn forget(&self, addr: SocketAddr, id: u64) {
+        let mut map = self.conns();
+        if map.get(&addr).is_some_and(|c| c.id == id) {
+            map.remove(&addr);
+        }
     }
 }
 
-fn start_connection(
-    s: TcpStream,
-    remote: SocketAddr,
-    conns: &Conns,
-    tx: &Inbox,
-    stats: &Arc<DriverStats>,
-    l: Limits,
-) -> std::io::Result<()> {
-    let (wtx, wrx) = bounded::<Vec<u8>>(l.per_connection_queue);
-    conns.lock().unwrap_or_else(|e| e.into_inner()).insert(remote, wtx);
-    let (c, t, st) = (conns.clone(), tx.clone(), stats.clone());
-    std::thread::Builder::new().name("hasp-sip-conn".into()).spawn(move || {
-        let _ = run_connection(s, remote, wrx, &c, &t, &st, l);
-    })?;
-    Ok(())
+/// Whether an accept error means the process or system is out of descriptors or
+/// memory: retrying at once would spin.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
-/// Runs one connection: a writer thread drains its queue, this thread reads and frames.
-/// Whatever ends it (EOF, error, idle, bad framing) removes it from the table.
-fn run_connection(
-    s: TcpStream,
-    remote: SocketAddr,
-    out: Receiver<Vec<u8>>,
-    conns: &Conns,
-    tx: &Inbox,
-    stats: &Arc<DriverStats>,
-    l: Limits,
-) -> std::io::Result<()> {
-    stats.connections.fetch_add(1, Ordering::Relaxed);
-    stats.open.fetch_add(1, Ordering::Relaxed);
-    let r = serve_connection(s, remote, out, conns, tx, stats, l);
-    stats.open.fetch_sub(1, Ordering::Relaxed);
-    r
+async fn accept_loop(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
+    loop {
+        let (s, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) if out_of_resources(&e) => {
+                sh.stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "SIP over TCP: accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let ip = remote.ip();
+        let admitted = {
+            let total = sh.tcp.conns().len();
+            let mut per_ip = sh.tcp.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = per_ip.entry(ip).or_default();
+            if total >= sh.limits.max_connections || *mine >= sh.limits.max_connections_per_ip {
+                if *mine == 0 {
+                    per_ip.remove(&ip);
+                }
+                false
+            } else {
+                *mine += 1;
+                true
+            }
+        };
+        if !admitted {
+            sh.stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(s);
+            continue;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = sh.tcp.next_id.fetch_add(1, Ordering::Relaxed);
+        let queued: Arc<AtomicUsize> = Arc::default();
+        sh.tcp.conns().insert(remote, Conn { id, tx, queued: queued.clone() });
+        tokio::spawn(serve_connection(s, remote, id, rx, queued, sh.clone(), Some(ip)));
+    }
 }
 
-fn serve_connection(
-    s: TcpStream,
+/// Runs one connection: a writer task drains its queue, this task reads and frames.
+/// Whatever ends it (EOF, error, idle, bad framing) removes it from the table and tells
+/// the cores, whose transactions to that peer fail at once.
+async fn serve_connection(
+    s: tokio::net::TcpStream,
     remote: SocketAddr,
-    out: Receiver<Vec<u8>>,
-    conns: &Conns,
-    tx: &Inbox,
-    stats: &Arc<DriverStats>,
-    l: Limits,
-) -> std::io::Result<()> {
+    id: u64,
+    mut out: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    sh: Arc<Shared>,
+    accepted_from: Option<IpAddr>,
+) {
+    sh.stats.connections.fetch_add(1, Ordering::Relaxed);
+    sh.stats.open.fetch_add(1, Ordering::Relaxed);
     let _ = s.set_nodelay(true);
-    s.set_read_timeout(Some(l.idle))?;
-    let mut w = s.try_clone()?;
-    let writer = std::thread::Builder::new().name("hasp-sip-write".into()).spawn(move || {
-        for b in out.iter() {
-            if w.write_all(&b).is_err() {
+    let (mut r, mut w) = s.into_split();
+    let write_timeout = sh.limits.write_timeout;
+    let writer = tokio::spawn(async move {
+        while let Some(b) = out.recv().await {
+            let len = b.len();
+            let ok = matches!(tokio::time::timeout(write_timeout, w.write_all(&b)).await, Ok(Ok(())));
+            queued.fetch_sub(len, Ordering::Relaxed);
+            if !ok {
                 break;
             }
         }
-        let _ = w.shutdown(Shutdown::Both);
-    })?;
+        let _ = w.shutdown().await;
+    });
     let peer = Peer::tcp(remote);
-    let mut r = s;
+    let n = sh.inboxes.len();
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut chunk = vec![0u8; 16_384];
-    let mut reply_pong = false;
     'read: loop {
-        let n = match r.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let read = tokio::time::timeout(sh.limits.idle, r.read(&mut chunk)).await;
+        let len = match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(len)) => len,
         };
-        buf.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..len]);
         loop {
             // RFC 5626 keep-alive: a double CRLF ping is answered with a CRLF pong; stray
             // CRLFs between messages are skipped.
             let lead = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
             if lead > 0 {
                 if buf[..lead].windows(4).any(|w| w == b"\r\n\r\n") {
-                    reply_pong = true;
+                    if let Some(c) = sh.tcp.conns().get(&remote) {
+                        c.push(b"\r\n".to_vec(), sh.limits.per_connection_bytes, &sh.stats);
+                    }
                 }
                 buf.drain(..lead);
-            }
-            if reply_pong {
-                reply_pong = false;
-                if let Some(w) = conns.lock().unwrap_or_else(|e| e.into_inner()).get(&remote) {
-                    let _ = w.try_send(b"\r\n".to_vec());
-                }
             }
             if buf.is_empty() {
                 break;
@@ -353,20 +651,31 @@ fn serve_connection(
             match Message::parse(&buf, true) {
                 Ok((_, used)) => {
                     let msg: Vec<u8> = buf.drain(..used).collect();
-                    offer(tx, stats, Event::Message(peer, msg));
+                    let owner = steer::shard_of(&msg, n);
+                    sh.inboxes[owner].offer(&sh.stats, Event::Message { peer, bytes: msg, admitted: false });
                 }
                 Err(ParseError::Incomplete) if buf.len() <= 2 * MAX_MESSAGE => break,
                 Err(_) => {
                     // The stream cannot be framed past a broken message: close it
                     // (counted); the client reconnects and retransmits.
-                    stats.bad_streams.fetch_add(1, Ordering::Relaxed);
+                    sh.stats.bad_streams.fetch_add(1, Ordering::Relaxed);
                     break 'read;
                 }
             }
         }
     }
-    conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&remote);
-    offer(tx, stats, Event::TransportError(peer));
-    let _ = writer.join();
-    Ok(())
+    sh.tcp.forget(remote, id);
+    if let Some(ip) = accepted_from {
+        let mut per_ip = sh.tcp.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = per_ip.get_mut(&ip) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+    sh.broadcast(|| Event::TransportError(peer));
+    // The table's sender is gone, so the writer ends once it has written what is queued.
+    let _ = writer.await;
+    sh.stats.open.fetch_sub(1, Ordering::Relaxed);
 }

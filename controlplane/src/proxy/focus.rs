@@ -59,6 +59,8 @@ pub enum JoinError {
     NotAcceptable(String),
     /// No media node could take the participant (503).
     Unavailable(String),
+    /// A re-INVITE for a dialog the focus does not know (481).
+    NoDialog,
 }
 
 #[derive(Debug)]

@@ -119,48 +119,58 @@ struct SipArgs {
     /// TCP connections the SIP proxy keeps open at once.
     #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N", default_value_t = 4096)]
     sip_max_connections: usize,
+    /// SIP core instances (threads), each owning the transactions of the Call-IDs
+    /// steered to it [default: the number of cores].
+    #[arg(long, env = "HASP_SIP_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    sip_threads: Option<u16>,
 }
 
 /// Binds SIP (UDP, and TCP on the same address unless turned off) and starts the proxy
-/// and registrar on `store`, anchoring media through `anchor`. Returns the bound address.
+/// and registrar on `store`, anchoring media through `anchor`, with its operations on
+/// `rt`. Returns the bound address.
 fn start_sip(
     sip: &SipArgs,
     store: Arc<dyn controlplane::store::Store>,
     anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor>,
     focus: Option<Arc<controlplane::proxy::focus::Focus>>,
     li: Option<Arc<controlplane::li::Li>>,
+    rt: tokio::runtime::Handle,
 ) -> Result<(SocketAddr, String, controlplane::obs::sip::SipMetrics)> {
-    let udp =
-        std::net::UdpSocket::bind(sip.listen_sip).with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
-    let local = udp.local_addr()?;
-    let tcp = if sip.no_sip_tcp {
-        None
-    } else {
-        Some(std::net::TcpListener::bind(local).with_context(|| format!("binding SIP over TCP on {local}"))?)
+    use controlplane::proxy::{core, driver};
+    let threads =
+        sip.sip_threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
+    let listen = driver::Listen { addr: sip.listen_sip, tcp: !sip.no_sip_tcp, threads };
+    let transports = if listen.tcp { "udp,tcp" } else { "udp" };
+    let nonce_secret = match &sip.nonce_secret {
+        Some(s) => s.clone(),
+        None => random_token()?,
     };
-    let transports = if tcp.is_some() { "udp,tcp" } else { "udp" };
-    let cfg = controlplane::proxy::core::ProxyConfig {
-        domain: sip.domain.clone(),
-        local,
-        nonce_secret: match &sip.nonce_secret {
-            Some(s) => s.clone(),
-            None => random_token()?,
-        },
-        record_route: sip.record_route.clone(),
-        rate_limit: sip.sip_rate_limit,
+    let limits = driver::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
+    let resolver = Arc::new(controlplane::proxy::resolve::Resolver);
+    let services = Arc::new(driver::Services::new(store, Some(anchor), focus.clone(), resolver, limits.blocking_ops));
+    let metrics = Arc::new(core::ProxyMetrics::default());
+    let m = metrics.clone();
+    let make_core = move |shard: usize, local: SocketAddr| {
+        let cfg = core::ProxyConfig {
+            domain: sip.domain.clone(),
+            local,
+            nonce_secret: nonce_secret.clone(),
+            record_route: sip.record_route.clone(),
+            rate_limit: sip.sip_rate_limit,
+        };
+        let mut proxy = core::Proxy::new(cfg, true);
+        proxy.set_shard(shard, m.clone());
+        if let Some(li) = &li {
+            proxy.set_li(li.clone());
+        }
+        proxy.set_focus(focus.is_some());
+        proxy
     };
-    let mut proxy = controlplane::proxy::core::Proxy::new(cfg, store, Some(anchor));
-    if let Some(li) = li {
-        proxy.set_li(li);
-    }
-    if let Some(f) = &focus {
-        proxy.set_focus(f.clone());
-    }
-    let proxy_metrics = proxy.metrics();
-    let limits = controlplane::proxy::driver::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
-    let handle = controlplane::proxy::driver::spawn(udp, tcp, proxy, limits)?;
-    let metrics = controlplane::obs::sip::SipMetrics { proxy: proxy_metrics, driver: handle.stats, focus };
-    Ok((local, transports.to_string(), metrics))
+    let handle = driver::spawn(listen, make_core, services.clone(), limits, rt)
+        .with_context(|| format!("binding SIP on {}", sip.listen_sip))?;
+    let metrics =
+        controlplane::obs::sip::SipMetrics { proxy: metrics, driver: handle.stats, focus: services.focus.clone() };
+    Ok((handle.local, format!("{transports} sip_threads={threads}"), metrics))
 }
 
 /// Relay options. Each overrides the same key of the config file's `[relay]` table;
@@ -443,7 +453,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             // The conference focus mixes in this process's relay.
             let mixer: Arc<dyn controlplane::proxy::focus::Mixer> = relay.clone();
             let focus = Arc::new(controlplane::proxy::focus::Focus::new(vec![mixer]));
-            let (local, transports, m) = start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone())?;
+            let (local, transports, m) =
+                start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone(), tokio::runtime::Handle::current())?;
             sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
             store = Some(st);
@@ -500,14 +511,16 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
         .collect();
     let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::proxy::focus::Focus::new(mixers)));
     let store = controlplane::store::open(&a.sip.store)?;
-    // Calls' relays are shared through the store, so another proxy serves their BYEs.
-    let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = Arc::new(
-        controlplane::proxy::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?.with_dialogs(store.clone()),
-    );
-    let (local, transports, sip_metrics) = start_sip(&a.sip, store.clone(), anchor, focus, None)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
+        // Calls' relays are shared through the store, so another proxy serves their BYEs.
+        let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = Arc::new(
+            controlplane::proxy::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?
+                .with_dialogs(store.clone()),
+        );
+        let (local, transports, sip_metrics) =
+            start_sip(&a.sip, store.clone(), anchor, focus, None, tokio::runtime::Handle::current())?;
         let listener = tokio::net::TcpListener::bind(a.listen_api)
             .await
             .with_context(|| format!("binding the API on {}", a.listen_api))?;

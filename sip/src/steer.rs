@@ -1,0 +1,107 @@
+//! Steering: which of N core instances owns a message, read from the raw bytes without
+//! a full parse (a receiver hands a message it does not own to its owner).
+//!
+//! A request belongs to the instance of its Call-ID (so a dialog's requests, its
+//! CANCEL and its ACK meet the transactions they concern); a response to one of our
+//! client transactions belongs to the instance named in the branch of the top Via,
+//! which that instance wrote (`z9hG4bK-hasp-<instance>-…`).
+
+/// The branch prefix of the transactions a hasp instance starts.
+pub const BRANCH_PREFIX: &str = "z9hG4bK-hasp-";
+
+/// The branch of a client transaction started by instance `shard` (`n` counts them).
+pub fn branch(shard: usize, tag: &str, n: u64) -> String {
+    format!("{BRANCH_PREFIX}{shard}-{tag}-{n}")
+}
+
+/// The instance that wrote `branch`, if one of ours did.
+pub fn shard_of_branch(branch: &str) -> Option<usize> {
+    let rest = branch.strip_prefix(BRANCH_PREFIX)?;
+    let digits = rest.split('-').next()?;
+    digits.parse().ok()
+}
+
+/// FNV-1a: a stable, cheap hash (the same in every process, unlike `DefaultHasher`'s
+/// random keys, so every receiver of a cluster would steer alike).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The value of the first header named `long` or `short` (case-insensitive) in the
+/// header section of `data`.
+fn header<'a>(data: &'a [u8], long: &str, short: &str) -> Option<&'a [u8]> {
+    let head_end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
+    for line in data[..head_end].split(|b| *b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let name = line[..colon].trim_ascii();
+        if name.eq_ignore_ascii_case(long.as_bytes()) || name.eq_ignore_ascii_case(short.as_bytes()) {
+            return Some(line[colon + 1..].trim_ascii());
+        }
+    }
+    None
+}
+
+/// Which of `n` instances owns the message in `data`.
+pub fn shard_of(data: &[u8], n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    if data.starts_with(b"SIP/") {
+        let via = header(data, "via", "v").unwrap_or_default();
+        // The branch parameter of the first Via value.
+        let first = via.split(|b| *b == b',').next().unwrap_or_default();
+        let branch = first
+            .split(|b| *b == b';')
+            .skip(1)
+            .find_map(|p| {
+                let p = p.trim_ascii();
+                let (k, v) = p.split_at(p.iter().position(|b| *b == b'=').unwrap_or(p.len()));
+                k.eq_ignore_ascii_case(b"branch").then(|| v.strip_prefix(b"=").unwrap_or_default())
+            })
+            .and_then(|b| std::str::from_utf8(b).ok());
+        if let Some(s) = branch.and_then(shard_of_branch) {
+            return s % n;
+        }
+    }
+    let call_id = header(data, "call-id", "i").unwrap_or_default();
+    (fnv1a(call_id) % n as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_go_by_call_id_and_responses_by_our_branch() {
+        let inv = |cid: &str| {
+            format!("INVITE sip:b@x SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKx\r\nCall-ID: {cid}\r\n\r\n")
+        };
+        let a = shard_of(inv("abc").as_bytes(), 4);
+        assert_eq!(a, shard_of(inv("abc").replace("Call-ID", "i").as_bytes(), 4), "compact form");
+        assert_eq!(a, shard_of(inv("abc").replace("Call-ID", "call-id").as_bytes(), 4), "any case");
+        let spread: std::collections::HashSet<usize> =
+            (0..64).map(|i| shard_of(inv(&format!("c{i}")).as_bytes(), 4)).collect();
+        assert_eq!(spread.len(), 4, "Call-IDs spread over every instance");
+        let resp = format!(
+            "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch={};rport, SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKx\r\nCall-ID: abc\r\n\r\n",
+            branch(3, "1f", 7)
+        );
+        assert_eq!(shard_of(resp.as_bytes(), 4), 3);
+        assert_eq!(shard_of(resp.as_bytes(), 1), 0);
+        // A response whose top Via is not ours goes by Call-ID.
+        let foreign = "SIP/2.0 200 OK\r\nv: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKzz\r\ni: abc\r\n\r\n";
+        assert_eq!(shard_of(foreign.as_bytes(), 4), a);
+        assert_eq!(shard_of(b"garbage", 4), shard_of(b"", 4), "no Call-ID: one fixed instance");
+    }
+
+    #[test]
+    fn branches_name_their_instance() {
+        assert_eq!(shard_of_branch(&branch(12, "abc", 1)), Some(12));
+        assert_eq!(shard_of_branch("z9hG4bK-hasp-sl-xyz"), None, "stateless branches name none");
+        assert_eq!(shard_of_branch("z9hG4bKother"), None);
+    }
+}
