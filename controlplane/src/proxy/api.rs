@@ -92,16 +92,14 @@ async fn proxy_create(
 
 async fn proxy_metrics(State(st): State<ProxyApiState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
     check_token(&st, &headers)?;
-    let mut text = String::new();
-    if let Some(sip) = &st.sip {
-        sip.render(&mut text);
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = Vec::new();
+    if let Some(sip) = st.sip {
+        collectors.push(Box::new(sip));
     }
-    let mut r = text.into_response();
-    r.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    Ok(r)
+    let text = crate::obs::render(collectors)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics could not be encoded"))?;
+    let content_type = axum::http::HeaderValue::from_static(crate::obs::CONTENT_TYPE);
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 /// The API of `hasp proxy`: `GET /health`, `POST /v1/users`, `GET /metrics`.

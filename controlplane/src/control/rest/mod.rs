@@ -108,13 +108,19 @@ async fn health(State(st): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    let mut text = crate::obs::relay::render(&st.relay);
-    if let Some(sip) = &st.sip {
-        sip.render(&mut text);
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
+        vec![Box::new(crate::obs::relay::RelayCollector::new(st.relay))];
+    if let Some(sip) = st.sip {
+        collectors.push(Box::new(sip));
     }
-    let mut r = text.into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-    r
+    match crate::obs::render(collectors) {
+        Ok(text) => {
+            ([(header::CONTENT_TYPE, HeaderValue::from_static(crate::obs::CONTENT_TYPE))], text).into_response()
+        }
+        Err(_) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics could not be encoded").into_response()
+        }
+    }
 }
 
 /// rtpengine's NG protocol over HTTP: the body is `<cookie> <bencoded dict>`, the answer
