@@ -28,7 +28,7 @@ impl Collector for SipMetrics {
         use Kind::{Counter, Gauge};
         let (p, d) = (&self.proxy, &self.driver);
         // Counters are named without `_total`: the encoder appends it.
-        let series: [(&str, Kind, &str, &AtomicU64); 12] = [
+        let series: [(&str, Kind, &str, &AtomicU64); 18] = [
             ("hasp_sip_malformed", Counter, "SIP messages that did not parse.", &p.malformed),
             ("hasp_sip_rejected", Counter, "Requests answered 4xx/5xx by the proxy.", &p.rejected),
             ("hasp_sip_forwarded", Counter, "Requests forwarded (per target).", &p.forwarded),
@@ -45,6 +45,17 @@ impl Collector for SipMetrics {
                 Counter,
                 "TCP connections closed because they did not frame as SIP.",
                 &d.bad_streams,
+            ),
+            ("hasp_sip_ops_started", Counter, "Operations started (store, anchor, resolve, focus).", &p.ops_started),
+            ("hasp_sip_ops_failed", Counter, "Operations that completed with an error.", &p.ops_failed),
+            ("hasp_sip_ops_timed_out", Counter, "Operations given up at their deadline.", &p.ops_timed_out),
+            ("hasp_sip_ops_pending", Gauge, "Operations awaited by the SIP cores.", &p.ops_pending),
+            ("hasp_sip_steered", Counter, "Messages handed to the SIP core that owns them.", &d.steered),
+            (
+                "hasp_sip_tcp_accept_backoffs",
+                Counter,
+                "Times accepting SIP over TCP paused for lack of descriptors.",
+                &d.accept_backoffs,
             ),
         ];
         for (name, kind, help, v) in series {
@@ -65,7 +76,7 @@ mod tests {
     use super::*;
     use crate::proxy::focus::tests::FakeMixer;
 
-    const FAMILIES: [(&str, &str); 12] = [
+    const FAMILIES: [(&str, &str); 18] = [
         ("hasp_sip_malformed_total", "counter"),
         ("hasp_sip_rejected_total", "counter"),
         ("hasp_sip_forwarded_total", "counter"),
@@ -78,6 +89,12 @@ mod tests {
         ("hasp_sip_tcp_connections_open", "gauge"),
         ("hasp_sip_tcp_refused_total", "counter"),
         ("hasp_sip_tcp_bad_streams_total", "counter"),
+        ("hasp_sip_ops_started_total", "counter"),
+        ("hasp_sip_ops_failed_total", "counter"),
+        ("hasp_sip_ops_timed_out_total", "counter"),
+        ("hasp_sip_ops_pending", "gauge"),
+        ("hasp_sip_steered_total", "counter"),
+        ("hasp_sip_tcp_accept_backoffs_total", "counter"),
     ];
 
     fn types(text: &str) -> Vec<&str> {
@@ -126,7 +143,7 @@ mod tests {
         let text = crate::obs::render(vec![Box::new(m)]).unwrap();
 
         let types = types(&text);
-        assert_eq!(&types[12..], ["# TYPE hasp_focus_rooms gauge", "# TYPE hasp_focus_participants gauge"], "{text}");
+        assert_eq!(&types[FAMILIES.len()..], ["# TYPE hasp_focus_rooms gauge", "# TYPE hasp_focus_participants gauge"], "{text}");
         for sample in ["hasp_focus_rooms 1", "hasp_focus_participants 2"] {
             assert!(text.lines().any(|l| l == sample), "no line {sample:?} in:\n{text}");
         }
