@@ -55,10 +55,15 @@ struct ProxyArgs {
     listen_api: SocketAddr,
     /// A relay to anchor media in: `http://HOST:PORT` (its REST API: NG over `POST /ng`,
     /// and its conference mixer for the focus) or `ng://HOST:PORT` (its --listen-ng).
-    /// Repeat for several, tried in order; one that does not answer within 500 ms is
-    /// skipped for 10 s.
+    /// Repeat for several, tried in order; one that does not answer within
+    /// --relay-timeout-ms is skipped for 10 s. While a call waits for a relay, every
+    /// other request is served.
     #[arg(long = "relay", value_name = "URL", required = true)]
     relays: Vec<String>,
+    /// How long to wait for one relay's answer before trying the next.
+    #[arg(long, env = "HASP_RELAY_TIMEOUT_MS", value_name = "MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    relay_timeout_ms: u64,
     /// Bearer token of the `http://` relays' APIs.
     #[arg(long, env = "HASP_RELAY_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     relay_token: Option<String>,
@@ -134,6 +139,7 @@ fn start_sip(
     anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor>,
     focus: Option<Arc<controlplane::proxy::focus::Focus>>,
     li: Option<Arc<controlplane::li::Li>>,
+    deadlines: controlplane::proxy::core::Deadlines,
     rt: tokio::runtime::Handle,
 ) -> Result<(SocketAddr, String, controlplane::obs::sip::SipMetrics)> {
     use controlplane::proxy::{core, driver};
@@ -160,6 +166,7 @@ fn start_sip(
         };
         let mut proxy = core::Proxy::new(cfg, true);
         proxy.set_shard(shard, m.clone());
+        proxy.set_deadlines(deadlines);
         if let Some(li) = &li {
             proxy.set_li(li.clone());
         }
@@ -490,7 +497,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
     if !a.no_auth && a.api_token.as_deref().is_none_or(str::is_empty) {
         bail!("an API token is required (--api-token), or --no-auth");
     }
-    let timeout = Duration::from_millis(500);
+    let timeout = Duration::from_millis(a.relay_timeout_ms);
     let relays = a
         .relays
         .iter()
@@ -519,8 +526,14 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
             controlplane::proxy::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?
                 .with_dialogs(store.clone()),
         );
+        // A call may try every relay in turn before the core gives up on it.
+        let deadlines = controlplane::proxy::core::Deadlines {
+            anchor: timeout * a.relays.len() as u32 + Duration::from_secs(1),
+            focus: timeout * a.relays.len() as u32 + Duration::from_secs(1),
+            ..Default::default()
+        };
         let (local, transports, sip_metrics) =
-            start_sip(&a.sip, store.clone(), anchor, focus, None, tokio::runtime::Handle::current())?;
+            start_sip(&a.sip, store.clone(), anchor, focus, None, deadlines, tokio::runtime::Handle::current())?;
         let listener = tokio::net::TcpListener::bind(a.listen_api)
             .await
             .with_context(|| format!("binding the API on {}", a.listen_api))?;
