@@ -8,3 +8,4 @@ pub mod core;
 pub mod driver;
 pub mod focus;
 pub mod registrar;
+pub mod resolve;
