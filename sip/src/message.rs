@@ -112,17 +112,21 @@ pub fn uri_of(value: &str) -> &str {
 /// `user@host` of a SIP URI (the address of record), lowercased host.
 pub fn aor_of(uri: &str) -> Option<String> {
     let rest = uri.strip_prefix("sip:").or_else(|| uri.strip_prefix("sips:"))?;
-    let rest = rest.split([';', '?', '>']).next()?;
+    let rest = rest.split(['?', '>']).next()?;
+    // The user part may carry parameters of its own (`+4930123;npdi@host`) and never an
+    // unescaped '@', so the first '@' ends it.
     let (user, host) = rest.split_once('@')?;
-    let host = host.split(':').next()?;
+    let user = user.split(';').next()?;
+    let host = host.split([';', ':']).next()?;
     (!user.is_empty() && !host.is_empty()).then(|| format!("{user}@{}", host.to_ascii_lowercase()))
 }
 
 /// Host and port of a SIP URI.
 pub fn host_port(uri: &str) -> Option<(String, Option<u16>)> {
     let rest = uri.strip_prefix("sip:").or_else(|| uri.strip_prefix("sips:"))?;
-    let rest = rest.split([';', '?', '>']).next()?;
-    let hp = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let rest = rest.split(['?', '>']).next()?;
+    let hp = rest.split_once('@').map_or(rest, |(_, h)| h);
+    let hp = hp.split(';').next()?;
     if let Some(v6) = hp.strip_prefix('[') {
         let (h, p) = v6.split_once(']')?;
         return Some((h.to_string(), p.strip_prefix(':').and_then(|p| p.parse().ok())));
@@ -436,6 +440,16 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_parameters_do_not_hide_the_host() {
+        let uri = "sip:+4930123;npdi@example.com:5070;transport=tcp";
+        assert_eq!(host_port(uri), Some(("example.com".into(), Some(5070))));
+        assert_eq!(aor_of(uri).as_deref(), Some("+4930123@example.com"));
+        assert_eq!(host_port("sip:bob@[2001:db8::1]:5080;lr"), Some(("2001:db8::1".into(), Some(5080))));
+        assert_eq!(host_port("sip:proxy.example;lr"), Some(("proxy.example".into(), None)));
+        assert_eq!(aor_of("sip:alice@Example.COM;user=phone?subject=x@y").as_deref(), Some("alice@example.com"));
+    }
 
     const INVITE: &str = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776asdhds;rport\r\nv: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK1\r\nMax-Forwards: 70\r\nTo: Bob <sip:bob@example.com>\r\nFrom: Alice <sip:alice@example.com>;tag=1928301774\r\nCall-ID: a84b4c76e66710@pc33\r\nCSeq: 314159 INVITE\r\nContact: <sip:alice@10.0.0.1>\r\nX-Custom: keep, me\r\nContent-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\r\n";
 

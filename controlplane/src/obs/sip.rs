@@ -143,7 +143,11 @@ mod tests {
         let text = crate::obs::render(vec![Box::new(m)]).unwrap();
 
         let types = types(&text);
-        assert_eq!(&types[FAMILIES.len()..], ["# TYPE hasp_focus_rooms gauge", "# TYPE hasp_focus_participants gauge"], "{text}");
+        assert_eq!(
+            &types[FAMILIES.len()..],
+            ["# TYPE hasp_focus_rooms gauge", "# TYPE hasp_focus_participants gauge"],
+            "{text}"
+        );
         for sample in ["hasp_focus_rooms 1", "hasp_focus_participants 2"] {
             assert!(text.lines().any(|l| l == sample), "no line {sample:?} in:\n{text}");
         }

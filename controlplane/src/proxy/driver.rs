@@ -157,7 +157,7 @@ impl Services {
             }
             Op::Resolve { uri } => match self.resolver.resolve(&uri).await {
                 Ok(peers) => Ok(Done::Resolved(peers)),
-                Err(super::resolve::ResolveError::NotFound(_)) => Ok(Done::Resolved(Vec::new())),
+                Err(super::resolve::ResolveError::NotFound) => Ok(Done::Resolved(Vec::new())),
                 Err(e) => Err(Error::Invalid(e.to_string())),
             },
             Op::Offer { call_id, from_tag, to_tag, sdp } => {

@@ -128,6 +128,15 @@ struct SipArgs {
     /// steered to it [default: the number of cores].
     #[arg(long, env = "HASP_SIP_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     sip_threads: Option<u16>,
+    /// DNS server for SIP name resolution (RFC 3263: NAPTR, SRV, A/AAAA), IP:PORT;
+    /// repeat for several [default: those of /etc/resolv.conf].
+    #[arg(long = "dns-server", env = "HASP_DNS_SERVERS", value_name = "IP:PORT", value_delimiter = ',')]
+    dns_servers: Vec<SocketAddr>,
+    /// How long one name resolution may take before the request gets 503 (only the
+    /// requests for that name wait; every other request is served meanwhile).
+    #[arg(long, env = "HASP_DNS_TIMEOUT_MS", value_name = "MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(50..=30_000))]
+    dns_timeout_ms: u64,
 }
 
 /// Binds SIP (UDP, and TCP on the same address unless turned off) and starts the proxy
@@ -152,7 +161,17 @@ fn start_sip(
         None => random_token()?,
     };
     let limits = driver::Limits { max_connections: sip.sip_max_connections, ..Default::default() };
-    let resolver = Arc::new(controlplane::proxy::resolve::Resolver);
+    let dns = controlplane::proxy::resolve::ResolverConfig {
+        nameservers: sip.dns_servers.clone(),
+        timeout_ms: sip.dns_timeout_ms,
+        ..Default::default()
+    };
+    let resolver =
+        Arc::new(controlplane::proxy::resolve::Resolver::new(&dns).map_err(|e| anyhow::anyhow!("DNS resolver: {e}"))?);
+    let deadlines = controlplane::proxy::core::Deadlines {
+        resolve: Duration::from_millis(sip.dns_timeout_ms) + Duration::from_millis(500),
+        ..deadlines
+    };
     let services = Arc::new(driver::Services::new(store, Some(anchor), focus.clone(), resolver, limits.blocking_ops));
     let metrics = Arc::new(core::ProxyMetrics::default());
     let m = metrics.clone();
@@ -460,8 +479,15 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             // The conference focus mixes in this process's relay.
             let mixer: Arc<dyn controlplane::proxy::focus::Mixer> = relay.clone();
             let focus = Arc::new(controlplane::proxy::focus::Focus::new(vec![mixer]));
-            let (local, transports, m) =
-                start_sip(sip, st.clone(), anchor, Some(focus), li_handle.clone(), tokio::runtime::Handle::current())?;
+            let (local, transports, m) = start_sip(
+                sip,
+                st.clone(),
+                anchor,
+                Some(focus),
+                li_handle.clone(),
+                Default::default(),
+                tokio::runtime::Handle::current(),
+            )?;
             sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
             store = Some(st);
