@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use controlplane::store::Store;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -74,20 +75,55 @@ impl Drop for Cluster {
 }
 
 #[test]
-fn etcd_store_passes_the_battery() {
+fn etcd_store_passes_the_battery_and_shares_leases() {
     let cluster = Cluster::start(23700);
     let s = controlplane::store::open(&cluster.spec()).unwrap();
-    controlplane::store::battery(&*s);
-    // Dialogs (call → media node) are shared and leased.
-    assert_eq!(s.dialog("c1").unwrap(), None);
-    s.put_dialog("c1", "ng://10.0.0.5:2223", 60).unwrap();
-    assert_eq!(s.dialog("c1").unwrap().as_deref(), Some("ng://10.0.0.5:2223"));
-    s.delete_dialog("c1").unwrap();
-    assert_eq!(s.dialog("c1").unwrap(), None);
-    s.put_dialog("c2", "x", 1).unwrap();
-    wait_for("the dialog's lease to expire", Duration::from_secs(10), || {
-        s.dialog("c2").unwrap().is_none().then_some(())
-    });
+    // On the system clock: the battery polls until etcd has expired a 2 s lease.
+    controlplane::store::battery(&*s, &controlplane::store::Clock::System);
+
+    // Writes that expire close together share a lease instead of granting one each.
+    let e = controlplane::store::etcd::Etcd::connect(&cluster.clients).unwrap();
+    for i in 0..50 {
+        e.put_dialog(&format!("call-{i}"), "ng://10.0.0.5:2223", 12 * 3600).unwrap();
+    }
+    // 2048 s windows: 50 puts straddle at most one boundary.
+    assert!(e.leases_granted() <= 2, "{} leases for 50 dialogs", e.leases_granted());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let before = e.leases_granted();
+    for i in 0..50 {
+        let b = controlplane::store::Binding {
+            contact: format!("sip:u{i}@192.0.2.1"),
+            expires_at: now + 3600,
+            path: vec![],
+            call_id: format!("r{i}"),
+            cseq: 1,
+            received: None,
+        };
+        e.set_bindings(&format!("u{i}@hasp.test"), &[b]).unwrap();
+    }
+    assert!(e.leases_granted() - before <= 2, "{} leases for 50 AORs", e.leases_granted() - before);
+    assert_eq!(e.bindings("u7@hasp.test", now).unwrap().len(), 1);
+
+    // A lease etcd no longer knows (revoked here through etcd's JSON gateway) is
+    // replaced at the next write, which succeeds.
+    let gateway = |path: &str, body: serde_json::Value| -> serde_json::Value {
+        ureq::post(&format!("{}{path}", cluster.clients[1])).send_json(body).unwrap().into_json().unwrap()
+    };
+    let leases = gateway("/v3/lease/leases", serde_json::json!({}));
+    let ids: Vec<serde_json::Value> = leases["leases"].as_array().unwrap().iter().map(|l| l["ID"].clone()).collect();
+    assert!(!ids.is_empty(), "{leases}");
+    for id in ids {
+        gateway("/v3/lease/revoke", serde_json::json!({ "ID": id }));
+    }
+    assert_eq!(e.dialog("call-0").unwrap(), None, "revoking the lease removed its keys");
+    let before = e.leases_granted();
+    e.put_dialog("call-after", "ng://10.0.0.6:2223", 12 * 3600).unwrap();
+    assert_eq!(e.leases_granted(), before + 1, "a new lease replaced the revoked one");
+    assert_eq!(e.dialog("call-after").unwrap().as_deref(), Some("ng://10.0.0.6:2223"));
+    for i in 0..10 {
+        e.put_dialog(&format!("call-after-{i}"), "ng://10.0.0.6:2223", 12 * 3600).unwrap();
+    }
+    assert!(e.leases_granted() <= before + 2, "and is reused");
 }
 
 fn up(store: &str, ports: &str) -> (RelayProc, String) {

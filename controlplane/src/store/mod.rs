@@ -1,11 +1,27 @@
-//! Credentials and registrations behind one trait, so one proxy on one machine uses an
-//! embedded file and several share etcd. One test battery runs against every backend.
+//! Credentials, registrations and dialogs behind one trait, so one proxy on one machine
+//! uses an embedded file, several share etcd, and tests and simulations use memory. One
+//! test battery (`battery`) runs against every backend.
+//!
+//! [`open`] takes a spec string:
+//!
+//! | spec | backend |
+//! |---|---|
+//! | `embedded:PATH` | [`embedded::Embedded`]: one redb file at `PATH`, created if missing |
+//! | `etcd:URL,URL,…` | [`etcd::Etcd`]: an etcd cluster, every member listed (`http://host:port`) |
+//! | `memory:` | [`memory::Memory`] with [`memory::Limits::default`]: nothing survives the process |
 
+mod battery;
 pub mod embedded;
 pub mod etcd;
+pub mod memory;
+
+#[doc(hidden)]
+pub use battery::battery;
 
 use crate::error::Error;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A registered contact of an address of record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,18 +52,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn bindings(&self, aor: &str, now: u64) -> Result<Vec<Binding>, Error>;
     /// Replaces the bindings of an address of record (empty: removes it).
     fn set_bindings(&self, aor: &str, bindings: &[Binding]) -> Result<(), Error>;
-    /// Remembers which media node anchors a call (`node`, its URL) for `ttl_secs`, so
-    /// that any proxy sharing the store sends the call's later requests (re-INVITE,
-    /// BYE) to the same node. Backends serving one machine need not keep it: the
-    /// proxy's memory does.
+    /// Remembers which media node anchors a call (`node`, its URL) for `ttl_secs` (0
+    /// counts as 1), so that any proxy sharing the store sends the call's later requests
+    /// (re-INVITE, BYE) to the same node. Every backend keeps it; the defaults exist for
+    /// stores outside this module.
     fn put_dialog(&self, _call_id: &str, _node: &str, _ttl_secs: u64) -> Result<(), Error> {
         Ok(())
     }
-    /// The media node of a call, if recorded.
+    /// The media node of a call, if recorded and its TTL has not run out.
     fn dialog(&self, _call_id: &str) -> Result<Option<String>, Error> {
         Ok(None)
     }
-    /// Forgets a call.
+    /// Forgets a call (a call never recorded is not an error).
     fn delete_dialog(&self, _call_id: &str) -> Result<(), Error> {
         Ok(())
     }
@@ -58,42 +74,70 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Opens a store from `embedded:PATH` or `etcd:URL,URL,…`.
-pub fn open(spec: &str) -> Result<std::sync::Arc<dyn Store>, Error> {
+/// Opens a store from its spec (see the table in the module documentation).
+pub fn open(spec: &str) -> Result<Arc<dyn Store>, Error> {
     match spec.split_once(':') {
-        Some(("embedded", path)) => Ok(std::sync::Arc::new(embedded::Embedded::open(std::path::Path::new(path))?)),
+        Some(("embedded", path)) => Ok(Arc::new(embedded::Embedded::open(std::path::Path::new(path))?)),
         Some(("etcd", urls)) => {
             let eps: Vec<String> =
                 urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect();
             if eps.is_empty() {
                 return Err(Error::Config("etcd: no endpoints".into()));
             }
-            Ok(std::sync::Arc::new(etcd::Etcd::connect(&eps)?))
+            Ok(Arc::new(etcd::Etcd::connect(&eps)?))
         }
-        _ => Err(Error::Config(format!("store {spec:?}: expected embedded:PATH or etcd:URL,URL"))),
+        // Nothing after the colon yet: a typo such as `memory:/var/lib/x` must not
+        // silently give a store that forgets everything at a restart.
+        Some(("memory", "")) => Ok(Arc::new(memory::Memory::new(memory::Limits::default()))),
+        _ => Err(Error::Config(format!("store {spec:?}: expected embedded:PATH, etcd:URL,URL or memory:"))),
     }
 }
 
-/// The battery every backend passes (also run against etcd by the integration tests).
-#[doc(hidden)]
-pub fn battery(s: &dyn Store) {
-    assert_eq!(s.password("alice", "example.com").unwrap(), None);
-    s.put_user("alice", "example.com", "pw1").unwrap();
-    assert_eq!(s.password("alice", "example.com").unwrap().as_deref(), Some("pw1"));
-    s.put_user("alice", "example.com", "pw2").unwrap();
-    assert_eq!(s.password("alice", "example.com").unwrap().as_deref(), Some("pw2"));
-    assert_eq!(s.password("alice", "example.org").unwrap(), None);
-    let b = |c: &str, exp: u64| Binding {
-        contact: c.into(),
-        expires_at: exp,
-        path: vec!["<sip:edge;lr>".into()],
-        call_id: "r1".into(),
-        cseq: 1,
-        received: None,
-    };
-    s.set_bindings("alice@example.com", &[b("sip:a@1.2.3.4", 100), b("sip:a@5.6.7.8", 200)]).unwrap();
-    assert_eq!(s.bindings("alice@example.com", 50).unwrap().len(), 2);
-    assert_eq!(s.bindings("alice@example.com", 150).unwrap(), vec![b("sip:a@5.6.7.8", 200)], "expired ones are gone");
-    s.set_bindings("alice@example.com", &[]).unwrap();
-    assert!(s.bindings("alice@example.com", 0).unwrap().is_empty());
+/// Where a backend reads the time that TTLs run against (Unix seconds). Bindings carry
+/// their own expiry and are judged by the `now` their reader passes; dialogs get a TTL,
+/// so a backend that expires them itself needs a clock, and a manual one lets tests and
+/// simulations expire them without sleeping.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The system's wall clock.
+    #[default]
+    System,
+    /// A clock that moves only when told.
+    Manual(ManualClock),
+}
+
+impl Clock {
+    /// Now, Unix seconds.
+    pub fn now(&self) -> u64 {
+        match self {
+            Clock::System => unix_now(),
+            Clock::Manual(m) => m.now(),
+        }
+    }
+}
+
+/// A clock moved by hand; its clones share one time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    /// A clock reading `now` (Unix seconds).
+    pub fn new(now: u64) -> Self {
+        Self(Arc::new(AtomicU64::new(now)))
+    }
+
+    /// The time it reads.
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Moves it forward by `secs`.
+    pub fn advance(&self, secs: u64) {
+        self.0.fetch_add(secs, Ordering::Relaxed);
+    }
+}
+
+/// The wall clock in Unix seconds (0 if the system clock is before 1970).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
