@@ -305,3 +305,93 @@ fn a_call_set_up_through_one_proxy_is_ended_through_the_other_and_its_relay_free
         (r1.call("GET", &format!("/v1/sessions/{id}"), None).0 == 404).then_some(())
     });
 }
+
+impl Cluster {
+    /// The index of the node that leads now, asked through etcd's JSON gateway.
+    fn leader(&self) -> Option<usize> {
+        // A hung node accepts the connection and never answers: bound every ask.
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(1)).build();
+        let status = |c: &str| -> Option<serde_json::Value> {
+            agent.post(&format!("{c}/v3/maintenance/status")).send_string("{}").ok()?.into_json().ok()
+        };
+        let all: Vec<Option<serde_json::Value>> = self.clients.iter().map(|c| status(c)).collect();
+        let leader = all.iter().flatten().find_map(|s| s["leader"].as_str().map(str::to_string))?;
+        all.iter().position(|s| s.as_ref().is_some_and(|s| s["header"]["member_id"].as_str() == Some(&leader)))
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) node `i`: hung, not dead.
+    fn signal(&self, i: usize, sig: i32) {
+        let pid = self.nodes[i].as_ref().expect("node running").id();
+        // SAFETY: kill(2) on a child process we started.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+}
+
+/// The etcd leader hangs (SIGSTOP) under REGISTER load: OPTIONS are answered all along
+/// (they never wait for the store), REGISTERs wait for the store (or get 503) and
+/// complete again once the cluster has elected a new leader.
+#[test]
+fn a_hung_etcd_leader_delays_registrations_only() {
+    let cluster = Cluster::start(24000);
+    let (up, sip) = up(&cluster.spec(), "45700-45749");
+    for i in 0..4 {
+        add_sip_user(&up, &format!("u{i}"), "hasp.test", "pw");
+    }
+    // REGISTER load: four users re-registering in a loop, each answer recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(std::time::Instant, Option<u16>, Duration)>::new()));
+    let load: Vec<_> = (0..4)
+        .map(|i| {
+            let (stop, answers, sip) = (stop.clone(), answers.clone(), sip.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let user = format!("u{i}");
+                    let contact = format!("sip:{user}@127.0.0.1:{}", 7100 + i);
+                    let t = std::time::Instant::now();
+                    let r = sip_register_within(&sip, "hasp.test", &user, "pw", &contact, 600, Duration::from_secs(10));
+                    answers.lock().unwrap().push((std::time::Instant::now(), r, t.elapsed()));
+                }
+            })
+        })
+        .collect();
+    wait_for("registrations to flow", Duration::from_secs(10), || {
+        (answers.lock().unwrap().iter().filter(|(_, r, _)| *r == Some(200)).count() >= 8).then_some(())
+    });
+    let leader = wait_for("a leader", Duration::from_secs(10), || cluster.leader());
+    cluster.signal(leader, libc::SIGSTOP);
+    let frozen_at = std::time::Instant::now();
+    // OPTIONS all along: every one answered, none waiting for the store.
+    let pinger = common::ua::Ua::new();
+    let mut slowest = Duration::ZERO;
+    for n in 0..40 {
+        let t = std::time::Instant::now();
+        pinger.send(&sip, &common::ua::options(&pinger, n));
+        let r = pinger.recv_within(Duration::from_secs(2)).expect("OPTIONS answered while the leader hangs");
+        assert_eq!(r.code(), Some(200));
+        slowest = slowest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(50)); // pacing: one ping per 50 ms
+    }
+    eprintln!("OPTIONS while the etcd leader hung: slowest answer {slowest:?}");
+    // A new leader takes over; registrations complete again.
+    wait_for("a new leader", Duration::from_secs(20), || cluster.leader().filter(|l| *l != leader));
+    let elected = std::time::Instant::now();
+    wait_for("REGISTERs to succeed after the election", Duration::from_secs(20), || {
+        answers.lock().unwrap().iter().any(|(at, r, _)| *at > elected && *r == Some(200)).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    cluster.signal(leader, libc::SIGCONT);
+    let answers = answers.lock().unwrap();
+    let during: Vec<Option<u16>> = answers.iter().filter(|(at, _, _)| *at > frozen_at).map(|(_, r, _)| *r).collect();
+    let longest = answers.iter().filter(|(at, _, _)| *at > frozen_at).map(|(_, _, d)| *d).max();
+    eprintln!(
+        "REGISTERs answered after the freeze: {} ({} x 200, {} x 503), longest {longest:?}",
+        during.len(),
+        during.iter().filter(|r| **r == Some(200)).count(),
+        during.iter().filter(|r| **r == Some(503)).count()
+    );
+    // Every REGISTER got an answer (200 or 503 with Retry-After), none was lost.
+    assert!(during.iter().all(|r| matches!(r, Some(200) | Some(503))), "{during:?}");
+}

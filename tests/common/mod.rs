@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod ua;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
@@ -224,10 +226,24 @@ pub fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
 /// REGISTERs `user` with `contact`, answering the digest challenge with `password`;
 /// returns the final status code.
 pub fn sip_register(proxy: &str, domain: &str, user: &str, password: &str, contact: &str, expires: u32) -> u16 {
+    sip_register_within(proxy, domain, user, password, contact, expires, Duration::from_secs(3))
+        .expect("an answer to REGISTER")
+}
+
+/// [`sip_register`], waiting up to `within` for each answer; `None` if one did not come.
+pub fn sip_register_within(
+    proxy: &str,
+    domain: &str,
+    user: &str,
+    password: &str,
+    contact: &str,
+    expires: u32,
+    within: Duration,
+) -> Option<u16> {
     use sip::digest::{expected_response, Credentials};
     use sip::Message;
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
     let me = s.local_addr().unwrap();
     let mk = |cseq: u32, auth: Option<String>| {
         let mut m = format!(
@@ -241,7 +257,7 @@ pub fn sip_register(proxy: &str, domain: &str, user: &str, password: &str, conta
     };
     let mut buf = [0u8; 4096];
     s.send_to(mk(1, None).as_bytes(), proxy).unwrap();
-    let n = s.recv(&mut buf).unwrap();
+    let n = s.recv(&mut buf).ok()?;
     let (r, _) = Message::parse(&buf[..n], false).unwrap();
     assert_eq!(r.code(), Some(401), "challenged first");
     let chal = r
@@ -268,8 +284,8 @@ pub fn sip_register(proxy: &str, domain: &str, user: &str, password: &str, conta
         c.response
     );
     s.send_to(mk(2, Some(auth)).as_bytes(), proxy).unwrap();
-    let n = s.recv(&mut buf).unwrap();
-    Message::parse(&buf[..n], false).unwrap().0.code().unwrap()
+    let n = s.recv(&mut buf).ok()?;
+    Message::parse(&buf[..n], false).ok()?.0.code()
 }
 
 /// Provisions a SIP user through `POST /v1/users`.

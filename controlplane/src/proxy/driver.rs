@@ -293,6 +293,42 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    // A restart must not wait for the last run's connections in TIME_WAIT.
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The UDP sockets (one per core instance, sharing the port) and the TCP listener on
+/// the same port. With port 0 the kernel picks the UDP port, which TCP may have in use
+/// (an outgoing connection's ephemeral port): then another port is picked, a few times.
+fn bind_all(listen: Listen, n: usize) -> std::io::Result<(Vec<UdpSocket>, Option<std::net::TcpListener>)> {
+    let tries = if listen.addr.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let first = udp_socket(listen.addr)?;
+        let local = first.local_addr()?;
+        let mut socks = vec![first];
+        for _ in 1..n {
+            socks.push(udp_socket(local)?);
+        }
+        if !listen.tcp {
+            return Ok((socks, None));
+        }
+        match tcp_listener(local) {
+            Ok(l) => return Ok((socks, Some(l))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
+}
+
 /// Binds SIP on `listen` and serves it with one core per thread, built by `make_core`
 /// from its index and the bound address, until the process ends. Operations run on `rt`.
 pub fn spawn(
@@ -303,20 +339,8 @@ pub fn spawn(
     rt: tokio::runtime::Handle,
 ) -> std::io::Result<Handle> {
     let n = listen.threads.max(1);
-    // The first socket picks the port (when 0); the others share it (SO_REUSEPORT).
-    let first = udp_socket(listen.addr)?;
-    let local = first.local_addr()?;
-    let mut socks = vec![first];
-    for _ in 1..n {
-        socks.push(udp_socket(local)?);
-    }
-    let tcp_listener = if listen.tcp {
-        let l = std::net::TcpListener::bind(local)?;
-        l.set_nonblocking(true)?;
-        Some(l)
-    } else {
-        None
-    };
+    let (socks, tcp_listener) = bind_all(listen, n)?;
+    let local = socks[0].local_addr()?;
     let stats = Arc::new(DriverStats::default());
     let mut inboxes = Vec::new();
     let mut receivers = Vec::new();
