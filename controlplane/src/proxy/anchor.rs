@@ -226,17 +226,16 @@ impl NgRelays {
         self.relays.iter().position(|r| r.to_string() == node)
     }
 
-    /// Remembers that `call_id` lives on relay `i` (in the shared store when it is new;
-    /// written behind, so a slow store does not delay the call).
-    fn stick(&self, call_id: &str, i: usize) {
+    /// Remembers that `call_id` lives on relay `i` (in the shared store when it is new,
+    /// before the call goes on: another proxy may get its next request at once).
+    async fn stick(&self, call_id: &str, i: usize) {
         if self.lock().sticky.insert(call_id.to_string(), i) != Some(i) {
             if let Some(d) = self.dialogs.clone() {
                 let (cid, node) = (call_id.to_string(), self.relays[i].to_string());
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = d.put_dialog(&cid, &node, DIALOG_TTL) {
-                        tracing::warn!(error = %e, "could not share the call's relay");
-                    }
-                });
+                let put = tokio::task::spawn_blocking(move || d.put_dialog(&cid, &node, DIALOG_TTL)).await;
+                if let Ok(Err(e)) = put {
+                    tracing::warn!(error = %e, "could not share the call's relay");
+                }
             }
         }
     }
@@ -305,7 +304,7 @@ impl NgRelays {
                 Some(v) => {
                     let v = v?;
                     self.lock().down_until.remove(&i);
-                    self.stick(call_id, i);
+                    self.stick(call_id, i).await;
                     return Self::result(v);
                 }
                 None => {
