@@ -312,3 +312,41 @@ fn sip_over_tcp_both_legs() {
 fn udp_caller_to_tcp_callee_is_record_routed_twice() {
     call_to_tcp_callee("u1", "45550-45599", "udp-tcp");
 }
+
+/// One configuration file for every role: `hasp proxy --config FILE` reads its
+/// `[proxy]` table (the `[relay]` table is another role's and is ignored here), flags
+/// override it, and the proxy serves SIP as configured.
+#[test]
+fn hasp_proxy_reads_its_table_of_the_config_file_and_flags_override_it() {
+    let dir = scratch_dir("proxy-config");
+    let relay = RelayProc::start(&["--listen-ng", "127.0.0.1:0", "--rtp-ports", "45850-45899"]);
+    let file = dir.join("hasp.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[relay]\nrtp_ports = \"46000-46099\"\n\n[proxy]\nlisten_sip = \"127.0.0.1:0\"\nlisten_api = \"127.0.0.1:0\"\n\
+             domain = \"from-file.test\"\nstore = \"memory:\"\nno_auth = true\nsip_threads = 2\n\
+             relays = [\"ng://{}\"]\n",
+            field(&relay.ready_line, "ng=")
+        ),
+    )
+    .unwrap();
+    let path = file.display().to_string();
+    let p = RelayProc::spawn(&["proxy", "--config", &path], None);
+    assert_eq!(field(&p.ready_line, "domain="), "from-file.test");
+    assert_eq!(field(&p.ready_line, "sip_threads="), "2");
+    let sip = field(&p.ready_line, "sip=");
+    let ua = common::ua::Ua::new();
+    ua.send(&sip, &common::ua::options_to(&ua, 1, &sip));
+    assert_eq!(ua.recv_within(Duration::from_secs(5)).and_then(|m| m.code()), Some(200));
+    drop(p);
+    let p = RelayProc::spawn(&["proxy", "--config", &path, "--domain", "from-flag.test", "--sip-threads", "1"], None);
+    assert_eq!(field(&p.ready_line, "domain="), "from-flag.test", "a flag overrides the file");
+    assert_eq!(field(&p.ready_line, "sip_threads="), "1");
+    // A key the [proxy] table does not know is refused, with the file named.
+    std::fs::write(&file, "[proxy]\nrelay = \"ng://192.0.2.1:2223\"\n").unwrap();
+    let out = Command::new(hasp_bin()).args(["proxy", "--config", &path]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hasp.toml") && err.contains("relay"), "{err}");
+}

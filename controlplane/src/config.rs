@@ -8,12 +8,110 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
-/// The whole configuration file.
+/// The whole configuration file: one table per role (`[relay]`, `[proxy]`; `[lb]`,
+/// `[dns]` and `[cluster]` to come). `hasp up` reads both tables.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The relay role.
     pub relay: RelayConfig,
+    /// The SIP proxy and registrar role (`hasp proxy`, and the SIP side of `hasp up`).
+    pub proxy: ProxyRoleConfig,
+}
+
+/// The SIP proxy and registrar's settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyRoleConfig {
+    /// SIP address (UDP, and TCP unless `sip_tcp` is off); port 0 picks one.
+    pub listen_sip: SocketAddr,
+    /// Serve SIP over TCP on the same address too.
+    pub sip_tcp: bool,
+    /// The SIP domain served (users are user@domain).
+    pub domain: String,
+    /// Credentials and registrations: `embedded:PATH`, `etcd:URL,URL,…` or `memory:`.
+    pub store: String,
+    /// Secret of the digest nonces (proxies sharing a store share it); random if unset.
+    pub nonce_secret: Option<String>,
+    /// `HOST[:PORT]` for Record-Route instead of `listen_sip`: a name reaching every
+    /// proxy of the cluster.
+    pub record_route: Option<String>,
+    /// SIP requests per second accepted from one source IP (bursts of twice that); 0:
+    /// no limit.
+    pub sip_rate_limit: u32,
+    /// TCP connections open at once.
+    pub sip_max_connections: usize,
+    /// SIP core instances (threads); default: the number of cores.
+    pub sip_threads: Option<usize>,
+    /// DNS servers for SIP name resolution; empty: /etc/resolv.conf.
+    pub dns_servers: Vec<SocketAddr>,
+    /// Longest time one name resolution may take.
+    pub dns_timeout_ms: u64,
+    /// `hasp proxy`'s REST API address (`hasp up` serves its API on `relay.listen_api`).
+    pub listen_api: SocketAddr,
+    /// Bearer token of `hasp proxy`'s API.
+    pub api_token: Option<String>,
+    /// Serve `hasp proxy`'s API without a token (loopback labs only).
+    pub no_auth: bool,
+    /// Relays to anchor media in (`http://HOST:PORT` or `ng://HOST:PORT`), tried in turn
+    /// (`hasp proxy`; `hasp up` uses its own relay).
+    pub relays: Vec<String>,
+    /// Bearer token of the `http://` relays' APIs.
+    pub relay_token: Option<String>,
+    /// How long to wait for one relay's answer before trying the next.
+    pub relay_timeout_ms: u64,
+}
+
+impl Default for ProxyRoleConfig {
+    fn default() -> Self {
+        Self {
+            listen_sip: SocketAddr::from((Ipv4Addr::LOCALHOST, 5060)),
+            sip_tcp: true,
+            domain: "hasp.local".into(),
+            store: "embedded:hasp-data/hasp.redb".into(),
+            nonce_secret: None,
+            record_route: None,
+            sip_rate_limit: 10_000,
+            sip_max_connections: 4096,
+            sip_threads: None,
+            dns_servers: Vec::new(),
+            dns_timeout_ms: 2000,
+            listen_api: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)),
+            api_token: None,
+            no_auth: false,
+            relays: Vec::new(),
+            relay_token: None,
+            relay_timeout_ms: 500,
+        }
+    }
+}
+
+impl ProxyRoleConfig {
+    /// Checks the SIP settings hang together; `standalone`: for `hasp proxy` (which
+    /// needs relays and its own API token).
+    pub fn validate(&self, standalone: bool) -> Result<(), Error> {
+        if self.domain.is_empty() {
+            return Err(Error::Config("domain must not be empty".into()));
+        }
+        if self.sip_threads == Some(0) || self.sip_threads.is_some_and(|n| n > 256) {
+            return Err(Error::Config("sip_threads must be 1 to 256".into()));
+        }
+        if !(50..=30_000).contains(&self.dns_timeout_ms) {
+            return Err(Error::Config("dns_timeout_ms must be 50 to 30000".into()));
+        }
+        if standalone {
+            if self.relays.is_empty() {
+                return Err(Error::Config("no relay: give relays (--relay URL)".into()));
+            }
+            if !(10..=60_000).contains(&self.relay_timeout_ms) {
+                return Err(Error::Config("relay_timeout_ms must be 10 to 60000".into()));
+            }
+            if !self.no_auth && self.api_token.as_deref().is_none_or(str::is_empty) {
+                return Err(Error::Config("an API token is required (api_token / --api-token), or --no-auth".into()));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -248,5 +346,24 @@ mod sample {
     fn sample_config_parses() {
         let c = super::Config::from_toml(include_str!("../../docs/hasp.sample.toml")).unwrap();
         assert_eq!(c.relay.rtp_ports.to_string(), "30000-39999");
+        // The sample shows the defaults: every key of [proxy] as the code has it.
+        assert_eq!(c.proxy, super::ProxyRoleConfig::default());
+    }
+
+    #[test]
+    fn the_proxy_table_parses_and_is_checked() {
+        let c = super::Config::from_toml(
+            "[proxy]\ndomain = \"example.com\"\nrelays = [\"ng://192.0.2.1:2223\"]\nsip_threads = 4\nno_auth = true\n",
+        )
+        .unwrap();
+        assert_eq!((c.proxy.domain.as_str(), c.proxy.sip_threads), ("example.com", Some(4)));
+        c.proxy.validate(true).unwrap();
+        assert!(super::Config::from_toml("[proxy]\nrelay = []\n").is_err(), "unknown keys are refused");
+        let mut p = c.proxy.clone();
+        p.relays.clear();
+        assert!(p.validate(true).is_err(), "hasp proxy needs a relay");
+        p.validate(false).expect("hasp up brings its own relay");
+        p.sip_threads = Some(0);
+        assert!(p.validate(false).is_err());
     }
 }

@@ -86,9 +86,14 @@ pub fn invite(from: &Ua, to_user: &str, call_id: &str, media: u16) -> String {
 }
 
 pub fn options(from: &Ua, n: u32) -> String {
+    options_to(from, n, DOMAIN)
+}
+
+/// An OPTIONS for `sip:HOST` (a domain, or the proxy's own address).
+pub fn options_to(from: &Ua, n: u32, host: &str) -> String {
     let me = from.addr();
     format!(
-        "OPTIONS sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-opt{n}\r\nFrom: <sip:ping@{DOMAIN}>;tag=p{n}\r\nTo: <sip:{DOMAIN}>\r\nCall-ID: opt-{n}-{me}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        "OPTIONS sip:{host} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-opt{n}\r\nFrom: <sip:ping@{DOMAIN}>;tag=p{n}\r\nTo: <sip:{host}>\r\nCall-ID: opt-{n}-{me}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     )
 }
 

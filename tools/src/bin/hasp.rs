@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use controlplane::config::ProxyRoleConfig;
 use controlplane::control::rest::{self, ApiState};
 use controlplane::relay::calls::Calls;
 use controlplane::{Config, PortRange, Relay, RelayConfig};
@@ -45,34 +46,66 @@ enum Cmd {
     },
 }
 
-/// Options of `hasp proxy`.
+/// Options of `hasp proxy`. Each overrides the same key of the config file's `[proxy]`
+/// table; each can also be set by the environment variable shown.
 #[derive(Args, Debug)]
 struct ProxyArgs {
+    /// TOML configuration file (see docs/hasp.sample.toml): its `[proxy]` table.
+    #[arg(long, env = "HASP_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     sip: SipArgs,
-    /// Address of the REST API (users, health).
-    #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT", default_value = "127.0.0.1:8081")]
-    listen_api: SocketAddr,
+    /// Address of the REST API (users, health, metrics) [default: 127.0.0.1:8081].
+    #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT")]
+    listen_api: Option<SocketAddr>,
     /// A relay to anchor media in: `http://HOST:PORT` (its REST API: NG over `POST /ng`,
     /// and its conference mixer for the focus) or `ng://HOST:PORT` (its --listen-ng).
     /// Repeat for several, tried in order; one that does not answer within
     /// --relay-timeout-ms is skipped for 10 s. While a call waits for a relay, every
-    /// other request is served.
-    #[arg(long = "relay", value_name = "URL", required = true)]
+    /// other request is served. Replaces the file's `relays`.
+    #[arg(long = "relay", value_name = "URL")]
     relays: Vec<String>,
-    /// How long to wait for one relay's answer before trying the next.
-    #[arg(long, env = "HASP_RELAY_TIMEOUT_MS", value_name = "MS", default_value_t = 500,
-          value_parser = clap::value_parser!(u64).range(10..=60_000))]
-    relay_timeout_ms: u64,
     /// Bearer token of the `http://` relays' APIs.
     #[arg(long, env = "HASP_RELAY_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     relay_token: Option<String>,
+    /// How long to wait for one relay's answer before trying the next [default: 500].
+    #[arg(long, env = "HASP_RELAY_TIMEOUT_MS", value_name = "MS")]
+    relay_timeout_ms: Option<u64>,
     /// Bearer token the API requires.
     #[arg(long, env = "HASP_API_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     api_token: Option<String>,
     /// Serve the API without a token (loopback labs only).
     #[arg(long, env = "HASP_NO_AUTH")]
     no_auth: bool,
+    /// Check the configuration, print it as TOML and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl ProxyArgs {
+    /// The file's `[proxy]` table, then environment/flags on top.
+    fn resolve(&self, mut c: ProxyRoleConfig) -> ProxyRoleConfig {
+        self.sip.apply(&mut c);
+        if let Some(v) = self.listen_api {
+            c.listen_api = v;
+        }
+        if !self.relays.is_empty() {
+            c.relays = self.relays.clone();
+        }
+        if let Some(v) = &self.relay_token {
+            c.relay_token = Some(v.clone());
+        }
+        if let Some(v) = self.relay_timeout_ms {
+            c.relay_timeout_ms = v;
+        }
+        if let Some(v) = &self.api_token {
+            c.api_token = Some(v.clone());
+        }
+        if self.no_auth {
+            c.no_auth = true;
+        }
+        c
+    }
 }
 
 #[derive(Subcommand)]
@@ -91,22 +124,25 @@ enum UserCmd {
     },
 }
 
-/// SIP proxy and registrar options of `hasp up`.
+/// SIP proxy and registrar options (`hasp up`, `hasp proxy`). Each overrides the same
+/// key of the config file's `[proxy]` table.
 #[derive(Args, Debug)]
 struct SipArgs {
-    /// SIP (UDP) address of the proxy/registrar; port 0 picks one (see the ready line).
-    #[arg(long, env = "HASP_LISTEN_SIP", value_name = "ADDR:PORT", default_value = "127.0.0.1:5060")]
-    listen_sip: SocketAddr,
-    /// The SIP domain served (users are user@DOMAIN).
-    #[arg(long, env = "HASP_DOMAIN", value_name = "DOMAIN", default_value = "hasp.local")]
-    domain: String,
-    /// Where credentials and registrations live: embedded:PATH (a redb file).
-    #[arg(long, env = "HASP_STORE", value_name = "STORE", default_value = "embedded:hasp-data/hasp.redb")]
-    store: String,
+    /// SIP (UDP and TCP) address of the proxy/registrar; port 0 picks one (see the ready
+    /// line) [default: 127.0.0.1:5060].
+    #[arg(long, env = "HASP_LISTEN_SIP", value_name = "ADDR:PORT")]
+    listen_sip: Option<SocketAddr>,
+    /// The SIP domain served (users are user@DOMAIN) [default: hasp.local].
+    #[arg(long, env = "HASP_DOMAIN", value_name = "DOMAIN")]
+    domain: Option<String>,
+    /// Where credentials and registrations live: embedded:PATH (a redb file),
+    /// etcd:URL,URL,… or memory: [default: embedded:hasp-data/hasp.redb].
+    #[arg(long, env = "HASP_STORE", value_name = "STORE")]
+    store: Option<String>,
     /// Secret for digest nonces (proxies sharing a store share it) [default: random].
     #[arg(long, env = "HASP_NONCE_SECRET", value_name = "SECRET", hide_env_values = true)]
     nonce_secret: Option<String>,
-    /// Run the relay only.
+    /// Run the relay only (`hasp up`).
     #[arg(long)]
     no_sip: bool,
     /// Serve SIP over UDP only (by default TCP is served on the same address too).
@@ -118,32 +154,82 @@ struct SipArgs {
     #[arg(long, env = "HASP_RECORD_ROUTE", value_name = "HOST[:PORT]")]
     record_route: Option<String>,
     /// SIP requests per second accepted from one source IP (bursts of twice that); more
-    /// are dropped and counted (hasp_sip_rate_limited_total). 0: no limit.
-    #[arg(long, env = "HASP_SIP_RATE_LIMIT", value_name = "N", default_value_t = 10_000)]
-    sip_rate_limit: u32,
-    /// TCP connections the SIP proxy keeps open at once.
-    #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N", default_value_t = 4096)]
-    sip_max_connections: usize,
+    /// are dropped and counted (hasp_sip_rate_limited_total). 0: no limit [default: 10000].
+    #[arg(long, env = "HASP_SIP_RATE_LIMIT", value_name = "N")]
+    sip_rate_limit: Option<u32>,
+    /// TCP connections the SIP proxy keeps open at once [default: 4096].
+    #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N")]
+    sip_max_connections: Option<usize>,
     /// SIP core instances (threads), each owning the transactions of the Call-IDs
     /// steered to it [default: the number of cores].
-    #[arg(long, env = "HASP_SIP_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
-    sip_threads: Option<u16>,
+    #[arg(long, env = "HASP_SIP_THREADS", value_name = "N")]
+    sip_threads: Option<usize>,
     /// DNS server for SIP name resolution (RFC 3263: NAPTR, SRV, A/AAAA), IP:PORT;
     /// repeat for several [default: those of /etc/resolv.conf].
     #[arg(long = "dns-server", env = "HASP_DNS_SERVERS", value_name = "IP:PORT", value_delimiter = ',')]
     dns_servers: Vec<SocketAddr>,
     /// How long one name resolution may take before the request gets 503 (only the
-    /// requests for that name wait; every other request is served meanwhile).
-    #[arg(long, env = "HASP_DNS_TIMEOUT_MS", value_name = "MS", default_value_t = 2000,
-          value_parser = clap::value_parser!(u64).range(50..=30_000))]
-    dns_timeout_ms: u64,
+    /// requests for that name wait; every other request is served meanwhile)
+    /// [default: 2000].
+    #[arg(long, env = "HASP_DNS_TIMEOUT_MS", value_name = "MS")]
+    dns_timeout_ms: Option<u64>,
+}
+
+impl SipArgs {
+    /// Puts the flags given over the file's values.
+    fn apply(&self, c: &mut ProxyRoleConfig) {
+        if let Some(v) = self.listen_sip {
+            c.listen_sip = v;
+        }
+        if let Some(v) = &self.domain {
+            c.domain = v.clone();
+        }
+        if let Some(v) = &self.store {
+            c.store = v.clone();
+        }
+        if let Some(v) = &self.nonce_secret {
+            c.nonce_secret = Some(v.clone());
+        }
+        if self.no_sip_tcp {
+            c.sip_tcp = false;
+        }
+        if let Some(v) = &self.record_route {
+            c.record_route = Some(v.clone());
+        }
+        if let Some(v) = self.sip_rate_limit {
+            c.sip_rate_limit = v;
+        }
+        if let Some(v) = self.sip_max_connections {
+            c.sip_max_connections = v;
+        }
+        if let Some(v) = self.sip_threads {
+            c.sip_threads = Some(v);
+        }
+        if !self.dns_servers.is_empty() {
+            c.dns_servers = self.dns_servers.clone();
+        }
+        if let Some(v) = self.dns_timeout_ms {
+            c.dns_timeout_ms = v;
+        }
+    }
+}
+
+/// Reads the configuration file, if one is given.
+fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", p.display()))
+        }
+        None => Ok(Config::default()),
+    }
 }
 
 /// Binds SIP (UDP, and TCP on the same address unless turned off) and starts the proxy
 /// and registrar on `store`, anchoring media through `anchor`, with its operations on
 /// `rt`. Returns the bound address.
 fn start_sip(
-    sip: &SipArgs,
+    sip: &ProxyRoleConfig,
     store: Arc<dyn controlplane::store::Store>,
     anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor>,
     focus: Option<Arc<controlplane::proxy::focus::Focus>>,
@@ -152,9 +238,8 @@ fn start_sip(
     rt: tokio::runtime::Handle,
 ) -> Result<(SocketAddr, String, controlplane::obs::sip::SipMetrics)> {
     use controlplane::proxy::{core, driver};
-    let threads =
-        sip.sip_threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), usize::from);
-    let listen = driver::Listen { addr: sip.listen_sip, tcp: !sip.no_sip_tcp, threads };
+    let threads = sip.sip_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let listen = driver::Listen { addr: sip.listen_sip, tcp: sip.sip_tcp, threads };
     let transports = if listen.tcp { "udp,tcp" } else { "udp" };
     let nonce_secret = match &sip.nonce_secret {
         Some(s) => s.clone(),
@@ -317,15 +402,8 @@ fn parse_latch(s: &str) -> Result<LatchMode, String> {
 }
 
 impl RelayArgs {
-    /// File, then environment/flags on top.
-    fn resolve(&self) -> Result<RelayConfig> {
-        let mut c = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                Config::from_toml(&text).with_context(|| format!("in {}", p.display()))?.relay
-            }
-            None => RelayConfig::default(),
-        };
+    /// The file's `[relay]` table, then environment/flags on top.
+    fn resolve(&self, mut c: RelayConfig) -> Result<RelayConfig> {
         if let Some(v) = self.listen_api {
             c.listen_api = v;
         }
@@ -420,7 +498,16 @@ fn main() -> Result<()> {
 }
 
 fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipArgs>) -> Result<()> {
-    let mut cfg = args.resolve()?;
+    let file = load_config(args.config.as_deref())?;
+    let mut cfg = args.resolve(file.relay)?;
+    let sip = sip.map(|a| {
+        let mut c = file.proxy.clone();
+        a.apply(&mut c);
+        c
+    });
+    if let Some(s) = &sip {
+        s.validate(false)?;
+    }
     if generate_token && !cfg.no_auth && cfg.api_token.is_none() {
         let t = random_token()?;
         println!("hasp {role}: generated API token {t} (pass --api-token or HASP_API_TOKEN to choose one)");
@@ -430,7 +517,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         bail!("{e}");
     }
     if args.check_config {
-        print!("{}", toml::to_string(&Config { relay: cfg })?);
+        print!("{}", toml::to_string(&Config { relay: cfg, proxy: sip.unwrap_or(file.proxy) })?);
         return Ok(());
     }
     let rt =
@@ -519,9 +606,12 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
     })
 }
 
-fn run_proxy(a: ProxyArgs) -> Result<()> {
-    if !a.no_auth && a.api_token.as_deref().is_none_or(str::is_empty) {
-        bail!("an API token is required (--api-token), or --no-auth");
+fn run_proxy(args: ProxyArgs) -> Result<()> {
+    let a = args.resolve(load_config(args.config.as_deref())?.proxy);
+    a.validate(true)?;
+    if args.check_config {
+        print!("{}", toml::to_string(&Config { relay: RelayConfig::default(), proxy: a })?);
+        return Ok(());
     }
     let timeout = Duration::from_millis(a.relay_timeout_ms);
     let relays = a
@@ -543,7 +633,7 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
         })
         .collect();
     let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::proxy::focus::Focus::new(mixers)));
-    let store = controlplane::store::open(&a.sip.store)?;
+    let store = controlplane::store::open(&a.store)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
@@ -559,14 +649,14 @@ fn run_proxy(a: ProxyArgs) -> Result<()> {
             ..Default::default()
         };
         let (local, transports, sip_metrics) =
-            start_sip(&a.sip, store.clone(), anchor, focus, None, deadlines, tokio::runtime::Handle::current())?;
+            start_sip(&a, store.clone(), anchor, focus, None, deadlines, tokio::runtime::Handle::current())?;
         let listener = tokio::net::TcpListener::bind(a.listen_api)
             .await
             .with_context(|| format!("binding the API on {}", a.listen_api))?;
         let api_addr = listener.local_addr()?;
         println!(
             "hasp proxy ready api=http://{api_addr} sip={local} sip_transports={transports} domain={} relays={}",
-            a.sip.domain,
+            a.domain,
             a.relays.join(",")
         );
         std::io::stdout().flush()?;
