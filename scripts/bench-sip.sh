@@ -10,6 +10,13 @@
 #      rtpengine_offer/answer/delete), CPU of both daemons summed.
 #   C. registrations: hasp (digest auth: 401 then 200, 2 transactions) vs Kamailio's
 #      default config (no auth, 1 transaction).
+#   D. the highest call rate held at <= 0.1 % failed calls, hasp up with 1 and with 2 SIP
+#      threads (test A's flow, nothing pinned: on a 2-core machine sipp's caller and
+#      callee share the cores with hasp, so this is a floor, not hasp's ceiling).
+#
+# A-C run hasp with --sip-threads 1 (one pinned core). BASELINE=path/to/hasp adds test A
+# for that binary (e.g. a build of an earlier commit) in the same run. D_RATES lists the
+# steps of D (default "1000 2000 3000 4000 5000 6000"); D=0 skips it.
 #
 # Usage: scripts/bench-sip.sh [RATE calls/s] [SECONDS]     (default 500 10)
 set -u
@@ -62,9 +69,10 @@ registrations() { # name server_pid proxy_addr scenario [auth args]
   t1=$(date +%s%N); c1=$(cpu_tree "$pid")
   result "$name" $((c1 - c0)) $((t1 - t0)) "$CALLS" registration "$W/reg.out"
 }
-start_hasp() {
+start_hasp() { # [binary] [extra args]
+  local bin=${1:-$HASP}; shift || true
   rm -rf "$W/store"
-  taskset -c 0 $HASP up --no-auth --listen-api 127.0.0.1:18999 --listen-sip 127.0.0.1:15090 --domain bench.test \
+  taskset -c 0 $bin up "$@" --no-auth --listen-api 127.0.0.1:18999 --listen-sip 127.0.0.1:15090 --domain bench.test \
     --store "embedded:$W/store/h.redb" --rtp-ports 20000-29999 --cores 0 --inactivity-timeout 30 >"$W/hasp.out" 2>&1 &
   HP=$!
   for _ in $(seq 100); do grep -q ready "$W/hasp.out" && break; sleep 0.1; done
@@ -80,17 +88,23 @@ stop() { kill "$1" 2>/dev/null; pkill -P "$1" 2>/dev/null; wait "$1" 2>/dev/null
 
 echo "# $RATE calls/s for $SECS s ($CALLS calls / registrations per run); server on core 0, sipp on core 1"
 echo "## A. registrar lookup (INVITE sip:service@PROXY)"
-DOMAIN=bench.test; start_hasp
+DOMAIN=bench.test; start_hasp "$HASP" --sip-threads 1
 register_uas 127.0.0.1:15090 tests/interop/register.xml -au service -ap bench
 calls "hasp up (lookup + media anchored)" $HP 127.0.0.1:15090 -s service 127.0.0.1:15090
 stop $HP
+if [ -n "${BASELINE:-}" ]; then
+  start_hasp "$BASELINE"
+  register_uas 127.0.0.1:15090 tests/interop/register.xml -au service -ap bench
+  calls "baseline $BASELINE" $HP 127.0.0.1:15090 -s service 127.0.0.1:15090
+  stop $HP
+fi
 DOMAIN=127.0.0.1:15091; KPORT=15091; start_kamailio /etc/kamailio/kamailio.cfg -l udp:127.0.0.1:15091
 register_uas 127.0.0.1:15091 tests/interop/register_noauth.xml
 calls "kamailio default cfg (lookup, no media)" $KP 127.0.0.1:15091 -s service 127.0.0.1:15091
 stop $KP
 
 echo "## B. media anchored, routed by R-URI (INVITE sip:service@UAS via the proxy)"
-DOMAIN=bench.test; start_hasp
+DOMAIN=bench.test; start_hasp "$HASP" --sip-threads 1
 calls "hasp up (proxy + relay, one process)" $HP -rsa 127.0.0.1:15090 -s service 127.0.0.1:16000
 stop $HP
 taskset -c 0 rtpengine --config-file=none --table=-1 --interface=127.0.0.1 --listen-ng=127.0.0.1:2299 \
@@ -112,9 +126,39 @@ echo "   of which kamailio $(( (k1 - k0) / 1000 / CALLS )) us, rtpengine $(( (r1
 stop $KP; stop $RP
 
 echo "## C. registrations"
-DOMAIN=bench.test; start_hasp
+DOMAIN=bench.test; start_hasp "$HASP" --sip-threads 1
 registrations "hasp up (digest auth, 2 transactions)" $HP 127.0.0.1:15090 tests/interop/register.xml -au service -ap bench
 stop $HP
 DOMAIN=127.0.0.1:15091; KPORT=15091; start_kamailio /etc/kamailio/kamailio.cfg -l udp:127.0.0.1:15091
 registrations "kamailio default cfg (no auth, 1 transaction)" $KP 127.0.0.1:15091 tests/interop/register_noauth.xml
 stop $KP
+
+[ "${D:-1}" = 0 ] && exit 0
+echo "## D. highest call rate at <= 0.1 % failed calls (test A's flow, nothing pinned, sipp shares the cores)"
+for threads in 1 2; do
+  best=0
+  for rate in ${D_RATES:-1000 2000 3000 4000 5000 6000}; do
+    rm -rf "$W/store"
+    $HASP up --no-auth --listen-api 127.0.0.1:18999 --listen-sip 127.0.0.1:15090 --domain bench.test \
+      --store "embedded:$W/store/h.redb" --rtp-ports 20000-29999 --workers 1 --inactivity-timeout 30 \
+      --sip-threads $threads >"$W/hasp.out" 2>&1 &
+    HP=$!
+    for _ in $(seq 100); do grep -q ready "$W/hasp.out" && break; sleep 0.1; done
+    curl -sf -X POST http://127.0.0.1:18999/v1/users -d '{"user":"service","domain":"bench.test","password":"bench"}' >/dev/null
+    DOMAIN=bench.test
+    sipp -sf tests/interop/register.xml -i 127.0.0.1 -p 16002 -m 1 -nostdin -timeout 10s -s service \
+      -key domain "$DOMAIN" -key contact_port 16000 -au service -ap bench 127.0.0.1:15090 >/dev/null 2>&1
+    sipp -sf "$SIPP_DIR/uas_rr.xml" -i 127.0.0.1 -p 16000 -nostdin -bg >/dev/null 2>&1; sleep 0.3
+    n=$((rate * SECS)); c0=$(cpu_tree $HP); t0=$(date +%s%N)
+    sipp -sf "$SIPP_DIR/uac_rr.xml" -i 127.0.0.1 -p 16001 -r "$rate" -m "$n" -nostdin \
+      -timeout $((SECS * 3 + 20))s -s service 127.0.0.1:15090 >"$W/uac.out" 2>&1
+    t1=$(date +%s%N); c1=$(cpu_tree $HP)
+    pkill -f "uas_rr.xml"; sleep 0.2; stop $HP
+    ok=$(grep -a "Successful call" "$W/uac.out" | awk '{print $NF}'); bad=$(grep -a "Failed call" "$W/uac.out" | awk '{print $NF}')
+    ok=${ok:-0}; bad=${bad:-$n}
+    printf '   %d thread(s) %5d calls/s offered: %6d ok %5d failed  %7.1f calls/s done  %4d us CPU/call\n' \
+      "$threads" "$rate" "$ok" "$bad" "$(echo "$ok * 1000000000 / ($t1 - $t0)" | bc -l)" $(( (c1 - c0) / 1000 / (ok > 0 ? ok : 1) ))
+    if [ $((bad * 1000)) -le "$n" ] && [ "$ok" -ge $((n * 999 / 1000)) ]; then best=$rate; else break; fi
+  done
+  echo "D. $threads SIP thread(s): highest rate held at <= 0.1 % failed: $best calls/s"
+done
