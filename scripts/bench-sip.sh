@@ -129,6 +129,11 @@ echo "## C. registrations"
 DOMAIN=bench.test; start_hasp "$HASP" --sip-threads 1
 registrations "hasp up (digest auth, 2 transactions)" $HP 127.0.0.1:15090 tests/interop/register.xml -au service -ap bench
 stop $HP
+if [ -n "${BASELINE:-}" ]; then
+  start_hasp "$BASELINE"
+  registrations "baseline $BASELINE" $HP 127.0.0.1:15090 tests/interop/register.xml -au service -ap bench
+  stop $HP
+fi
 DOMAIN=127.0.0.1:15091; KPORT=15091; start_kamailio /etc/kamailio/kamailio.cfg -l udp:127.0.0.1:15091
 registrations "kamailio default cfg (no auth, 1 transaction)" $KP 127.0.0.1:15091 tests/interop/register_noauth.xml
 stop $KP

@@ -106,19 +106,13 @@ pub fn answer_200(callee: &Ua, inv: &Message, media: u16, to: SocketAddr) {
     callee.sock.send_to(&ok.to_bytes(), to).unwrap();
 }
 
-/// An in-dialog request from the caller (ACK, BYE) along the route set of the 2xx.
+/// An in-dialog request from the caller (ACK, BYE) along the route set of the 2xx,
+/// built by `hasp-sip`'s dialog helper.
 pub fn in_dialog(caller: &Ua, ok: &Message, method: &str, cseq: u32) -> String {
-    let me = caller.addr();
-    let contact = ok.header("Contact").map(sip::message::uri_of).unwrap().to_string();
-    // The caller's route set is the Record-Route of the 2xx, reversed.
-    let mut routes: Vec<String> = ok.header_values("Record-Route").map(str::to_string).collect();
-    routes.reverse();
-    let route = routes.iter().map(|r| format!("Route: {r}\r\n")).collect::<String>();
-    let to = ok.header("To").unwrap();
-    let from = ok.header("From").unwrap();
-    format!(
-        "{method} {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{method}{cseq}-{}\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {cseq} {method}\r\n{route}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-        ok.call_id(),
-        ok.call_id()
-    )
+    let mut d = sip::dialog::Dialog::from_2xx(ok).expect("a dialog from the 2xx");
+    // ACK keeps the INVITE's number; other requests take the next: `cseq` says which.
+    d.local_seq = if method == "ACK" { cseq } else { cseq - 1 };
+    let via = format!("SIP/2.0/UDP {}", caller.addr());
+    let m = d.request(method, &via, &format!("z9hG4bK-{method}{cseq}-{}", ok.call_id()));
+    String::from_utf8(m.to_bytes()).unwrap()
 }

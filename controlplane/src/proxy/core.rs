@@ -185,12 +185,14 @@ pub enum Op {
 }
 
 impl Op {
-    fn deadline(&self, d: &Deadlines) -> Duration {
+    /// Its kind (store, resolve, anchor, focus: operations of one kind share a
+    /// deadline length) and how long the core waits for it.
+    fn deadline(&self, d: &Deadlines) -> (usize, Duration) {
         match self {
-            Op::Password { .. } | Op::Bindings { .. } | Op::SetBindings { .. } => d.store,
-            Op::Resolve { .. } => d.resolve,
-            Op::Offer { .. } | Op::Answer { .. } | Op::Delete { .. } => d.anchor,
-            Op::Join { .. } | Op::Leave { .. } => d.focus,
+            Op::Password { .. } | Op::Bindings { .. } | Op::SetBindings { .. } => (0, d.store),
+            Op::Resolve { .. } => (1, d.resolve),
+            Op::Offer { .. } | Op::Answer { .. } | Op::Delete { .. } => (2, d.anchor),
+            Op::Join { .. } | Op::Leave { .. } => (3, d.focus),
         }
     }
 }
@@ -269,12 +271,11 @@ impl RateLimit {
 type SKey = (String, String, String);
 type CKey = (String, String);
 
-/// Something with a deadline: a transaction's timer, or an operation's.
+/// A transaction with a timer.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKey {
     Client(CKey),
     Server(SKey),
-    Op(OpId),
 }
 
 /// A place to forward to. `dst` is known for an IP literal or once `hop` is resolved.
@@ -374,10 +375,15 @@ pub struct Proxy {
     /// What this instance last added to the shared gauges.
     reported: (u64, u64),
     limit: Option<RateLimit>,
-    /// Deadlines, earliest first. An entry may be stale (the transaction moved on, the
-    /// operation completed): it is checked when it comes due, so a tick costs only the
-    /// timers due, not a scan of every transaction.
+    /// Transaction deadlines, earliest first. An entry may be stale (the transaction
+    /// moved on): it is checked when it comes due, so a tick costs only the timers due,
+    /// not a scan of every transaction.
     timers: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+    /// Operation deadlines per kind, in the order started, which is deadline order (one
+    /// length per kind). Completed operations are dropped from the front as soon as they
+    /// get there, so the earliest deadline is always one still awaited: most operations
+    /// complete in microseconds, and stale deadlines would wake the driver for nothing.
+    op_deadlines: [VecDeque<(Instant, OpId)>; 4],
     /// Transactions touched since the last [`Proxy::settle`].
     touched: Vec<TimerKey>,
     /// The wall clock at one instant, so Unix times derive from the injected `now`.
@@ -443,6 +449,7 @@ impl Proxy {
             reported: (0, 0),
             limit,
             timers: BinaryHeap::new(),
+            op_deadlines: Default::default(),
             touched: Vec::new(),
             epoch: (Instant::now(), unix),
         }
@@ -536,10 +543,11 @@ impl Proxy {
     fn start(&mut self, now: Instant, op: Op, then: Pending) -> OpId {
         self.next_op += 1;
         let id = self.next_op;
-        let deadline = now + op.deadline(&self.deadlines);
+        let (kind, wait) = op.deadline(&self.deadlines);
+        let deadline = now + wait;
         self.metrics.ops_started.fetch_add(1, Ordering::Relaxed);
         self.pending.insert(id, then);
-        self.timers.push(Reverse((deadline, TimerKey::Op(id))));
+        self.op_deadlines[kind].push_back((deadline, id));
         self.out.push(Action::Start { id, op, deadline });
         id
     }
@@ -673,7 +681,6 @@ impl Proxy {
                     ),
                     None => continue,
                 },
-                TimerKey::Op(_) => continue,
             };
             if done {
                 match &k {
@@ -685,10 +692,14 @@ impl Proxy {
                     TimerKey::Server(sk) => {
                         self.servers.remove(sk);
                     }
-                    TimerKey::Op(_) => {}
                 }
             } else if let Some(t) = next {
                 self.timers.push(Reverse((t, k)));
+            }
+        }
+        for q in &mut self.op_deadlines {
+            while q.front().is_some_and(|(_, id)| !self.pending.contains_key(id)) {
+                q.pop_front();
             }
         }
         // Shared gauges: add what changed since this instance last reported.
@@ -945,23 +956,27 @@ impl Proxy {
 
     fn resume(&mut self, now: Instant, p: Pending, r: Result<Done, Error>) {
         match p {
+            // The registrar's steps read the request where it lies (a REGISTER is
+            // handled at 1,000s per second: no copy of it per step).
             Pending::RegPassword { sk, aor, creds } => {
-                let Some(req) = self.open_request(&sk) else { return };
-                match r {
-                    Ok(Done::Password(pw)) => match registrar::check_password(&req, &creds, pw.as_deref()) {
-                        Ok(()) => self.register_bindings(now, sk, aor),
-                        Err(resp) => self.reply(&sk, resp, now),
-                    },
-                    _ => self.reply(&sk, registrar::unavailable(&req), now),
+                let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return };
+                let req = s.tx.request();
+                let refused = match r {
+                    Ok(Done::Password(pw)) => registrar::check_password(req, &creds, pw.as_deref()).err(),
+                    _ => Some(registrar::unavailable(req)),
+                };
+                match refused {
+                    None => self.register_bindings(now, sk, aor),
+                    Some(resp) => self.reply(&sk, resp, now),
                 }
             }
             Pending::RegBindings { sk, aor } => {
-                let Some(req) = self.open_request(&sk) else { return self.register_next(now, &aor) };
-                let src = self.servers.get(&sk).map(|s| s.src.addr.to_string()).unwrap_or_default();
                 let t = self.unix(now);
+                let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return self.register_next(now, &aor) };
+                let req = s.tx.request();
                 let applied = match r {
-                    Ok(Done::Bindings(b)) => registrar::apply(&req, b, &src, t),
-                    _ => Err(registrar::unavailable(&req)),
+                    Ok(Done::Bindings(b)) => registrar::apply(req, b, &s.src.addr.to_string(), t),
+                    _ => Err(registrar::unavailable(req)),
                 };
                 match applied {
                     Ok(bindings) => {
@@ -975,11 +990,12 @@ impl Proxy {
                 }
             }
             Pending::RegStore { sk, aor, bindings } => {
-                if let Some(req) = self.open_request(&sk) {
-                    let resp = match r {
-                        Ok(Done::Stored) => registrar::accepted(&req, &bindings, self.unix(now)),
-                        _ => registrar::unavailable(&req),
-                    };
+                let t = self.unix(now);
+                let resp = self.servers.get(&sk).filter(|s| s.open()).map(|s| match r {
+                    Ok(Done::Stored) => registrar::accepted(s.tx.request(), &bindings, t),
+                    _ => registrar::unavailable(s.tx.request()),
+                });
+                if let Some(resp) = resp {
                     self.reply(&sk, resp, now);
                 }
                 self.register_next(now, &aor);
@@ -1515,11 +1531,17 @@ impl Proxy {
                     }
                     self.touched.push(k.clone());
                 }
-                TimerKey::Op(id) => {
-                    let Some(p) = self.pending.remove(id) else { continue };
-                    self.metrics.ops_timed_out.fetch_add(1, Ordering::Relaxed);
-                    self.resume(now, p, Err(Error::Busy("deadline passed".into())));
+            }
+        }
+        for kind in 0..self.op_deadlines.len() {
+            while let Some(&(t, id)) = self.op_deadlines[kind].front() {
+                if t > now {
+                    break;
                 }
+                self.op_deadlines[kind].pop_front();
+                let Some(p) = self.pending.remove(&id) else { continue };
+                self.metrics.ops_timed_out.fetch_add(1, Ordering::Relaxed);
+                self.resume(now, p, Err(Error::Busy("deadline passed".into())));
             }
         }
         self.settle();
@@ -1527,7 +1549,8 @@ impl Proxy {
 
     /// The earliest deadline pending (the driver may sleep until then).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let ops = self.op_deadlines.iter().filter_map(|q| q.front().map(|(t, _)| *t));
+        self.timers.peek().map(|Reverse((t, _))| *t).into_iter().chain(ops).min()
     }
 }
 

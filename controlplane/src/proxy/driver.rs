@@ -10,10 +10,13 @@
 //! its socket and an eventfd, with a deadline at its core's next timer.
 //!
 //! Operations the cores ask for ([`Op`]: store, media anchoring, name resolution,
-//! conference focus) run as tasks on the tokio runtime, each bounded by its deadline;
-//! blocking backends (the store, the focus's REST calls) run on the blocking pool behind
-//! a semaphore. Completions come back through the owner's inbox and ring its eventfd.
-//! Nothing on a core's thread waits for a relay, the store or DNS.
+//! conference focus) are polled once on the core's thread: one that needs no waiting
+//! (the relay in the same process, a local store) completes there and then, without a
+//! task or a wake-up; one that waits (a relay, etcd or DNS round trip) has sent its
+//! request by then and goes on as a task on the tokio runtime, bounded by its deadline.
+//! Blocking backends (etcd's client, the focus's REST calls) run on the blocking pool
+//! behind a semaphore. Completions come back through the owner's inbox and ring its
+//! eventfd. Nothing on a core's thread waits for another machine.
 //!
 //! SIP over TCP runs on the same runtime: one task reads and frames each connection, one
 //! writes it from a byte-bounded queue with a write timeout; connections are capped in
@@ -29,10 +32,12 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError, TryS
 use sip::message::{Message, ParseError, MAX_MESSAGE};
 use sip::{steer, Peer, Transport};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
@@ -123,6 +128,19 @@ impl Services {
         Self { store, anchor, focus, resolver, blocking: Arc::new(Semaphore::new(blocking_ops.max(1))) }
     }
 
+    /// Runs a store call: at once for a local store (see [`Store::is_local`]), else on
+    /// the blocking pool.
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        if self.store.is_local() {
+            return f(&*self.store);
+        }
+        let st = self.store.clone();
+        self.blocking(move || f(&*st)).await
+    }
+
     /// Runs `f` on the blocking pool once a slot is free.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -144,16 +162,11 @@ impl Services {
         let no_focus = || Error::Config("no conference focus configured".into());
         match op {
             Op::Password { user, domain } => {
-                let st = self.store.clone();
-                self.blocking(move || st.password(&user, &domain)).await.map(Done::Password)
+                self.store(move |st| st.password(&user, &domain)).await.map(Done::Password)
             }
-            Op::Bindings { aor, now } => {
-                let st = self.store.clone();
-                self.blocking(move || st.bindings(&aor, now)).await.map(Done::Bindings)
-            }
+            Op::Bindings { aor, now } => self.store(move |st| st.bindings(&aor, now)).await.map(Done::Bindings),
             Op::SetBindings { aor, bindings } => {
-                let st = self.store.clone();
-                self.blocking(move || st.set_bindings(&aor, &bindings)).await.map(|()| Done::Stored)
+                self.store(move |st| st.set_bindings(&aor, &bindings)).await.map(|()| Done::Stored)
             }
             Op::Resolve { uri } => match self.resolver.resolve(&uri).await {
                 Ok(peers) => Ok(Done::Resolved(peers)),
@@ -383,7 +396,11 @@ fn run_core(
     let max_wait = Duration::from_millis(100);
     let mut buf = vec![0u8; 65_536];
     let mut actions = Vec::new();
+    let mut ready = Vec::new();
     let wake = sh.inboxes[me].wake.clone();
+    // Operations are first polled on this thread, and tokio's sockets and timers need
+    // the runtime's context.
+    let _rt = sh.rt.enter();
     loop {
         let now = Instant::now();
         let wait = core.next_deadline().map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
@@ -434,8 +451,9 @@ fn run_core(
         if core.next_deadline().is_some_and(|d| d <= now) {
             core.on_tick(now);
         }
-        // Sending may fail a transaction at once, which may produce more to send.
-        for _ in 0..4 {
+        // Sending may fail a transaction at once, which may produce more to send (each
+        // round consumes a target, so this ends).
+        loop {
             core.drain_into(&mut actions);
             if actions.is_empty() {
                 break;
@@ -458,20 +476,33 @@ fn run_core(
                         Transport::Tcp => sh.tcp.send(sh, peer.addr, bytes),
                     },
                     Action::Start { id, op, deadline } => {
-                        let (services, inbox) = (sh.services.clone(), sh.inboxes[me].clone());
-                        sh.rt.spawn(async move {
-                            let at = tokio::time::Instant::from_std(deadline);
-                            let r = match tokio::time::timeout_at(at, services.run(op)).await {
-                                Ok(r) => r,
-                                Err(_) => Err(Error::Busy("deadline passed".into())),
-                            };
-                            inbox.complete(id, r);
-                        });
+                        // Polled once here: an operation that needs no waiting (the relay
+                        // in this process, a local store) completes at once, without a
+                        // task or a wake-up; one that waits (a network round trip) has
+                        // sent its request and goes on as a task.
+                        let mut fut = Box::pin(sh.services.clone().run(op));
+                        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                            Poll::Ready(r) => ready.push((id, r)),
+                            Poll::Pending => {
+                                let inbox = sh.inboxes[me].clone();
+                                sh.rt.spawn(async move {
+                                    let at = tokio::time::Instant::from_std(deadline);
+                                    let r = match tokio::time::timeout_at(at, fut).await {
+                                        Ok(r) => r,
+                                        Err(_) => Err(Error::Busy("deadline passed".into())),
+                                    };
+                                    inbox.complete(id, r);
+                                });
+                            }
+                        }
                     }
                 }
             }
             for p in failed {
                 core.on_transport_error(Instant::now(), p);
+            }
+            for (id, r) in ready.drain(..) {
+                core.on_completion(Instant::now(), id, r);
             }
         }
     }

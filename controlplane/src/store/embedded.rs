@@ -193,6 +193,12 @@ impl Embedded {
 }
 
 impl Store for Embedded {
+    /// Bindings and dialogs are read from memory (written behind), credentials from the
+    /// memory-mapped file: nothing waits for another machine.
+    fn is_local(&self) -> bool {
+        true
+    }
+
     fn password(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
         let r = self.db.begin_read().map_err(err)?;
         let t = r.open_table(USERS).map_err(err)?;

@@ -81,6 +81,12 @@ fn full(what: &str, limit: usize) -> Error {
 }
 
 impl Store for Memory {
+    /// Bindings and dialogs are read from memory (written behind), credentials from the
+    /// memory-mapped file: nothing waits for another machine.
+    fn is_local(&self) -> bool {
+        true
+    }
+
     fn password(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
         Ok(self.state().users.get(&user_key(user, domain)).cloned())
     }

@@ -72,6 +72,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<(), Error> {
         Ok(())
     }
+    /// Whether every call answers from this process's memory or a local file and never
+    /// waits for another machine: the SIP driver then calls it on its core threads
+    /// rather than handing it to the blocking pool (a hand-off costs two thread wake-ups
+    /// per operation). Network backends (etcd) say no.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// Opens a store from its spec (see the table in the module documentation).
