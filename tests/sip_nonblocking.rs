@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// frees it.
 #[test]
 fn an_invite_waiting_on_a_black_holed_relay_holds_up_nothing_else() {
-    let relay = RelayProc::start(&["--listen-ng", "127.0.0.1:0", "--rtp-ports", "45600-45649"]);
+    let relay = RelayProc::start(&["--listen-ng", "127.0.0.1:0", "--rtp-ports", "47000-47049"]);
     let ng = field(&relay.ready_line, "ng=");
     // The black hole: a socket that takes NG requests and never answers.
     let hole = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -92,13 +92,13 @@ fn an_invite_waiting_on_a_black_holed_relay_holds_up_nothing_else() {
     let inv = bob.recv_final(Duration::from_secs(10));
     assert_eq!(inv.method(), "INVITE");
     let relay_port_to_bob = sdp_port(&inv);
-    assert!((45600..45650).contains(&relay_port_to_bob), "media anchored on the live relay: {relay_port_to_bob}");
+    assert!((47000..47050).contains(&relay_port_to_bob), "media anchored on the live relay: {relay_port_to_bob}");
     let proxy_addr: SocketAddr = sip.parse().unwrap();
     answer_200(&bob, &inv, bob_rtp.local_addr().unwrap().port(), proxy_addr);
     let ok = alice.recv_final(Duration::from_secs(5));
     assert_eq!(ok.code(), Some(200), "{ok:?}");
     let relay_port_to_alice = sdp_port(&ok);
-    assert!((45600..45650).contains(&relay_port_to_alice), "{ok:?}");
+    assert!((47000..47050).contains(&relay_port_to_alice), "{ok:?}");
     alice.send(&sip, &in_dialog(&alice, &ok, "ACK", 1));
     assert_eq!(bob.recv_final(Duration::from_secs(5)).method(), "ACK");
     // Media both ways through the live relay.
@@ -169,7 +169,7 @@ fn a_request_uri_whose_dns_never_answers_does_not_hold_up_other_calls() {
             "--store",
             &store,
             "--rtp-ports",
-            "45650-45699",
+            "47050-47099",
             "--dns-server",
             &dns_addr,
             "--dns-timeout-ms",

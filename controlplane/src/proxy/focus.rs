@@ -90,6 +90,13 @@ struct State {
 pub struct Focus {
     nodes: Vec<Arc<dyn Mixer>>,
     state: Mutex<State>,
+    /// Joins and leaves run one at a time: with several SIP threads, two first joins of
+    /// one room would otherwise each create it (two rooms, the participants split), and
+    /// a leave could delete a room a join just picked. Held across the media node's
+    /// round trips, so it serialises conference signalling on one proxy (it runs on the
+    /// blocking pool, never on a SIP thread); per-room locks would lift that if a proxy
+    /// ever hosts many conference joins per second.
+    changing: Mutex<()>,
 }
 
 /// The room name of a request URI's user part, if it is a conference URI.
@@ -148,7 +155,7 @@ fn answer_sdp(p: &ParticipantCreated, codec: Codec, pt: u8, version: u64) -> Str
 impl Focus {
     /// A focus over media nodes, tried in order.
     pub fn new(nodes: Vec<Arc<dyn Mixer>>) -> Self {
-        Self { nodes, state: Mutex::new(State::default()) }
+        Self { nodes, state: Mutex::new(State::default()), changing: Mutex::new(()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -158,6 +165,7 @@ impl Focus {
     /// Joins the dialog `call_id` to `room` with the SDP `offer`; returns the answer.
     /// A Call-ID already joined gets its answer again (a re-INVITE or retransmission).
     pub fn join(&self, room: &str, call_id: &str, offer: &str) -> Result<String, JoinError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = self.lock().members.get(call_id) {
             return Ok(m.answer.clone());
         }
@@ -227,6 +235,7 @@ impl Focus {
     /// The dialog `call_id` leaves its room (BYE); the last one out deletes the room.
     /// Returns whether it was a member.
     pub fn leave(&self, call_id: &str) -> bool {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let (node, room_id, participant, empty) = {
             let mut st = self.lock();
             let Some(m) = st.members.remove(call_id) else { return false };
@@ -268,6 +277,8 @@ pub(crate) mod tests {
     #[derive(Debug, Default)]
     pub(crate) struct FakeMixer {
         fail: std::sync::atomic::AtomicBool,
+        /// Creating a room takes a while, as over the network (widens race windows).
+        slow: std::sync::atomic::AtomicBool,
         rooms: AtomicU32,
         joined: AtomicU32,
         left: AtomicU32,
@@ -276,6 +287,9 @@ pub(crate) mod tests {
 
     impl Mixer for FakeMixer {
         fn create_room(&self) -> Result<String, Error> {
+            if self.slow.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             if self.fail.load(Ordering::Relaxed) {
                 return Err(Error::Io(std::io::Error::other("node down")));
             }
@@ -347,6 +361,24 @@ pub(crate) mod tests {
         // a is still marked down, but with b failing it is tried as a last resort.
         f.join("r", "c3", OFFER).unwrap();
         assert_eq!(a.joined.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn concurrent_first_joins_of_a_room_end_in_one_room() {
+        let m = Arc::new(FakeMixer::default());
+        m.slow.store(true, Ordering::Relaxed);
+        let f = Arc::new(Focus::new(vec![m.clone()]));
+        let joins: Vec<_> = (0..6)
+            .map(|i| {
+                let f = f.clone();
+                std::thread::spawn(move || f.join("standup", &format!("c{i}"), OFFER).unwrap())
+            })
+            .collect();
+        for j in joins {
+            j.join().unwrap();
+        }
+        assert_eq!(f.counts(), (1, 6));
+        assert_eq!(m.rooms.load(Ordering::Relaxed), 1, "one room created on the node, not one per caller");
     }
 
     #[test]
