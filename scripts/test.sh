@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 
+# Test relays bind fixed RTP ranges in 40000-47999: keep the kernel's ephemeral ports
+# (every port-0 bind, every outgoing connection) above them, or a test's socket can take
+# a port a relay is about to bind. Needs root (CI is); elsewhere the tests may collide.
+if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/net/ipv4/ip_local_port_range ]; then
+  echo "48000 60999" > /proc/sys/net/ipv4/ip_local_port_range
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # Build every binary first: the end-to-end tests start target/debug/hasp.

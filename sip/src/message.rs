@@ -149,6 +149,12 @@ impl Message {
             None => return Err(bad("no end of headers")),
         };
         let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| bad("headers are not UTF-8"))?;
+        // A CR or LF inside a line is not a line end (RFC 3261 §7: CRLF only): refused,
+        // or a value could smuggle a header into what is echoed, and a cheap reader
+        // (steering) would see other headers than this parser.
+        if head.split("\r\n").any(|l| l.contains(['\r', '\n'])) {
+            return Err(bad("bare CR or LF in the header section"));
+        }
         let mut lines = head.split("\r\n");
         let first = lines.next().ok_or_else(|| bad("empty"))?;
         let start = parse_start(first)?;
@@ -440,6 +446,20 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_cr_or_lf_inside_a_header_is_refused() {
+        for smuggled in ["Call-ID: c1\nX-Injected: yes", "Call-ID: c1\rCSeq: 9 BYE", "Subject: a\n"] {
+            let m = INVITE.replace("Call-ID: a84b4c76e66710@pc33", smuggled);
+            let m = if smuggled.starts_with("Subject") {
+                INVITE.replace("X-Custom", &format!("{smuggled}X-Custom"))
+            } else {
+                m
+            };
+            assert!(Message::parse(m.as_bytes(), false).is_err(), "{m:?}");
+        }
+        assert!(Message::parse(INVITE.as_bytes(), false).is_ok());
+    }
 
     #[test]
     fn user_parameters_do_not_hide_the_host() {

@@ -32,17 +32,31 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// The value of the first header named `long` or `short` (case-insensitive) in the
-/// header section of `data`.
-fn header<'a>(data: &'a [u8], long: &str, short: &str) -> Option<&'a [u8]> {
+/// header section of `data`, read exactly as [`crate::Message::parse`] reads it (CRLF
+/// lines, folded continuations joined by a space, values trimmed), so that both agree
+/// on every message the parser accepts.
+fn header(data: &[u8], long: &str, short: &str) -> Option<String> {
     let head_end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
-    for line in data[..head_end].split(|b| *b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
-        let name = line[..colon].trim_ascii();
-        if name.eq_ignore_ascii_case(long.as_bytes()) || name.eq_ignore_ascii_case(short.as_bytes()) {
-            return Some(line[colon + 1..].trim_ascii());
+    let head = std::str::from_utf8(&data[..head_end]).ok()?;
+    let mut found: Option<String> = None;
+    for line in head.split("\r\n").skip(1) {
+        if line.starts_with([' ', '\t']) {
+            if let Some(v) = found.as_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if found.is_some() {
+            break;
+        }
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case(long) || name.eq_ignore_ascii_case(short) {
+            found = Some(value.trim().to_string());
         }
     }
-    None
+    found
 }
 
 /// Which of `n` instances owns the message in `data`.
@@ -53,22 +67,17 @@ pub fn shard_of(data: &[u8], n: usize) -> usize {
     if data.starts_with(b"SIP/") {
         let via = header(data, "via", "v").unwrap_or_default();
         // The branch parameter of the first Via value.
-        let first = via.split(|b| *b == b',').next().unwrap_or_default();
-        let branch = first
-            .split(|b| *b == b';')
-            .skip(1)
-            .find_map(|p| {
-                let p = p.trim_ascii();
-                let (k, v) = p.split_at(p.iter().position(|b| *b == b'=').unwrap_or(p.len()));
-                k.eq_ignore_ascii_case(b"branch").then(|| v.strip_prefix(b"=").unwrap_or_default())
-            })
-            .and_then(|b| std::str::from_utf8(b).ok());
+        let first = via.split(',').next().unwrap_or_default();
+        let branch = first.split(';').skip(1).find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("branch").then(|| v.trim())
+        });
         if let Some(s) = branch.and_then(shard_of_branch) {
             return s % n;
         }
     }
     let call_id = header(data, "call-id", "i").unwrap_or_default();
-    (fnv1a(call_id) % n as u64) as usize
+    (fnv1a(call_id.as_bytes()) % n as u64) as usize
 }
 
 #[cfg(test)]
@@ -96,6 +105,9 @@ mod tests {
         let foreign = "SIP/2.0 200 OK\r\nv: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKzz\r\ni: abc\r\n\r\n";
         assert_eq!(shard_of(foreign.as_bytes(), 4), a);
         assert_eq!(shard_of(b"garbage", 4), shard_of(b"", 4), "no Call-ID: one fixed instance");
+        // Read as the parser reads it: a folded Call-ID is one value.
+        let folded = "INVITE sip:b@x SIP/2.0\r\nCall-ID: abc\r\n def\r\n\r\n";
+        assert_eq!(shard_of(folded.as_bytes(), 4), (fnv1a(b"abc def") % 4) as usize);
     }
 
     #[test]

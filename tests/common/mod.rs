@@ -339,6 +339,11 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 /// ports with its own embedded store; returns it, its SIP address and its scratch
 /// directory (where sipp runs).
 pub fn up_with_sip(domain: &str, rtp_ports: &str, name: &str) -> (RelayProc, String, PathBuf) {
+    up_with_sip_args(domain, rtp_ports, name, &[])
+}
+
+/// [`up_with_sip`] with more arguments for `hasp up`.
+pub fn up_with_sip_args(domain: &str, rtp_ports: &str, name: &str, extra: &[&str]) -> (RelayProc, String, PathBuf) {
     let dir = scratch_dir(name);
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let args = [
@@ -356,6 +361,8 @@ pub fn up_with_sip(domain: &str, rtp_ports: &str, name: &str) -> (RelayProc, Str
         "--rtp-ports",
         rtp_ports,
     ];
+    let mut args = args.to_vec();
+    args.extend_from_slice(extra);
     let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
     let sip = field(&relay.ready_line, "sip=");
     (relay, sip, dir)

@@ -67,6 +67,12 @@ pub fn exchange_tones(
         while Instant::now() < next {
             for (i, u) in socks.iter().enumerate() {
                 while let Ok((len, _)) = u.recv_from(&mut buf) {
+                    // The mixer's RTCP for the participant whose RTP port is one below
+                    // this socket's (ports are the kernel's picks, and may be adjacent)
+                    // lands here too: RTCP packet types are 200-204.
+                    if len >= 2 && (200..=204).contains(&buf[1]) {
+                        continue;
+                    }
                     let h = RtpHeader::parse(&buf[..len]).expect("RTP from the mixer");
                     assert_eq!(h.payload_type, pts[i]);
                     let k = decs[i].decode(&buf[12..len], &mut pcm_out).expect("decodable");
