@@ -152,30 +152,12 @@ fn a_request_uri_whose_dns_never_answers_does_not_hold_up_other_calls() {
     // The DNS server: a socket that takes queries and never answers.
     let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
     dns.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let dir = scratch_dir("nonblocking-dns");
-    let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let dns_addr = dns.local_addr().unwrap().to_string();
-    let up = RelayProc::spawn(
-        &[
-            "up",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--api-token",
-            TOKEN,
-            "--listen-sip",
-            "127.0.0.1:0",
-            "--domain",
-            DOMAIN,
-            "--store",
-            &store,
-            "--rtp-ports",
-            "47050-47099",
-            "--dns-server",
-            &dns_addr,
-            "--dns-timeout-ms",
-            "4000",
-        ],
-        Some(TOKEN.to_string()),
+    let (up, _, _) = up_with_sip_args(
+        DOMAIN,
+        "47050-47099",
+        "nonblocking-dns",
+        &["--dns-server", &dns_addr, "--dns-timeout-ms", "4000"],
     );
     let sip = field(&up.ready_line, "sip=");
     add_sip_user(&up, "bob", DOMAIN, "builder");
