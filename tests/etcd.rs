@@ -149,16 +149,18 @@ fn up(store: &str, ports: &str) -> (RelayProc, String) {
     (p, sip)
 }
 
-fn call(dir: &std::path::Path, via: &str, user: &str, relay: &RelayProc, uas_port: u16) {
+/// `user` registers through `registrar` (its contact: a sipp UAS) and is called through
+/// `via`, with media anchored in `relay`.
+fn call(dir: &std::path::Path, registrar: &str, via: &str, user: &str, pw: &str, relay: &RelayProc) {
     let (alice, bob) = (udp(), udp());
-    let uac_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut uas =
-        sipp(dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
-    std::thread::sleep(Duration::from_millis(300)); // sipp binds its port
+    let mut uas = sipp(dir, "uas_media.xml", 0, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    let uas_port = sipp_port(&uas);
+    let contact = format!("sip:{user}@127.0.0.1:{uas_port}");
+    assert_eq!(sip_register(registrar, "hasp.test", user, pw, &contact, 600), 200);
     let mut uac = sipp(
         dir,
         "uac_proxy.xml",
-        uac_port,
+        0,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", "hasp.test".into())],
         &["-s", user, via],
     );
@@ -183,16 +185,11 @@ fn two_proxies_share_registrations_through_etcd_and_survive_a_node_loss() {
     std::fs::create_dir_all(&dir).unwrap();
     // Provisioned through proxy A, registered through A, called through B.
     add_sip_user(&a, "bob", "hasp.test", "pw");
-    let free = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let uas_port = free();
-    assert_eq!(sip_register(&sip_a, "hasp.test", "bob", "pw", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
-    call(&dir, &sip_b, "bob", &b, uas_port);
+    call(&dir, &sip_a, &sip_b, "bob", "pw", &b);
     // One etcd node dies: registering through B and calling through A still work.
     cluster.kill(0);
     add_sip_user(&b, "carol", "hasp.test", "pw2");
-    let uas2 = free();
-    assert_eq!(sip_register(&sip_b, "hasp.test", "carol", "pw2", &format!("sip:carol@127.0.0.1:{uas2}"), 600), 200);
-    call(&dir, &sip_a, "carol", &a, uas2);
+    call(&dir, &sip_b, &sip_a, "carol", "pw2", &a);
 }
 
 /// `hasp proxy` on a shared store with `--record-route` naming the cluster, and two
@@ -256,12 +253,10 @@ fn a_call_set_up_through_one_proxy_is_ended_through_the_other_and_its_relay_free
     let dir = std::env::temp_dir().join(format!("hasp-etcd-dialog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (alice, bob, sig) = (udp(), udp(), udp());
-    let uas_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut uas = sipp(&dir, "uas_media.xml", 0, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    let uas_port = sipp_port(&uas);
     assert_eq!(sip_register(&sip_a, "hasp.test", "bob", "pw", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
-    let mut uas =
-        sipp(&dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
-    std::thread::sleep(Duration::from_millis(300)); // sipp binds its port
-                                                    // The caller (this test) sends INVITE and ACK through proxy A.
+    // The caller (this test) sends INVITE and ACK through proxy A.
     let me = sig.local_addr().unwrap();
     let call_id = format!("dialog-{}", std::process::id());
     let sdp = format!(

@@ -24,7 +24,7 @@ fn three_party_conference_through_the_focus() {
             sipp(
                 &dir,
                 "uac_conf.xml",
-                free_port(),
+                0,
                 &[("media_a", s.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
                 &[
                     "-s",

@@ -11,11 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A free UDP port on loopback (bound and released; the test binds it right after).
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("hasp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -30,8 +25,9 @@ struct Kamailio {
 }
 
 impl Kamailio {
-    fn start(template: &str, dir: &Path, subst: &[(&str, String)]) -> Self {
-        let port = free_port();
+    /// Kamailio on SIP `port`: a fixed port owned by one test (Kamailio cannot bind port 0
+    /// and report it; ports in 47100-47199 are below the ephemeral range test.sh sets).
+    fn start(template: &str, port: u16, dir: &Path, subst: &[(&str, String)]) -> Self {
         let mut cfg = std::fs::read_to_string(interop_dir().join(template)).unwrap();
         cfg = cfg.replace("{SIP_PORT}", &port.to_string());
         for (k, v) in subst {
@@ -90,22 +86,22 @@ fn wait_exit(mut c: Child, what: &str) {
 }
 
 /// One call UAC → Kamailio → UAS with media anchored in hasp, RTP checked both ways.
-fn call_through_kamailio(relay: &RelayProc, template: &str, subst: &[(&str, String)], name: &str) {
+fn call_through_kamailio(relay: &RelayProc, template: &str, sip_port: u16, subst: &[(&str, String)], name: &str) {
     let dir = tempdir(name);
-    let kam = Kamailio::start(template, &dir, subst);
+    let kam = Kamailio::start(template, sip_port, &dir, subst);
     let (alice, bob) = (udp(), udp());
-    let (uac_port, uas_port) = (free_port(), free_port());
     let uas = sipp(
         &dir,
         "uas_media.xml",
-        uas_port,
+        0,
         &[("media_b", bob.local_addr().unwrap().port().to_string())],
         &["-trace_msg", "-message_file", "uas_messages.log"],
     );
+    let uas_port = sipp_port(&uas);
     let uac = sipp(
         &dir,
         "uac_media.xml",
-        uac_port,
+        0,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("uas_port", uas_port.to_string())],
         &[&format!("127.0.0.1:{}", kam.port)],
     );
@@ -157,7 +153,7 @@ fn kamailio_rtpengine_module_call_with_rtp_through_hasp() {
     let (relay, line) = relay_with(&["--rtp-ports", "42000-42199", "--listen-ng", "127.0.0.1:0"]);
     let ng = ready_field(&line, "ng=");
     let ng_port = ng.rsplit(':').next().unwrap().to_string();
-    call_through_kamailio(&relay, "kamailio-rtpengine.cfg", &[("{NG_PORT}", ng_port.clone())], "kam-ng");
+    call_through_kamailio(&relay, "kamailio-rtpengine.cfg", 47110, &[("{NG_PORT}", ng_port.clone())], "kam-ng");
     // And the NG view agrees: no call left.
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -172,7 +168,7 @@ fn kamailio_rtpproxy_module_call_with_rtp_through_hasp() {
     let (relay, line) = relay_with(&["--rtp-ports", "42200-42399", "--listen-rtpp", "127.0.0.1:0"]);
     let rtpp = ready_field(&line, "rtpp=");
     let rtpp_port = rtpp.rsplit(':').next().unwrap().to_string();
-    call_through_kamailio(&relay, "kamailio-rtpproxy.cfg", &[("{RTPP_PORT}", rtpp_port)], "kam-rtpp");
+    call_through_kamailio(&relay, "kamailio-rtpproxy.cfg", 47111, &[("{RTPP_PORT}", rtpp_port)], "kam-rtpp");
     let (_, v): (u16, Value) = relay.call("GET", "/v1/sessions", None);
     assert_eq!(v["count"], 0);
 }
@@ -239,7 +235,8 @@ fn mask_ports(sdp: &str) -> Vec<String> {
 #[test]
 fn rtpengine_and_hasp_answer_the_same_ng_requests_alike() {
     use controlplane::control::ng::bencode::Value;
-    let ng_port = free_port();
+    // rtpengine on a fixed NG port owned by this test (it cannot report a port-0 bind).
+    let ng_port = 47112;
     let rtpe = Rtpengine(
         Command::new("rtpengine")
             .args(["--config-file=none", "--table=-1", "--interface=127.0.0.1", "--foreground", "--log-stderr"])

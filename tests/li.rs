@@ -594,15 +594,13 @@ fn proxy_call_of_an_aor_target_yields_x2_and_x3_with_one_correlation_id() {
     assert_eq!(s, 201, "{v}");
     add_sip_user(&relay, "bob", "hasp.test", "pw");
     let (alice, bob) = (udp(), udp());
-    let free = || UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (uac_port, uas_port) = (free(), free());
+    let mut uas = sipp(&dir, "uas_media.xml", 0, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    let uas_port = sipp_port(&uas);
     assert_eq!(sip_register(&sip, "hasp.test", "bob", "pw", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
-    let mut uas =
-        sipp(&dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
     let mut uac = sipp(
         &dir,
         "uac_proxy.xml",
-        uac_port,
+        0,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", "hasp.test".into())],
         &["-s", "bob", &sip],
     );

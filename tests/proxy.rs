@@ -49,19 +49,19 @@ fn sipp_call_to_a_registered_user_with_rtp_through_the_relay() {
     let (relay, sip, dir) = up("44700-44799", "call");
     add_user(&relay, "bob", "builder");
     let (alice, bob) = (udp(), udp());
-    let (uac_port, uas_port) = (free_port(), free_port());
-    assert_eq!(register(&sip, "bob", "builder", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
     let mut uas = sipp(
         &dir,
         "uas_media.xml",
-        uas_port,
+        0,
         &[("media_b", bob.local_addr().unwrap().port().to_string())],
         &["-trace_msg", "-message_file", "uas.log"],
     );
+    let uas_port = sipp_port(&uas);
+    assert_eq!(register(&sip, "bob", "builder", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
     let mut uac = sipp(
         &dir,
         "uac_proxy.xml",
-        uac_port,
+        0,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
         &["-s", "bob", &sip],
     );
@@ -146,7 +146,8 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     );
     let ng = field(&relay.ready_line, "ng=");
     let api = field(&relay.ready_line, "api=");
-    let dead = free_port(); // nothing answers there
+    // Nothing listens on the discard port (the suite binds nothing below 1024): a dead relay.
+    let dead = 9;
     let dir = scratch_dir(&format!("proxy-role-{name}"));
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let (r1, r2) = if http {
@@ -179,15 +180,13 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     let sip = field(&proxy.ready_line, "sip=");
     add_user(&proxy, "bob", "builder");
     let (alice, bob) = (udp(), udp());
-    let (uac_port, uas_port) = (free_port(), free_port());
+    let mut uas = sipp(&dir, "uas_media.xml", 0, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
+    let uas_port = sipp_port(&uas);
     assert_eq!(register(&sip, "bob", "builder", &format!("sip:bob@127.0.0.1:{uas_port}"), 600), 200);
-    let mut uas =
-        sipp(&dir, "uas_media.xml", uas_port, &[("media_b", bob.local_addr().unwrap().port().to_string())], &[]);
-    std::thread::sleep(Duration::from_millis(300)); // sipp binds its port
     let mut uac = sipp(
         &dir,
         "uac_proxy.xml",
-        uac_port,
+        0,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
         &["-s", "bob", &sip],
     );
@@ -213,7 +212,7 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
     let mut part = sipp(
         &dir,
         "uac_conf.xml",
-        free_port(),
+        0,
         &[("media_a", carol.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
         &["-s", "conf-standup", "-d", "1000", &sip],
     );
@@ -240,15 +239,6 @@ fn hasp_proxy_over_relays_rest_api_anchors_media_and_hosts_conferences() {
     hasp_proxy_with_remote_relays(true, "45450-45499", "http");
 }
 
-/// Whether something listens on TCP `port` (read from /proc, so nothing connects to it).
-fn tcp_listening(port: u16) -> bool {
-    let t = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    t.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && f[3] == "0A" && f[1].rsplit(':').next() == Some(&format!("{port:04X}"))
-    })
-}
-
 /// A call to a callee registered with a `;transport=tcp` contact: the proxy opens a TCP
 /// connection to it. The caller uses `caller_transport` ("t1" TCP, "u1" UDP); when it
 /// differs from the callee's the proxy record-routes twice (RFC 5658).
@@ -256,21 +246,20 @@ fn call_to_tcp_callee(caller_transport: &str, ports: &str, name: &str) {
     let (relay, sip, dir) = up(ports, name);
     add_user(&relay, "tina", "tcp-pass");
     let (alice, bob) = (udp(), udp());
-    let (uac_port, uas_port) = (free_port(), free_port());
-    let contact = format!("sip:tina@127.0.0.1:{uas_port};transport=tcp");
-    assert_eq!(register(&sip, "tina", "tcp-pass", &contact, 600), 200);
     let mut uas = sipp(
         &dir,
         "uas_media.xml",
-        uas_port,
+        0,
         &[("media_b", bob.local_addr().unwrap().port().to_string())],
         &["-t", "t1", "-trace_msg", "-message_file", "uas.log"],
     );
-    wait_for("the callee's TCP listener", Duration::from_secs(10), || tcp_listening(uas_port).then_some(()));
+    let uas_port = sipp_port(&uas);
+    let contact = format!("sip:tina@127.0.0.1:{uas_port};transport=tcp");
+    assert_eq!(register(&sip, "tina", "tcp-pass", &contact, 600), 200);
     let mut uac = sipp(
         &dir,
         "uac_proxy.xml",
-        uac_port,
+        0,
         &[("media_a", alice.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
         &["-t", caller_transport, "-s", "tina", &sip],
     );

@@ -1,4 +1,11 @@
 //! Shared helpers for the integration tests: the real `hasp` binary, real sockets.
+//!
+//! Tests never pick a "free" port for another process. hasp and sipp bind port 0 (sipp:
+//! 5060 upward) and report or reveal what they bound. Programs that cannot (Kamailio,
+//! rtpengine's NG port, etcd) and the relays' RTP ranges get fixed ports, each owned by
+//! one test, all below the ephemeral range test.sh sets (48000-60999): RTP ranges in
+//! 40000-47099, Kamailio/rtpengine in 47100-47199, etcd clusters in 23700-24099, the
+//! sip_edge barrier UAs in 25000-25099.
 
 #![allow(dead_code)]
 
@@ -302,15 +309,24 @@ pub fn interop_dir() -> PathBuf {
 
 /// Starts one sipp call (`-m 1`) of `scenario` on `port`, run in `dir` (its stderr goes
 /// to `<scenario>.stderr` there), with `-key` values and extra arguments.
+///
+/// `port` 0 lets sipp pick its SIP port itself (it tries 5060 upward until a bind
+/// succeeds, so concurrent tests never race for one); [`sipp_port`] reads it back.
 pub fn sipp(dir: &std::path::Path, scenario: &str, port: u16, keys: &[(&str, String)], extra: &[&str]) -> Child {
     let mut c = Command::new("sipp");
-    c.current_dir(dir)
-        .arg("-sf")
-        .arg(interop_dir().join(scenario))
-        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1", "-nostdin", "-timeout", "30s"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
+    c.current_dir(dir).arg("-sf").arg(interop_dir().join(scenario)).args([
+        "-i",
+        "127.0.0.1",
+        "-m",
+        "1",
+        "-nostdin",
+        "-timeout",
+        "30s",
+    ]);
+    if port != 0 {
+        c.args(["-p", &port.to_string()]);
+    }
+    c.args(extra).stdout(Stdio::null()).stderr(std::fs::File::create(dir.join(format!("{scenario}.stderr"))).unwrap());
     for (k, v) in keys {
         c.args(["-key", k, v]);
     }
@@ -322,9 +338,29 @@ pub fn field(line: &str, key: &str) -> String {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or_else(|| panic!("{key} in {line}")).to_string()
 }
 
-/// A UDP port on loopback that was free a moment ago.
-pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The SIP port a sipp started with port 0 bound: its UDP socket or listening TCP socket
+/// on loopback below 6000 (its media sockets start at 6000), read from /proc once it
+/// exists, so nothing is sent to sipp before it listens.
+pub fn sipp_port(sipp: &Child) -> u16 {
+    let pid = sipp.id();
+    wait_for("sipp to bind its SIP port", Duration::from_secs(10), || {
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+            .collect();
+        ["/proc/net/udp", "/proc/net/tcp"].iter().find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (ip, port) = f.get(1)?.split_once(':')?;
+                let port = u16::from_str_radix(port, 16).ok()?;
+                let usable = table.ends_with("udp") || f.get(3) == Some(&"0A");
+                (usable && ip == "0100007F" && port < 6000 && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)))
+                    .then_some(port)
+            })
+        })
+    })
 }
 
 /// An empty scratch directory for one test (`name` keeps tests apart).
