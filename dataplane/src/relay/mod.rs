@@ -9,7 +9,7 @@ pub mod latch;
 pub mod stats;
 
 use crate::rtp::{rtcp_sender_ssrc, static_clock_rate, RtpHeader};
-use latch::{Latch, LatchDecision, LatchPolicy};
+use latch::{Admit, Latch, LatchDecision, LatchPolicy};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use stats::{DropReason, RtpStats, StreamCounters};
@@ -92,6 +92,8 @@ struct Stream {
 #[derive(Debug, Default)]
 struct Leg {
     signalled: Option<SocketAddr>,
+    /// Who may become the RTP source: from the signalled address, set with it.
+    admit: Admit,
     clock_rate: Option<u32>,
     streams: [Stream; 2],
 }
@@ -191,6 +193,7 @@ impl Table {
         let mut legs: [Leg; 2] = Default::default();
         for (l, leg) in legs.iter_mut().enumerate() {
             leg.signalled = spec.remotes[l];
+            leg.admit = Admit::for_signalled(spec.remotes[l]);
             leg.clock_rate = spec.clock_rates[l];
             for (k, stream) in leg.streams.iter_mut().enumerate() {
                 let owner = SockOwner { session: slot, leg: l as u8, kind: k as u8 };
@@ -223,8 +226,10 @@ impl Table {
         Some(idx)
     }
 
-    /// Sets (or clears) a leg's signalled remote address. The leg's latches are reset so
-    /// the next packet latches afresh: a re-signalled remote means the media moved.
+    /// Sets (or clears) a leg's signalled remote address. A new address resets the
+    /// leg's latches so the next packet (from the admitted host) latches afresh: a
+    /// re-signalled remote means the media moved. Clearing it (a hold) keeps the latches
+    /// and who may take over: a call on hold is not open to the first stranger.
     pub fn set_remote(&mut self, id: SessionId, leg: usize, remote: Option<SocketAddr>) -> bool {
         let Some(s) = self.session_mut(id) else {
             return false;
@@ -233,8 +238,11 @@ impl Table {
             return false;
         };
         l.signalled = remote;
-        for st in &mut l.streams {
-            st.latch.reset();
+        if remote.is_some() {
+            l.admit = Admit::for_signalled(remote);
+            for st in &mut l.streams {
+                st.latch.reset();
+            }
         }
         s.dirty = true;
         true
@@ -335,6 +343,8 @@ impl Table {
             (b, &*a)
         };
         let signalled = leg.signalled_for(k);
+        // RTCP follows its RTP stream's latch (a few compares, no lookup).
+        let admit = if k == RTP { leg.admit } else { Admit::for_rtcp(leg.admit, leg.streams[RTP].latch.addr()) };
         let clock_rate = leg.clock_rate;
         let stream = &mut leg.streams[k];
         stream.counters.packets += 1;
@@ -354,7 +364,7 @@ impl Table {
                 None => return drop(stream, DropReason::Malformed),
             }
         };
-        match stream.latch.on_packet(&s.policy, signalled, now, src, Some(ssrc)) {
+        match stream.latch.on_packet(&s.policy, signalled, admit, now, src, Some(ssrc)) {
             LatchDecision::Accept => {}
             LatchDecision::Reject => return drop(stream, DropReason::SourceMismatch),
             d @ (LatchDecision::Latched | LatchDecision::Relatched) => self.events.push(TableEvent::Latched {

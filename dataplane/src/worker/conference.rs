@@ -13,7 +13,7 @@ use super::{Role, SockIo, Worker};
 use crate::command::{ConfSnapshot, DetachedParticipant, Event, NewParticipant};
 use crate::io::bufs::{Buffers, Slots, Target};
 use crate::mixer::{Room, RoomConfig};
-use crate::relay::latch::{Latch, LatchDecision, LatchPolicy};
+use crate::relay::latch::{Admit, Latch, LatchDecision, LatchPolicy};
 use crate::relay::stats::DropReason;
 use crate::relay::SockIdx;
 use crossbeam_channel::Sender;
@@ -292,14 +292,16 @@ impl Worker {
         let Some(c) = self.confs.get_mut(&conf) else { return };
         let Some(p) = c.parts.get_mut(&pid) else { return };
         let policy = LatchPolicy::default();
+        let admit = Admit::for_signalled(p.signalled);
         if rtcp {
-            if p.rtcp_latch.on_packet(&policy, None, now, src, None) == LatchDecision::Reject {
+            let admit = Admit::for_rtcp(admit, p.latch.addr());
+            if p.rtcp_latch.on_packet(&policy, None, admit, now, src, None) == LatchDecision::Reject {
                 self.local.drops[DropReason::SourceMismatch as usize] += 1;
             }
             return;
         }
         let ssrc = crate::rtp::RtpHeader::parse(pkt).map(|h| h.ssrc);
-        if p.latch.on_packet(&policy, p.signalled, now, src, ssrc) == LatchDecision::Reject {
+        if p.latch.on_packet(&policy, p.signalled, admit, now, src, ssrc) == LatchDecision::Reject {
             self.local.drops[DropReason::SourceMismatch as usize] += 1;
             return;
         }
