@@ -170,6 +170,12 @@ pub struct RelayConfig {
     /// Microseconds a worker with a completion pending may wait for more before it runs
     /// (Linux 6.12+); 0 runs at every completion.
     pub batch_wait_us: u64,
+    /// Networks no session may send media to (`ADDR/LEN`), on top of the relay's own
+    /// listeners and media ports, which are always refused. When the media address is
+    /// not loopback, loopback, unspecified, multicast and link-local are denied too.
+    pub remote_deny: Vec<crate::relay::remote::Cidr>,
+    /// Participants one conference room holds; a join beyond is refused (`room_full`).
+    pub max_participants: usize,
 }
 
 impl Default for RelayConfig {
@@ -196,6 +202,8 @@ impl Default for RelayConfig {
             buffers: 4096,
             api_max_concurrency: 256,
             batch_wait_us: 0,
+            remote_deny: Vec::new(),
+            max_participants: 100,
         }
     }
 }
@@ -239,6 +247,9 @@ impl RelayConfig {
         }
         if self.inactivity_timeout_secs == 0 {
             return Err(Error::Config("inactivity_timeout_secs must be at least 1".into()));
+        }
+        if !(1..=10_000).contains(&self.max_participants) {
+            return Err(Error::Config("max_participants must be 1 to 10000".into()));
         }
         Ok(())
     }
@@ -328,6 +339,16 @@ mod tests {
         assert_eq!(c.relay.latch.mode, dataplane::LatchMode::Strict);
         c.relay.validate().unwrap();
         assert!(Config::from_toml("[relay]\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn parses_remote_deny_and_room_size() {
+        let c =
+            Config::from_toml("[relay]\nremote_deny = [\"10.0.0.0/8\", \"fd00::/8\"]\nmax_participants = 3\n").unwrap();
+        assert_eq!(c.relay.remote_deny.len(), 2);
+        assert!(c.relay.remote_deny[0].contains("10.2.3.4".parse().unwrap()));
+        assert_eq!(c.relay.max_participants, 3);
+        assert!(Config::from_toml("[relay]\nremote_deny = [\"10.0.0.0/40\"]\n").is_err());
     }
 
     #[test]

@@ -19,6 +19,13 @@ pub enum Error {
     /// The request was understood but its content is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// A remote the relay must not send media to (its own listeners or media ports, or
+    /// a denied network): refused so the relay never acts as a confused deputy.
+    #[error("remote address denied: {0}")]
+    RemoteDenied(String),
+    /// A conference room holds as many participants as it may.
+    #[error("{0}")]
+    RoomFull(String),
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -33,6 +33,7 @@ impl Collector for RelayCollector {
 #[derive(Debug)]
 struct Reading {
     sessions: usize,
+    calls: usize,
     free_pairs: usize,
     total_pairs: usize,
     totals: Totals,
@@ -43,7 +44,7 @@ struct Reading {
 impl Reading {
     fn of(relay: &Relay) -> Self {
         let (sessions, free_pairs, total_pairs, totals) = relay.usage();
-        Self { sessions, free_pairs, total_pairs, totals, workers: relay.workers() }
+        Self { sessions, calls: relay.calls(), free_pairs, total_pairs, totals, workers: relay.workers() }
     }
 }
 
@@ -53,6 +54,8 @@ impl Collector for Reading {
         let e = &mut e;
         let t = &self.totals;
         single(e, "hasp_relay_sessions", "Sessions currently allocated.", Gauge, self.sessions as u64)?;
+        let help = "Calls (NG, RTPproxy, SIP) in the call registry.";
+        single(e, "hasp_relay_calls", help, Gauge, self.calls as u64)?;
         single(e, "hasp_relay_port_pairs_free", "Free RTP/RTCP port pairs.", Gauge, self.free_pairs as u64)?;
         // A gauge, so the encoder adds no suffix: the name keeps the `_total` it has always had.
         let help = "RTP/RTCP port pairs in the configured range.";
@@ -111,6 +114,7 @@ mod tests {
         w1.drops[DropReason::SourceMismatch as usize].store(5, Relaxed);
         let reading = Reading {
             sessions: 4,
+            calls: 2,
             free_pairs: 42,
             total_pairs: 50,
             totals: Totals { created: 9, deleted: 2, timed_out: 1, exhausted: 7 },
@@ -120,6 +124,7 @@ mod tests {
 
         let families = [
             ("hasp_relay_sessions", "gauge"),
+            ("hasp_relay_calls", "gauge"),
             ("hasp_relay_port_pairs_free", "gauge"),
             ("hasp_relay_port_pairs_total", "gauge"),
             ("hasp_relay_sessions_created_total", "counter"),
@@ -146,6 +151,7 @@ mod tests {
         }
         for sample in [
             "hasp_relay_sessions 4",
+            "hasp_relay_calls 2",
             "hasp_relay_port_pairs_free 42",
             "hasp_relay_port_pairs_total 50",
             "hasp_relay_sessions_created_total 9",

@@ -218,6 +218,10 @@ impl Focus {
                     );
                     return Ok(answer);
                 }
+                Err(Error::RoomFull(why)) => {
+                    // Full is full: the room must not be split over another node.
+                    return Err(JoinError::Unavailable(why));
+                }
                 Err(e) => {
                     last_err = e.to_string();
                     if matches!(e, Error::PortsExhausted(_) | Error::Busy(_) | Error::Io(_) | Error::Store(_)) {

@@ -6,15 +6,28 @@
 //! Leg 0 of every stream is the side whose tag first offered, leg 1 the other. SDP
 //! produced by side X tells its peer where to send: so X's remote is taken from it,
 //! and it is rewritten to advertise the *other* leg's port.
+//!
+//! The registry is bounded and expires: at most [`MAX_CALLS`] calls of at most
+//! [`MAX_STREAMS`] streams; an offer, answer or update that fails undoes the streams it
+//! created (and the call, if it created it); a sweep every [`SWEEP_INTERVAL`] drops
+//! calls whose every stream timed out, and calls that never had a stream once they
+//! have been silent for the inactivity timeout.
 
 use crate::error::Error;
-use crate::relay::sdp::{Rewrite, RtcpAttr, Sdp};
+use crate::relay::sdp::{Rewrite, RtcpAttr, Sdp, MAX_MEDIA_SECTIONS};
 use crate::relay::{parse_id, CreateRequest, Relay, SessionView};
 use dataplane::{LatchPolicy, SessionId};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Media streams one call may have (stream indices from RTPproxy `tag;n` included).
+pub const MAX_STREAMS: usize = MAX_MEDIA_SECTIONS;
+/// Calls the registry holds; a new call beyond is refused as busy.
+pub const MAX_CALLS: usize = 65_536;
+/// How often calls whose streams are gone are dropped.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Options of one offer or answer, from NG keys and flags.
 #[derive(Debug, Clone, Default)]
@@ -81,10 +94,12 @@ pub struct CallStats {
     pub record: bool,
 }
 
+type CallMap = Mutex<HashMap<String, Call>>;
+
 /// The registry of calls.
 pub struct Calls {
     relay: Arc<Relay>,
-    calls: Mutex<HashMap<String, Call>>,
+    calls: Arc<CallMap>,
     stream_hook: Mutex<Option<StreamHook>>,
 }
 
@@ -103,9 +118,22 @@ fn now() -> u64 {
 }
 
 impl Calls {
-    /// An empty registry over `relay`.
+    /// An empty registry over `relay`, with a thread sweeping it every
+    /// [`SWEEP_INTERVAL`] for as long as the registry lives.
     pub fn new(relay: Arc<Relay>) -> Self {
-        Self { relay, calls: Mutex::new(HashMap::new()), stream_hook: Mutex::new(None) }
+        let calls: Arc<CallMap> = Arc::default();
+        let (weak, r) = (Arc::downgrade(&calls), relay.clone());
+        let sweeper = std::thread::Builder::new().name("hasp-calls".into()).spawn(move || loop {
+            std::thread::sleep(SWEEP_INTERVAL);
+            let Some(map) = weak.upgrade() else { break };
+            sweep(&mut map.lock().unwrap_or_else(|e| e.into_inner()), &r, now());
+        });
+        if let Err(e) = sweeper {
+            // `list` still reaps; only the unattended expiry is lost.
+            tracing::error!(error = %e, "cannot start the call sweeper");
+        }
+        relay.set_calls(0);
+        Self { relay, calls, stream_hook: Mutex::new(None) }
     }
 
     /// Installs the hook told about new streams (lawful intercept uses it to tap a
@@ -136,6 +164,30 @@ impl Calls {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Refuses SDP that would point a stream at a denied remote, before anything is
+    /// created for it.
+    fn check_remotes(&self, sdp: &Sdp, opts: &AnchorOptions) -> Result<(), Error> {
+        for (i, m) in sdp.media.iter().enumerate() {
+            if m.port == 0 || !m.proto.starts_with("RTP/") {
+                continue;
+            }
+            if let Some(mut r) = sdp.endpoint(i) {
+                if let Some(ip) = opts.source_override {
+                    r.set_ip(ip);
+                }
+                self.relay.check_remote(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn room_for(&self, calls: &HashMap<String, Call>, call_id: &str) -> Result<(), Error> {
+        if calls.len() >= MAX_CALLS && !calls.contains_key(call_id) {
+            return Err(Error::Busy(format!("{MAX_CALLS} calls in progress")));
+        }
+        Ok(())
+    }
+
     /// Handles an offer from `from_tag` (`to_tag` set on re-offers inside a dialog).
     pub fn offer(
         &self,
@@ -146,7 +198,10 @@ impl Calls {
         opts: &AnchorOptions,
     ) -> Result<String, Error> {
         let sdp = Sdp::parse(sdp).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.check_remotes(&sdp, opts)?;
         let mut calls = self.lock();
+        self.room_for(&calls, call_id)?;
+        let existed = calls.contains_key(call_id);
         let call = calls.entry(call_id.to_string()).or_insert_with(|| Call {
             created: now(),
             last_signal: now(),
@@ -170,7 +225,13 @@ impl Calls {
                 0
             }
         };
-        self.anchor(call, sender, &sdp, opts)
+        let out = self.anchor(call, sender, &sdp, opts);
+        if out.is_err() && !existed {
+            // Its streams were undone by `anchor`: nothing of the call is left.
+            calls.remove(call_id);
+        }
+        self.relay.set_calls(calls.len());
+        out
     }
 
     /// Handles an answer: `to_tag` is the answering side.
@@ -183,6 +244,7 @@ impl Calls {
         opts: &AnchorOptions,
     ) -> Result<String, Error> {
         let sdp = Sdp::parse(sdp).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.check_remotes(&sdp, opts)?;
         let mut calls = self.lock();
         let call = calls.get_mut(call_id).ok_or_else(|| Error::NotFound("Unknown call-id".into()))?;
         let sender = if call.tags[0].as_deref() == Some(to_tag) {
@@ -206,26 +268,14 @@ impl Calls {
         if opts.label.is_some() {
             call.labels[sender] = opts.label.clone();
         }
-        let far = 1 - sender;
-        let mut ports = Vec::with_capacity(sdp.media.len());
-        for (i, m) in sdp.media.iter().enumerate() {
-            if m.port == 0 || !m.proto.starts_with("RTP/") {
-                // Rejected streams stay rejected; non-RTP media (T.38 UDPTL, …) is not
-                // anchored: the relay forwards RTP/RTCP only.
-                ports.push(None);
-                continue;
+        let mut created = Vec::new();
+        let ports = match self.anchor_streams(call, sender, sdp, opts, &mut created) {
+            Ok(p) => p,
+            Err(e) => {
+                self.undo(call, &created);
+                return Err(e);
             }
-            let stream = self.ensure_stream(call, i, opts.latch)?;
-            let mut remote = sdp.endpoint(i);
-            if let (Some(r), Some(ip)) = (&mut remote, opts.source_override) {
-                r.set_ip(ip);
-            }
-            if stream.remotes[sender] != remote {
-                self.relay.set_remotes(stream.session, &[(sender, remote)])?;
-                stream.remotes[sender] = remote;
-            }
-            ports.push(Some(stream.ports[far]));
-        }
+        };
         let mut rw = Rewrite {
             address: opts.media_address.unwrap_or(self.relay.config().advertised()),
             ports,
@@ -254,13 +304,62 @@ impl Calls {
         Ok(sdp.rewrite(&rw))
     }
 
-    /// The relay session of media stream `i`, created if missing or gone (timed out).
+    /// Creates or updates the relay session of every RTP stream of `sdp`; returns the
+    /// relay port per media section, and in `created` the streams it created.
+    fn anchor_streams(
+        &self,
+        call: &mut Call,
+        sender: usize,
+        sdp: &Sdp,
+        opts: &AnchorOptions,
+        created: &mut Vec<usize>,
+    ) -> Result<Vec<Option<u16>>, Error> {
+        let far = 1 - sender;
+        let mut ports = Vec::with_capacity(sdp.media.len());
+        for (i, m) in sdp.media.iter().enumerate() {
+            if m.port == 0 || !m.proto.starts_with("RTP/") {
+                // Rejected streams stay rejected; non-RTP media (T.38 UDPTL, …) is not
+                // anchored: the relay forwards RTP/RTCP only.
+                ports.push(None);
+                continue;
+            }
+            let (stream, new) = self.ensure_stream(call, i, opts.latch)?;
+            if new {
+                created.push(i);
+            }
+            let mut remote = sdp.endpoint(i);
+            if let (Some(r), Some(ip)) = (&mut remote, opts.source_override) {
+                r.set_ip(ip);
+            }
+            if stream.remotes[sender] != remote {
+                self.relay.set_remotes(stream.session, &[(sender, remote)])?;
+                stream.remotes[sender] = remote;
+            }
+            ports.push(Some(stream.ports[far]));
+        }
+        Ok(ports)
+    }
+
+    /// Deletes the streams a failed request created.
+    fn undo(&self, call: &mut Call, created: &[usize]) {
+        for &i in created {
+            if let Some(s) = call.streams.get_mut(i).and_then(Option::take) {
+                let _ = self.relay.remove(s.session);
+            }
+        }
+    }
+
+    /// The relay session of media stream `i`, created if missing or gone (timed out);
+    /// true when created now.
     fn ensure_stream<'c>(
         &self,
         call: &'c mut Call,
         i: usize,
         latch: Option<LatchPolicy>,
-    ) -> Result<&'c mut Stream, Error> {
+    ) -> Result<(&'c mut Stream, bool), Error> {
+        if i >= MAX_STREAMS {
+            return Err(Error::Invalid(format!("media stream {} out of range (at most {MAX_STREAMS})", i + 1)));
+        }
         if call.streams.len() <= i {
             call.streams.resize(i + 1, None);
         }
@@ -268,18 +367,19 @@ impl Calls {
             call.streams[i] = None;
         }
         match &mut call.streams[i] {
-            Some(s) => Ok(s),
+            Some(s) => Ok((s, false)),
             slot @ None => {
                 let c = self.relay.create(CreateRequest { latch, ..CreateRequest::default() })?;
                 let session = parse_id(&c.id).ok_or_else(|| Error::Invalid("bad session id".into()))?;
                 if let Some(h) = self.stream_hook.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     h();
                 }
-                Ok(slot.insert(Stream {
+                let s = slot.insert(Stream {
                     session,
                     ports: [c.legs[0].rtp_port, c.legs[1].rtp_port],
                     remotes: [None, None],
-                }))
+                });
+                Ok((s, true))
             }
         }
     }
@@ -297,10 +397,18 @@ impl Calls {
         create: bool,
         latch: Option<LatchPolicy>,
     ) -> Result<u16, Error> {
+        if index >= MAX_STREAMS {
+            return Err(Error::Invalid(format!("media stream {} out of range (at most {MAX_STREAMS})", index + 1)));
+        }
+        if let Some(r) = remote {
+            self.relay.check_remote(r)?;
+        }
         let mut calls = self.lock();
-        if !create && !calls.contains_key(call_id) {
+        let existed = calls.contains_key(call_id);
+        if !create && !existed {
             return Err(Error::NotFound("Unknown call-id".into()));
         }
+        self.room_for(&calls, call_id)?;
         let call = calls.entry(call_id.to_string()).or_insert_with(|| Call {
             created: now(),
             last_signal: now(),
@@ -322,18 +430,44 @@ impl Calls {
             call.tags[0] = Some(sender_tag.to_string());
             0
         };
-        let stream = self.ensure_stream(call, index, latch)?;
-        if stream.remotes[sender] != remote {
-            self.relay.set_remotes(stream.session, &[(sender, remote)])?;
-            stream.remotes[sender] = remote;
+        let out = match self.ensure_stream(call, index, latch) {
+            Ok((stream, new)) => {
+                let set = if stream.remotes[sender] != remote {
+                    self.relay.set_remotes(stream.session, &[(sender, remote)])
+                } else {
+                    Ok(())
+                };
+                match set {
+                    Ok(()) => {
+                        stream.remotes[sender] = remote;
+                        Ok(stream.ports[1 - sender])
+                    }
+                    Err(e) => {
+                        if new {
+                            self.undo(call, &[index]);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if out.is_err() && !existed {
+            calls.remove(call_id);
         }
-        Ok(stream.ports[1 - sender])
+        self.relay.set_calls(calls.len());
+        out
     }
 
     /// Deletes a call (all its streams); returns its final statistics.
     pub fn delete(&self, call_id: &str) -> Result<CallStats, Error> {
         let stats = self.stats(call_id)?;
-        let call = self.lock().remove(call_id);
+        let call = {
+            let mut calls = self.lock();
+            let c = calls.remove(call_id);
+            self.relay.set_calls(calls.len());
+            c
+        };
         if let Some(call) = call {
             for s in call.streams.into_iter().flatten() {
                 // Already gone (timed out) is fine.
@@ -371,7 +505,7 @@ impl Calls {
     /// Call-IDs of live calls (calls whose every stream timed out are dropped here).
     pub fn list(&self) -> Vec<String> {
         let mut calls = self.lock();
-        calls.retain(|_, c| c.streams.is_empty() || c.streams.iter().flatten().any(|s| self.relay.exists(s.session)));
+        sweep(&mut calls, &self.relay, now());
         let mut ids: Vec<String> = calls.keys().cloned().collect();
         ids.sort();
         ids
@@ -386,4 +520,21 @@ impl Calls {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Drops calls whose every stream's session is gone (timed out), and calls that never
+/// had a stream (all media rejected) once silent for the inactivity timeout.
+fn sweep(calls: &mut HashMap<String, Call>, relay: &Relay, now: u64) {
+    let idle = relay.config().inactivity_timeout_secs;
+    calls.retain(|_, c| {
+        let mut had = false;
+        for s in c.streams.iter().flatten() {
+            had = true;
+            if relay.exists(s.session) {
+                return true;
+            }
+        }
+        !had && now.saturating_sub(c.last_signal) < idle
+    });
+    relay.set_calls(calls.len());
 }

@@ -7,11 +7,13 @@
 
 pub mod calls;
 pub mod ports;
+pub mod remote;
 pub mod sdp;
 
 use crate::config::RelayConfig;
 use crate::error::Error;
 use crate::relay::ports::PortAllocator;
+use crate::relay::remote::RemotePolicy;
 use dataplane::relay::SessionSpec;
 use dataplane::{
     Command, Dataplane, DataplaneConfig, Event, LatchPolicy, NewSession, SessionId, SessionSnapshot,
@@ -21,9 +23,9 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Bind attempts per pair before giving up on a create (a port held by another
 /// process is skipped and retried later).
@@ -211,6 +213,15 @@ pub struct Relay {
     state: Arc<Mutex<State>>,
     next: AtomicU64,
     seed: u64,
+    remote: RwLock<RemotePolicy>,
+    calls: AtomicUsize,
+}
+
+/// A random number from the standard library's per-process hash keys (no dependency
+/// needed for a start offset).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
 
 /// Public ids are a bijective scramble of a counter: unique, and not trivially
@@ -258,7 +269,7 @@ impl Relay {
         let modes = dp.workers().iter().map(|w| (w.mode().as_str(), w.core())).collect();
         let counters = dp.workers().iter().map(|w| w.counters_arc()).collect();
         let state = Arc::new(Mutex::new(State {
-            alloc: PortAllocator::new(cfg.rtp_ports, workers),
+            alloc: PortAllocator::new(cfg.rtp_ports, workers, random_u64()),
             confs: HashMap::new(),
             releasing_parts: HashMap::new(),
             next_participant: 1,
@@ -277,7 +288,42 @@ impl Relay {
             })
             .map_err(Error::Io)?;
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Ok(Arc::new(Self { cfg, dp: Mutex::new(dp), modes, counters, state, next: AtomicU64::new(0), seed }))
+        let remote = RwLock::new(RemotePolicy::new(cfg.media_ip, cfg.advertised(), cfg.rtp_ports, &cfg.remote_deny));
+        Ok(Arc::new(Self {
+            cfg,
+            dp: Mutex::new(dp),
+            modes,
+            counters,
+            state,
+            next: AtomicU64::new(0),
+            seed,
+            remote,
+            calls: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Tells the relay one of its own listeners (NG, RTPproxy, REST, LI, SIP): no
+    /// session may send media there.
+    pub fn add_own_address(&self, addr: SocketAddr) {
+        self.remote.write().unwrap_or_else(|e| e.into_inner()).add_own(addr);
+    }
+
+    /// Refuses a remote that is one of the relay's own addresses or in a denied network.
+    pub fn check_remote(&self, remote: SocketAddr) -> Result<(), Error> {
+        self.remote.read().unwrap_or_else(|e| e.into_inner()).check(remote).map_err(|e| {
+            tracing::info!(error = %e, "remote refused");
+            Error::RemoteDenied(e.to_string())
+        })
+    }
+
+    /// Publishes the number of calls (`Calls` keeps it current; read by `/metrics`).
+    pub fn set_calls(&self, n: usize) {
+        self.calls.store(n, Ordering::Relaxed);
+    }
+
+    /// Calls in the NG/RTPproxy/SIP registry, as last published.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
     }
 
     /// The configuration in force.
@@ -295,9 +341,12 @@ impl Relay {
 
     /// Creates a session: two legs, each an RTP/RTCP port pair on one worker.
     pub fn create(&self, req: CreateRequest) -> Result<Created, Error> {
+        for r in req.remotes.iter().flatten() {
+            self.check_remote(*r)?;
+        }
         let id = scramble(self.seed ^ self.next.fetch_add(1, Ordering::Relaxed));
         let mut st = lock(&self.state);
-        let Some(worker) = st.alloc.pick_worker(2) else {
+        let Some(worker) = st.alloc.pick_worker(2, Instant::now()) else {
             st.totals.exhausted += 1;
             return Err(Error::PortsExhausted(st.alloc.total_pairs()));
         };
@@ -317,12 +366,14 @@ impl Relay {
                 }
             }
         }
+        // A pair another process holds goes to the back: retried last.
+        let now = Instant::now();
         for p in failed {
-            st.alloc.put(p);
+            st.alloc.put(p, now);
         }
         if taken.len() < 2 {
             for (p, _) in taken {
-                st.alloc.put(p);
+                st.alloc.untake(p);
             }
             st.totals.exhausted += 1;
             return Err(Error::PortsExhausted(st.alloc.total_pairs()));
@@ -341,8 +392,8 @@ impl Relay {
         let new = NewSession { spec, sockets: [sa, sb] };
         if let Err(e) = self.send(worker, Command::Add(Box::new(new))) {
             // The sockets were dropped with the command: the ports are free again.
-            st.alloc.put(pa);
-            st.alloc.put(pb);
+            st.alloc.untake(pb);
+            st.alloc.untake(pa);
             return Err(e);
         }
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -412,6 +463,9 @@ impl Relay {
     /// Sets or clears signalled remotes without reading the session back (the NG and
     /// RTPproxy paths, which answer with SDP, not with a session view).
     pub fn set_remotes(&self, id: SessionId, changes: &[(usize, Option<SocketAddr>)]) -> Result<(), Error> {
+        for r in changes.iter().filter_map(|c| c.1) {
+            self.check_remote(r)?;
+        }
         let worker = {
             let mut st = lock(&self.state);
             let r = st.sessions.get_mut(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
@@ -466,6 +520,18 @@ impl Relay {
         Ok(view)
     }
 
+    /// Deletes a session without reading its final state (undoing a create).
+    pub fn remove(&self, id: SessionId) -> Result<(), Error> {
+        let mut st = lock(&self.state);
+        let r = st.sessions.get(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
+        let (worker, ports) = (r.worker, r.ports);
+        self.send(worker, Command::Remove { id })?;
+        st.sessions.remove(&id);
+        st.releasing.insert(id, ports);
+        st.totals.deleted += 1;
+        Ok(())
+    }
+
     fn view(&self, id: SessionId, r: &Record, snap: Option<&SessionSnapshot>) -> SessionView {
         let leg = |i: usize| {
             let (latched, stats) = match snap {
@@ -506,7 +572,7 @@ impl Relay {
     pub fn conf_create(&self, cfg: dataplane::mixer::RoomConfig) -> Result<String, Error> {
         let id = scramble(self.seed ^ 0x5a5a_5a5a ^ self.next.fetch_add(1, Ordering::Relaxed));
         let mut st = lock(&self.state);
-        let Some(worker) = st.alloc.pick_worker(1) else {
+        let Some(worker) = st.alloc.pick_worker(1, Instant::now()) else {
             st.totals.exhausted += 1;
             return Err(Error::PortsExhausted(st.alloc.total_pairs()));
         };
@@ -535,8 +601,19 @@ impl Relay {
         payload_type: Option<u8>,
         remote: Option<SocketAddr>,
     ) -> Result<ParticipantCreated, Error> {
+        if let Some(r) = remote {
+            self.check_remote(r)?;
+        }
         let mut st = lock(&self.state);
-        let worker = st.confs.get(&conf).map(|c| c.worker).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+        let c = st.confs.get(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
+        if c.participants.len() >= self.cfg.max_participants {
+            return Err(Error::RoomFull(format!(
+                "conference {} is full: {} participants (max_participants)",
+                format_id(conf),
+                self.cfg.max_participants
+            )));
+        }
+        let worker = c.worker;
         let mut failed = Vec::new();
         let mut bound = None;
         for _ in 0..BIND_ATTEMPTS {
@@ -549,8 +626,9 @@ impl Relay {
                 Err(_) => failed.push(port),
             }
         }
+        let now = Instant::now();
         for p in failed {
-            st.alloc.put(p);
+            st.alloc.put(p, now);
         }
         let Some((port, sockets)) = bound else {
             st.totals.exhausted += 1;
@@ -562,7 +640,7 @@ impl Relay {
         let ssrc = scramble(self.seed ^ ((conf as u32 as u64) << 32) ^ id as u64) as u32;
         let new = dataplane::NewParticipant { conf, id, codec, payload_type, ssrc, remote, sockets };
         if let Err(e) = self.send(worker, Command::ParticipantAdd(Box::new(new))) {
-            st.alloc.put(port);
+            st.alloc.untake(port);
             return Err(e);
         }
         if let Some(c) = st.confs.get_mut(&conf) {
@@ -580,6 +658,9 @@ impl Relay {
         mute: Option<bool>,
         deaf: Option<bool>,
     ) -> Result<(), Error> {
+        if let Some(Some(r)) = remote {
+            self.check_remote(r)?;
+        }
         let mut st = lock(&self.state);
         let c = st.confs.get_mut(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
         let p = c.participants.get_mut(&id).ok_or_else(|| Error::NotFound(format!("{id:08x}")))?;
@@ -597,7 +678,15 @@ impl Relay {
     pub fn participant_move(&self, conf: u64, id: u32, to: u64) -> Result<(), Error> {
         let (from_w, to_w) = {
             let mut st = lock(&self.state);
-            let to_w = st.confs.get(&to).map(|c| c.worker).ok_or_else(|| Error::NotFound(format_id(to)))?;
+            let target = st.confs.get(&to).ok_or_else(|| Error::NotFound(format_id(to)))?;
+            if conf != to && target.participants.len() >= self.cfg.max_participants {
+                return Err(Error::RoomFull(format!(
+                    "conference {} is full: {} participants (max_participants)",
+                    format_id(to),
+                    self.cfg.max_participants
+                )));
+            }
+            let to_w = target.worker;
             let c = st.confs.get_mut(&conf).ok_or_else(|| Error::NotFound(format_id(conf)))?;
             let from_w = c.worker;
             let p = c.participants.remove(&id).ok_or_else(|| Error::NotFound(format!("{id:08x}")))?;
@@ -714,8 +803,9 @@ fn apply_event(state: &Mutex<State>, ev: Event) {
         Event::Released { id } => {
             let ports = st.releasing.remove(&id).or_else(|| st.sessions.remove(&id).map(|r| r.ports));
             if let Some(ports) = ports {
+                let now = Instant::now();
                 for p in ports {
-                    st.alloc.put(p);
+                    st.alloc.put(p, now);
                 }
             }
         }
@@ -725,7 +815,7 @@ fn apply_event(state: &Mutex<State>, ev: Event) {
                 .remove(&(conf, id))
                 .or_else(|| st.confs.get_mut(&conf).and_then(|c| c.participants.remove(&id)).map(|p| p.port));
             if let Some(p) = port {
-                st.alloc.put(p);
+                st.alloc.put(p, Instant::now());
             }
         }
         Event::Stats(s) => {

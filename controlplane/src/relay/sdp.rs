@@ -8,6 +8,11 @@
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
+/// Most media sections (`m=` lines) one description may carry. Each anchored section
+/// takes two port pairs, so the count is bounded before anything is sized by it: a
+/// 3,000-`m=` offer is refused whole instead of draining the port range.
+pub const MAX_MEDIA_SECTIONS: usize = 16;
+
 /// A parse error, with the offending line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid SDP: {0}")]
@@ -128,6 +133,12 @@ impl Sdp {
                 return Err(SdpError("does not start with v=".into()));
             }
             if let Some(m) = line.strip_prefix("m=") {
+                if media.len() == MAX_MEDIA_SECTIONS {
+                    return Err(SdpError(format!(
+                        "more than {MAX_MEDIA_SECTIONS} media sections (m= line {}); at most {MAX_MEDIA_SECTIONS} are accepted",
+                        i + 1
+                    )));
+                }
                 let mut t = m.split_whitespace();
                 let kind = t.next().ok_or_else(|| SdpError(format!("empty m= line {}", i + 1)))?.to_string();
                 let port_s = t.next().ok_or_else(|| SdpError(format!("m= line {} has no port", i + 1)))?;
@@ -382,6 +393,18 @@ mod tests {
         assert_eq!(s.direction(0), "inactive");
         let out = s.rewrite(&rw(vec![Some(30010)]));
         assert!(out.contains("c=IN IP4 203.0.113.1\r\nt=0 0\r\nm=audio 30010 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=inactive\r\na=rtcp:30011\r\n"), "{out}");
+    }
+
+    #[test]
+    fn media_sections_are_bounded() {
+        let mut sdp = String::from("v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nt=0 0\r\n");
+        for _ in 0..MAX_MEDIA_SECTIONS {
+            sdp.push_str("m=audio 4000 RTP/AVP 0\r\n");
+        }
+        assert_eq!(Sdp::parse(&sdp).unwrap().media.len(), MAX_MEDIA_SECTIONS);
+        sdp.push_str("m=audio 4000 RTP/AVP 0\r\n");
+        let e = Sdp::parse(&sdp).unwrap_err();
+        assert!(e.0.contains("more than 16 media sections"), "{e}");
     }
 
     #[test]

@@ -365,6 +365,12 @@ struct RelayArgs {
     /// (Linux 6.12+; fewer wake-ups, added latency) [default: 0].
     #[arg(long, env = "HASP_BATCH_WAIT_US", value_name = "US")]
     batch_wait_us: Option<u64>,
+    /// A network no session may send media to (ADDR/LEN); repeat or comma-separate.
+    /// The relay's own listeners and media ports are always refused; when the media
+    /// address is not loopback, so are loopback, unspecified, multicast and link-local.
+    /// Replaces the file's `remote_deny`.
+    #[arg(long = "remote-deny", env = "HASP_REMOTE_DENY", value_name = "CIDR", value_delimiter = ',')]
+    remote_deny: Vec<controlplane::relay::remote::Cidr>,
     /// Check the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
@@ -469,6 +475,9 @@ impl RelayArgs {
         if let Some(v) = self.stats_interval_ms {
             c.stats_interval_ms = v;
         }
+        if !self.remote_deny.is_empty() {
+            c.remote_deny = self.remote_deny.clone();
+        }
         Ok(c)
     }
 }
@@ -530,6 +539,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             .with_context(|| format!("binding the API on {}", cfg.listen_api))?;
         let api_addr = listener.local_addr()?;
         let relay = Relay::start(cfg.clone())?;
+        // Every listener is one of the relay's own addresses: no media may go there.
+        relay.add_own_address(api_addr);
         let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
         let calls = Arc::new(Calls::new(relay.clone()));
         let mut extra = String::new();
@@ -537,12 +548,16 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             let (bound, _) = controlplane::control::ng::serve(ng, calls.clone())
                 .await
                 .with_context(|| format!("binding the NG listener on {ng}"))?;
+            relay.add_own_address(bound);
             extra.push_str(&format!(" ng={bound}"));
         }
         if let Some(rtpp) = &cfg.listen_rtpp {
             let bound = controlplane::control::rtpp::serve(rtpp, calls.clone())
                 .await
                 .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
+            if let Ok(a) = bound.parse() {
+                relay.add_own_address(a);
+            }
             extra.push_str(&format!(" rtpp={bound}"));
         }
         let mut li_handle = None;
@@ -551,6 +566,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             li_handle = Some(li.clone());
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
+            relay.add_own_address(l.local_addr()?);
             extra.push_str(&format!(" li=http://{}", l.local_addr()?));
             let st =
                 controlplane::li::api::LiApiState { li, token: Arc::from(cfg.li_token.clone().unwrap_or_default()) };
@@ -577,6 +593,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                 Default::default(),
                 tokio::runtime::Handle::current(),
             )?;
+            relay.add_own_address(local);
             sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
             store = Some(st);

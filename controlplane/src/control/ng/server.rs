@@ -4,7 +4,7 @@ use super::bencode::{decode, DecodeError};
 use super::{error_reply, frame, handle_command, split_cookie};
 use crate::relay::calls::Calls;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,45 +16,85 @@ use tokio::sync::Semaphore;
 pub const MAX_TCP_MESSAGE: usize = 1 << 20;
 /// Requests handled at once; UDP requests beyond this are dropped and counted.
 const MAX_IN_FLIGHT: usize = 256;
+/// TCP connections open at once, and from one source IP (so one source cannot take
+/// every slot: others still get in).
+pub const MAX_TCP_CONNECTIONS: usize = 1024;
+/// See [`MAX_TCP_CONNECTIONS`].
+pub const MAX_TCP_PER_IP: usize = 32;
+/// A TCP connection that sends nothing for this long is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(120);
+/// Answers the cache holds, and their bytes in total.
+const CACHE_ENTRIES: usize = 16_384;
+const CACHE_BYTES: usize = 32 << 20;
 
-/// Answers by cookie, so a retransmitted request gets the same answer instead of a
-/// second allocation. Bounded in entries and age.
+type CacheKey = (SocketAddr, Vec<u8>);
+
+/// Answers by (peer, cookie), so a retransmitted request gets the same answer instead
+/// of a second allocation, and another peer that happens to use the same cookie gets
+/// its own. Bounded in entries, in bytes and in age.
 #[derive(Debug)]
 pub struct ReplyCache {
-    map: HashMap<Vec<u8>, (Instant, Vec<u8>)>,
-    order: VecDeque<Vec<u8>>,
+    map: HashMap<CacheKey, (Instant, Vec<u8>)>,
+    order: VecDeque<CacheKey>,
     cap: usize,
+    max_bytes: usize,
+    bytes: usize,
     ttl: Duration,
 }
 
 impl ReplyCache {
-    /// A cache of at most `cap` answers, each kept `ttl`.
-    pub fn new(cap: usize, ttl: Duration) -> Self {
-        Self { map: HashMap::new(), order: VecDeque::new(), cap, ttl }
+    /// A cache of at most `cap` answers and `max_bytes` bytes (keys included), each
+    /// kept `ttl`.
+    pub fn new(cap: usize, max_bytes: usize, ttl: Duration) -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new(), cap, max_bytes, bytes: 0, ttl }
     }
 
-    /// The cached answer to `cookie`, if fresh.
-    pub fn get(&self, cookie: &[u8], now: Instant) -> Option<&[u8]> {
-        self.map.get(cookie).filter(|(t, _)| now.duration_since(*t) < self.ttl).map(|(_, r)| r.as_slice())
+    /// The cached answer to `cookie` from `peer`, if fresh.
+    pub fn get(&self, peer: SocketAddr, cookie: &[u8], now: Instant) -> Option<&[u8]> {
+        self.map
+            .get(&(peer, cookie.to_vec()))
+            .filter(|(t, _)| now.duration_since(*t) < self.ttl)
+            .map(|(_, r)| r.as_slice())
     }
 
-    /// Remembers an answer.
-    pub fn put(&mut self, cookie: &[u8], reply: Vec<u8>, now: Instant) {
+    /// Bytes held (answers and cookies).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn evict_front(&mut self) -> bool {
+        let Some(k) = self.order.pop_front() else { return false };
+        if let Some((_, r)) = self.map.remove(&k) {
+            self.bytes -= r.len() + k.1.len();
+        }
+        true
+    }
+
+    /// Remembers an answer. One larger than the whole budget is not kept.
+    pub fn put(&mut self, peer: SocketAddr, cookie: &[u8], reply: Vec<u8>, now: Instant) {
+        let size = reply.len() + cookie.len();
+        if size > self.max_bytes {
+            return;
+        }
+        let key = (peer, cookie.to_vec());
+        if let Some((_, old)) = self.map.remove(&key) {
+            // Replaced in place; its place in `order` stays (evicted a little early).
+            self.bytes -= old.len() + cookie.len();
+        }
         while self.order.len() >= self.cap
+            || self.bytes + size > self.max_bytes
             || self
                 .order
                 .front()
-                .is_some_and(|c| self.map.get(c).is_some_and(|(t, _)| now.duration_since(*t) >= self.ttl))
+                .is_some_and(|k| self.map.get(k).is_none_or(|(t, _)| now.duration_since(*t) >= self.ttl))
         {
-            match self.order.pop_front() {
-                Some(c) => {
-                    self.map.remove(&c);
-                }
-                None => break,
+            if !self.evict_front() {
+                break;
             }
         }
-        if self.map.insert(cookie.to_vec(), (now, reply)).is_none() {
-            self.order.push_back(cookie.to_vec());
+        self.bytes += size;
+        if self.map.insert(key.clone(), (now, reply)).is_none() {
+            self.order.push_back(key);
         }
     }
 }
@@ -75,18 +115,20 @@ pub struct NgCounters {
 struct Shared {
     calls: Arc<Calls>,
     cache: Mutex<ReplyCache>,
+    /// Open TCP connections per source IP.
+    conns: Mutex<HashMap<IpAddr, usize>>,
     counters: Arc<NgCounters>,
     permits: Semaphore,
 }
 
-/// Handles one message; `None` when it cannot be answered (no cookie).
-async fn handle(shared: &Arc<Shared>, msg: Vec<u8>) -> Option<Vec<u8>> {
+/// Handles one message from `peer`; `None` when it cannot be answered (no cookie).
+async fn handle(shared: &Arc<Shared>, peer: SocketAddr, msg: Vec<u8>) -> Option<Vec<u8>> {
     let Some((cookie, body)) = split_cookie(&msg) else {
         shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
         return None;
     };
     let cookie = cookie.to_vec();
-    if let Some(r) = shared.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&cookie, Instant::now()) {
+    if let Some(r) = shared.cache.lock().unwrap_or_else(|e| e.into_inner()).get(peer, &cookie, Instant::now()) {
         shared.counters.retransmissions.fetch_add(1, Ordering::Relaxed);
         return Some(r.to_vec());
     }
@@ -105,7 +147,7 @@ async fn handle(shared: &Arc<Shared>, msg: Vec<u8>) -> Option<Vec<u8>> {
     }
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
     let out = frame(&cookie, &reply);
-    shared.cache.lock().unwrap_or_else(|e| e.into_inner()).put(&cookie, out.clone(), Instant::now());
+    shared.cache.lock().unwrap_or_else(|e| e.into_inner()).put(peer, &cookie, out.clone(), Instant::now());
     Some(out)
 }
 
@@ -118,7 +160,8 @@ pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(Sock
     let counters = Arc::new(NgCounters::default());
     let shared = Arc::new(Shared {
         calls,
-        cache: Mutex::new(ReplyCache::new(16_384, Duration::from_secs(30))),
+        cache: Mutex::new(ReplyCache::new(CACHE_ENTRIES, CACHE_BYTES, Duration::from_secs(30))),
+        conns: Mutex::new(HashMap::new()),
         counters: counters.clone(),
         permits: Semaphore::new(MAX_IN_FLIGHT),
     });
@@ -135,7 +178,7 @@ pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(Sock
             permit.forget();
             let (s2, udp2, msg) = (s.clone(), udp.clone(), buf[..n].to_vec());
             tokio::spawn(async move {
-                if let Some(r) = handle(&s2, msg).await {
+                if let Some(r) = handle(&s2, peer, msg).await {
                     let _ = udp2.send_to(&r, peer).await;
                 }
                 s2.permits.add_permits(1);
@@ -144,15 +187,63 @@ pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(Sock
     });
     tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = tcp.accept().await else { continue };
+            let (conn, peer) = match tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors (or another transient error): back off rather
+                    // than spin on a listener that stays readable.
+                    tracing::warn!(error = %e, "NG TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = ConnSlot::take(&shared, peer.ip()) else {
+                shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %peer.ip(), "NG TCP connection refused: too many open");
+                continue;
+            };
             let s = shared.clone();
-            tokio::spawn(async move { tcp_conn(s, conn).await });
+            tokio::spawn(async move {
+                tcp_conn(s, conn, peer).await;
+                drop(slot);
+            });
         }
     });
     Ok((bound, counters))
 }
 
-async fn tcp_conn(s: Arc<Shared>, mut conn: tokio::net::TcpStream) {
+/// A TCP connection's place in the per-IP and total counts, given back on drop.
+struct ConnSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl ConnSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let mut c = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = c.values().sum();
+        let mine = c.get(&ip).copied().unwrap_or(0);
+        if total >= MAX_TCP_CONNECTIONS || mine >= MAX_TCP_PER_IP {
+            return None;
+        }
+        *c.entry(ip).or_insert(0) += 1;
+        Some(Self { shared: shared.clone(), ip })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut c = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn tcp_conn(s: Arc<Shared>, mut conn: tokio::net::TcpStream, peer: SocketAddr) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 16384];
     loop {
@@ -175,14 +266,14 @@ async fn tcp_conn(s: Arc<Shared>, mut conn: tokio::net::TcpStream) {
                 // The stream cannot be resynchronised: answer, then close.
                 Err(_) => {
                     let msg = buf.clone();
-                    if let Some(r) = handle(&s, msg).await {
+                    if let Some(r) = handle(&s, peer, msg).await {
                         let _ = conn.write_all(&r).await;
                     }
                     return;
                 }
             };
             let msg: Vec<u8> = buf.drain(..used).collect();
-            if let Some(r) = handle(&s, msg).await {
+            if let Some(r) = handle(&s, peer, msg).await {
                 if conn.write_all(&r).await.is_err() {
                     return;
                 }
@@ -192,9 +283,13 @@ async fn tcp_conn(s: Arc<Shared>, mut conn: tokio::net::TcpStream) {
             s.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match conn.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        match tokio::time::timeout(TCP_IDLE, conn.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {
+                tracing::debug!(peer = %peer.ip(), "NG TCP connection idle, closed");
+                return;
+            }
         }
     }
 }
@@ -206,12 +301,33 @@ mod tests {
     #[test]
     fn cache_is_bounded_and_expires() {
         let t = Instant::now();
-        let mut c = ReplyCache::new(2, Duration::from_secs(30));
-        c.put(b"a", b"1".to_vec(), t);
-        c.put(b"b", b"2".to_vec(), t);
-        c.put(b"c", b"3".to_vec(), t);
-        assert_eq!(c.get(b"a", t), None, "oldest evicted");
-        assert_eq!(c.get(b"c", t), Some(&b"3"[..]));
-        assert_eq!(c.get(b"c", t + Duration::from_secs(31)), None, "expired");
+        let p: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut c = ReplyCache::new(2, 1 << 20, Duration::from_secs(30));
+        c.put(p, b"a", b"1".to_vec(), t);
+        c.put(p, b"b", b"2".to_vec(), t);
+        c.put(p, b"c", b"3".to_vec(), t);
+        assert_eq!(c.get(p, b"a", t), None, "oldest evicted");
+        assert_eq!(c.get(p, b"c", t), Some(&b"3"[..]));
+        assert_eq!(c.get(p, b"c", t + Duration::from_secs(31)), None, "expired");
+    }
+
+    #[test]
+    fn cache_is_bounded_in_bytes_and_keyed_by_peer() {
+        let t = Instant::now();
+        let (p, q): (SocketAddr, SocketAddr) = ("127.0.0.1:5000".parse().unwrap(), "127.0.0.2:5000".parse().unwrap());
+        let mut c = ReplyCache::new(1000, 100, Duration::from_secs(30));
+        c.put(p, b"k", vec![1; 40], t);
+        c.put(q, b"k", vec![2; 40], t);
+        assert_eq!(c.get(p, b"k", t), Some(&[1u8; 40][..]));
+        assert_eq!(c.get(q, b"k", t), Some(&[2u8; 40][..]), "same cookie, other peer: its own answer");
+        c.put(p, b"z", vec![3; 40], t);
+        assert!(c.bytes() <= 100, "{}", c.bytes());
+        assert_eq!(c.get(p, b"k", t), None, "oldest evicted to stay within the byte budget");
+        assert_eq!(c.get(p, b"z", t).map(<[u8]>::len), Some(40));
+        c.put(p, b"huge", vec![0; 1000], t);
+        assert_eq!(c.get(p, b"huge", t), None, "larger than the budget: not kept");
+        // Replacing an entry keeps the count exact.
+        c.put(p, b"z", vec![4; 10], t);
+        assert_eq!(c.bytes(), 41 + 11);
     }
 }

@@ -38,6 +38,8 @@ impl From<Error> for ApiError {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Error::RemoteDenied(_) => (StatusCode::FORBIDDEN, "remote_denied"),
+            Error::RoomFull(_) => (StatusCode::CONFLICT, "room_full"),
             Error::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
