@@ -432,3 +432,26 @@ fn freed_ports_are_not_handed_to_the_next_session() {
     let (old, new) = (ports(&first), ports(&second));
     assert!(new.iter().all(|p| !old.contains(p)), "freed {old:?}, handed out {new:?}");
 }
+
+#[test]
+fn ng_tcp_message_over_1_mib_closes_the_connection_and_the_listener_lives() {
+    let relay = RelayProc::start(&["--rtp-ports", "47440-47459", "--listen-ng", "127.0.0.1:0"]);
+    let ng_addr = field(&relay.ready_line, "ng=");
+    let mut c = TcpStream::connect(&ng_addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // A string that announces 2 MB and never ends: the message can only grow.
+    let _ = c.write_all(b"big d3:sdp2000000:");
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..18 {
+        if c.write_all(&chunk).is_err() {
+            break; // Closed under our feet: what we wanted.
+        }
+    }
+    let mut buf = [0u8; 64];
+    assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)), "the connection is closed, nothing answered");
+    let mut d = TcpStream::connect(&ng_addr).unwrap();
+    d.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    d.write_all(b"p d7:command4:pinge").unwrap();
+    let n = d.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"p d6:result4:ponge");
+}

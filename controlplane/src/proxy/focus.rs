@@ -283,6 +283,8 @@ pub(crate) mod tests {
         fail: std::sync::atomic::AtomicBool,
         /// Creating a room takes a while, as over the network (widens race windows).
         slow: std::sync::atomic::AtomicBool,
+        /// Every room is full.
+        full: std::sync::atomic::AtomicBool,
         rooms: AtomicU32,
         joined: AtomicU32,
         left: AtomicU32,
@@ -304,6 +306,9 @@ pub(crate) mod tests {
             Ok(())
         }
         fn join(&self, _: &str, _: Codec, pt: u8, _: Option<SocketAddr>) -> Result<ParticipantCreated, Error> {
+            if self.full.load(Ordering::Relaxed) {
+                return Err(Error::RoomFull("conference is full".into()));
+            }
             let n = self.joined.fetch_add(1, Ordering::Relaxed);
             Ok(ParticipantCreated {
                 id: format!("{n:08x}"),
@@ -334,6 +339,20 @@ pub(crate) mod tests {
         assert_eq!(f.counts(), (1, 2), "one room, two members");
         assert_eq!(f.join("r1", "c2", &pcmu).unwrap(), f.join("r1", "c2", OFFER).unwrap(), "same answer again");
         assert_eq!(a.joined.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_full_room_is_refused_not_split_over_another_node() {
+        let (a, b) = (Arc::new(FakeMixer::default()), Arc::new(FakeMixer::default()));
+        let f = Focus::new(vec![a.clone(), b.clone()]);
+        f.join("r", "c1", OFFER).unwrap();
+        a.full.store(true, Ordering::Relaxed);
+        match f.join("r", "c2", OFFER) {
+            Err(JoinError::Unavailable(why)) => assert!(why.contains("full"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.rooms.load(Ordering::Relaxed), 0, "no second room elsewhere");
+        assert_eq!(f.counts(), (1, 1));
     }
 
     #[test]
