@@ -455,3 +455,14 @@ fn ng_tcp_message_over_1_mib_closes_the_connection_and_the_listener_lives() {
     let n = d.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"p d6:result4:ponge");
 }
+
+#[test]
+fn remote_pointing_at_own_sip_port_is_refused_in_hasp_up() {
+    let (relay, sip, _dir) = up_with_sip("media.test", "47460-47479", "deputy-sip");
+    let body = format!(r#"{{"legs":[{{"remote":"{sip}"}}]}}"#);
+    let (s, v) = relay.call("POST", "/v1/sessions", Some(&body));
+    assert_eq!((s, v["code"].as_str()), (403, Some("remote_denied")), "{v}");
+    // Anywhere else on this host is fine (tests run on loopback).
+    let peer = udp();
+    relay.create(&format!(r#"{{"legs":[{{"remote":"{}"}}]}}"#, peer.local_addr().unwrap()));
+}

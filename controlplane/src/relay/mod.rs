@@ -311,7 +311,8 @@ impl Relay {
     /// Refuses a remote that is one of the relay's own addresses or in a denied network.
     pub fn check_remote(&self, remote: SocketAddr) -> Result<(), Error> {
         self.remote.read().unwrap_or_else(|e| e.into_inner()).check(remote).map_err(|e| {
-            tracing::info!(error = %e, "remote refused");
+            // Debug, not info: whoever sends the remotes could flood the log.
+            tracing::debug!(error = %e, "remote refused");
             Error::RemoteDenied(e.to_string())
         })
     }
