@@ -647,6 +647,27 @@ mod tests {
     }
 
     #[test]
+    fn rtcp_follows_the_rtp_latch_and_a_hold_keeps_latches() {
+        let t = Instant::now();
+        let mut tb = Table::new(t);
+        let s = tb.insert(&spec(1), t).unwrap();
+        let rtcp = [0x80, 200, 0, 1, 0, 0, 0, 9];
+        let (phone, thief) = (SocketAddr::from(([127, 0, 0, 2], 5000)), SocketAddr::from(([127, 0, 0, 3], 5001)));
+        // Nothing signalled, RTP not latched: no RTCP source is trusted yet.
+        assert_eq!(tb.on_packet(t, s[0][RTCP], thief, &rtcp), Verdict::Drop(DropReason::SourceMismatch));
+        tb.on_packet(t, s[0][RTP], phone, &rtp(1));
+        assert_eq!(tb.on_packet(t, s[0][RTCP], thief, &rtcp), Verdict::Drop(DropReason::SourceMismatch));
+        tb.on_packet(t, s[1][RTP], a(6000), &rtp(1));
+        let phone_rtcp = SocketAddr::from(([127, 0, 0, 2], 5001));
+        assert_eq!(tb.on_packet(t, s[0][RTCP], phone_rtcp, &rtcp), Verdict::Forward { out: s[1][RTCP], dst: a(6001) });
+        // A hold (remote cleared) keeps the latch: after any silence, the thief is refused.
+        assert!(tb.set_remote(1, 0, None));
+        let later = t + Duration::from_secs(30);
+        assert_eq!(tb.on_packet(later, s[0][RTP], thief, &rtp(2)), Verdict::Drop(DropReason::SourceMismatch));
+        assert_eq!(tb.on_packet(later, s[1][RTP], a(6000), &rtp(2)), Verdict::Forward { out: s[0][RTP], dst: phone });
+    }
+
+    #[test]
     fn set_remote_resets_latch() {
         let t = Instant::now();
         let mut tb = Table::new(t);
