@@ -39,6 +39,9 @@ pub struct ProxyRoleConfig {
     /// SIP requests per second accepted from one source IP (bursts of twice that); 0:
     /// no limit.
     pub sip_rate_limit: u32,
+    /// Peers trusted by source address (CIDRs: other proxies, a load balancer, a trunk):
+    /// not challenged, not refused as relaying, not rate limited.
+    pub trusted: Vec<ipnet::IpNet>,
     /// TCP connections open at once.
     pub sip_max_connections: usize,
     /// SIP core instances (threads); default: the number of cores.
@@ -72,6 +75,7 @@ impl Default for ProxyRoleConfig {
             nonce_secret: None,
             record_route: None,
             sip_rate_limit: 10_000,
+            trusted: Vec::new(),
             sip_max_connections: 4096,
             sip_threads: None,
             dns_servers: Vec::new(),

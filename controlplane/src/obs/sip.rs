@@ -28,12 +28,15 @@ impl Collector for SipMetrics {
         use Kind::{Counter, Gauge};
         let (p, d) = (&self.proxy, &self.driver);
         // Counters are named without `_total`: the encoder appends it.
-        let series: [(&str, Kind, &str, &AtomicU64); 18] = [
+        let series: [(&str, Kind, &str, &AtomicU64); 21] = [
             ("hasp_sip_malformed", Counter, "SIP messages that did not parse.", &p.malformed),
             ("hasp_sip_rejected", Counter, "Requests answered 4xx/5xx by the proxy.", &p.rejected),
             ("hasp_sip_forwarded", Counter, "Requests forwarded (per target).", &p.forwarded),
             ("hasp_sip_registers", Counter, "REGISTER requests handled.", &p.registers),
             ("hasp_sip_rate_limited", Counter, "Requests dropped by the per-source rate limit.", &p.rate_limited),
+            ("hasp_sip_challenged", Counter, "Requests challenged for credentials (407) by the relay policy.", &p.challenged),
+            ("hasp_sip_not_relayed", Counter, "Requests refused as relaying (403 Not relaying).", &p.not_relayed),
+            ("hasp_sip_digest_replays", Counter, "Digest answers replayed (challenged again, stale).", &p.replays),
             ("hasp_sip_transactions", Gauge, "SIP transactions in progress.", &p.transactions),
             ("hasp_sip_queue_drops", Counter, "Messages dropped because the proxy's queue was full.", &d.queue_drops),
             ("hasp_sip_send_drops", Counter, "Messages that could not be sent.", &d.send_drops),

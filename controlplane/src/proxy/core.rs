@@ -15,7 +15,9 @@ use super::focus::JoinError;
 use super::registrar;
 use crate::error::Error;
 use crate::store::Binding;
-use sip::digest::{Credentials, Nonces};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng};
+use sip::digest::{Credentials, Nonces, Replays};
 use sip::message::{aor_of, host_port, uri_of, Message, StartLine};
 use sip::steer;
 use sip::transaction::{client_key, server_key, Output, State, Transaction};
@@ -67,6 +69,9 @@ pub struct ProxyConfig {
     /// Requests per second accepted from one source address (bursts of twice that);
     /// more are dropped and counted. 0: no limit.
     pub rate_limit: u32,
+    /// Peers trusted by source address (other proxies, an LB, a trunk): their requests
+    /// are neither challenged nor refused as relaying, and not rate limited.
+    pub trusted: Vec<ipnet::IpNet>,
 }
 
 /// Counters.
@@ -108,6 +113,12 @@ pub struct ProxyMetrics {
     pub ops_timed_out: AtomicU64,
     /// Operations in progress (gauge).
     pub ops_pending: AtomicU64,
+    /// Requests challenged for credentials (407) by the relay policy.
+    pub challenged: AtomicU64,
+    /// Requests refused as relaying (403 Not relaying) or dropped (ACK).
+    pub not_relayed: AtomicU64,
+    /// Digest answers seen before (replays), challenged again.
+    pub replays: AtomicU64,
 }
 
 /// An operation the core asks the driver to perform.
@@ -341,6 +352,9 @@ enum Pending {
     Join { sk: SKey, user: String, transport: Transport },
     /// A conference leave (BYE).
     Leave { sk: SKey },
+    /// A request challenged for proxy authentication came back with credentials: the
+    /// user's secret, to check them; then the request proceeds.
+    ProxyAuth { sk: SKey, src: Peer, creds: Box<Credentials> },
     /// Nothing waits for the result (media deletes).
     Detached,
 }
@@ -388,6 +402,21 @@ pub struct Proxy {
     touched: Vec<TimerKey>,
     /// The wall clock at one instant, so Unix times derive from the injected `now`.
     epoch: (Instant, u64),
+    /// Branch ids, tags and nonce salts: a CSPRNG (seeded from the OS; tests inject a
+    /// seed), so none can be guessed by an off-path attacker.
+    rng: StdRng,
+    /// Nonce-counts seen, shared by every core of the process (a replayed request may be
+    /// steered to another core).
+    replays: Arc<Replays>,
+}
+
+/// What the proxy does with a request before routing it (RFC 3261 §16.3 policy: no
+/// open relay, local callers authenticate).
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Pass,
+    Refuse(u16, &'static str),
+    Challenge,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -452,6 +481,98 @@ impl Proxy {
             op_deadlines: Default::default(),
             touched: Vec::new(),
             epoch: (Instant::now(), unix),
+            rng: rand::make_rng(),
+            replays: Arc::default(),
+        }
+    }
+
+    /// Seeds the random generator (deterministic tests and simulations).
+    pub fn seed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    /// Shares the table of nonce-counts seen with the other cores of the process.
+    pub fn set_replays(&mut self, replays: Arc<Replays>) {
+        self.replays = replays;
+    }
+
+    /// A random To tag for a response the proxy makes itself.
+    fn tag(&mut self) -> String {
+        format!("{:016x}", self.rng.next_u64())
+    }
+
+    fn salts(&mut self) -> [u64; 2] {
+        [self.rng.next_u64(), self.rng.next_u64()]
+    }
+
+    /// The digest realm: the domain, in lower case (as users' HA1s are kept).
+    fn realm(&self) -> String {
+        self.cfg.domain.to_ascii_lowercase()
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.cfg.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The relay policy (as Kamailio's default configuration): requests from a caller
+    /// claiming one of our users must authenticate; a request for elsewhere from anyone
+    /// else is not relayed; conference rooms admit only authenticated users; requests
+    /// within a dialog we record-routed, and those of trusted peers, pass.
+    fn admission(&self, src: Peer, req: &Message) -> Admission {
+        let StartLine::Request { uri, method } = &req.start else { return Admission::Pass };
+        if method == "CANCEL" || self.trusted(src.addr.ip()) {
+            return Admission::Pass;
+        }
+        let top_route_is_us = req.header_values("Route").next().is_some_and(|r| self.is_us(uri_of(r)));
+        let to_here = req.header_values("Route").all(|r| self.is_us(uri_of(r))) && self.our_domain(uri);
+        if req.to_tag().is_some() && (top_route_is_us || to_here) {
+            return Admission::Pass;
+        }
+        let user = aor_of(uri).and_then(|a| a.split_once('@').map(|(u, _)| u.to_string()));
+        if to_here && (method == "REGISTER" || user.is_none()) {
+            // The registrar authenticates; requests to the proxy itself (keep-alive
+            // OPTIONS) are answered here.
+            return Admission::Pass;
+        }
+        let conference = self.focus && to_here && user.as_deref().and_then(super::focus::room_of_user).is_some();
+        let from_local = req.header("From").map(uri_of).is_some_and(|f| self.our_domain(f));
+        if conference || from_local {
+            return Admission::Challenge;
+        }
+        if !to_here {
+            return Admission::Refuse(403, "Not relaying");
+        }
+        Admission::Pass
+    }
+
+    /// A request that must authenticate: challenge it, or check its credentials (the
+    /// user's secret is read from the store; the request proceeds once they hold).
+    fn authenticate(&mut self, now: Instant, key: &SKey, src: Peer, req: &Message) {
+        let (salts, tag, realm, t) = (self.salts(), self.tag(), self.realm(), self.unix(now));
+        let who = registrar::Challenger::Proxy;
+        match registrar::credentials(&self.nonces, &realm, req, t, salts, who, &tag) {
+            Err(r) => {
+                self.metrics.challenged.fetch_add(1, Ordering::Relaxed);
+                self.reply(key, r, now)
+            }
+            Ok(creds) => {
+                if req.method() == "INVITE" {
+                    // The secret is read off this thread: stop the client's retransmissions.
+                    let trying = req.response(100, "Trying", None);
+                    self.reply(key, trying, now);
+                }
+                // A caller claiming one of our users must be that user.
+                let from_user = req.header("From").map(uri_of).and_then(aor_of);
+                let claims_other = from_user.as_deref().is_some_and(|a| {
+                    let (u, _) = a.split_once('@').unwrap_or((a, ""));
+                    self.our_domain(&format!("sip:{a}")) && u != creds.username
+                });
+                if claims_other {
+                    return self.reject(key, req, 403, "From does not match credentials", now);
+                }
+                let op = Op::Password { user: creds.username.clone(), domain: realm };
+                self.start(now, op, Pending::ProxyAuth { sk: key.clone(), src, creds: Box::new(creds) });
+            }
         }
     }
 
@@ -597,6 +718,9 @@ impl Proxy {
     /// transactions and are never limited. A message refused is counted and must be
     /// dropped, not answered (an answer would amplify the flood).
     pub fn admit(&mut self, now: Instant, src: Peer, data: &[u8]) -> bool {
+        if self.limit.is_none() || self.trusted(src.addr.ip()) {
+            return true;
+        }
         let Some(l) = &mut self.limit else { return true };
         if data.starts_with(b"SIP/") || l.allow(src.addr.ip(), now) {
             return true;
@@ -754,7 +878,7 @@ impl Proxy {
         self.servers.get(sk).filter(|s| s.open()).map(|s| s.tx.request().clone())
     }
 
-    fn on_request(&mut self, now: Instant, src: Peer, mut req: Message) {
+    fn on_request(&mut self, now: Instant, src: Peer, req: Message) {
         let Some(key) = server_key(&req) else {
             self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -767,6 +891,11 @@ impl Proxy {
                     s.tx.on_request(&req, now);
                     return;
                 }
+            }
+            if matches!(self.admission(src, &req), Admission::Refuse(..)) {
+                // An ACK is never answered: a stranger's ACK for elsewhere is dropped.
+                self.metrics.not_relayed.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             self.forward_stateless(now, req);
             return;
@@ -807,6 +936,27 @@ impl Proxy {
         if req.header_values("Via").any(|v| v.contains(&me) && v.contains(steer::BRANCH_PREFIX)) {
             return self.reject(&key, &req, 482, "Loop Detected", now);
         }
+        match self.admission(src, &req) {
+            Admission::Pass => self.proceed(now, &key, src, req),
+            Admission::Refuse(code, reason) => {
+                self.metrics.not_relayed.fetch_add(1, Ordering::Relaxed);
+                self.reject(&key, &req, code, reason, now)
+            }
+            Admission::Challenge => self.authenticate(now, &key, src, &req),
+        }
+    }
+
+    /// Routes a request the policy admitted (RFC 3261 §16.4 on).
+    fn proceed(&mut self, now: Instant, key: &SKey, src: Peer, mut req: Message) {
+        let key = key.clone();
+        let method = req.method().to_string();
+        // Credentials for our realm are consumed here, not forwarded (RFC 3261 §22.3);
+        // those for a realm further on stay.
+        let realm = self.realm();
+        req.headers.retain(|(n, v)| {
+            !n.eq_ignore_ascii_case("Proxy-Authorization")
+                || sip::digest::parse_credentials(v).is_some_and(|c| !c.realm.eq_ignore_ascii_case(&realm))
+        });
         // A 100 at once: the client stops retransmitting while we look things up.
         if method == "INVITE" {
             let trying = req.response(100, "Trying", None);
@@ -915,7 +1065,8 @@ impl Proxy {
     }
 
     fn register(&mut self, now: Instant, key: &SKey, req: &Message) {
-        match registrar::start(&self.nonces, &self.cfg.domain, req, self.unix(now)) {
+        let (salts, tag, realm) = (self.salts(), self.tag(), self.realm());
+        match registrar::start(&self.nonces, &realm, req, self.unix(now), salts, &tag) {
             registrar::Start::Reply(r) => self.reply(key, r, now),
             registrar::Start::Authenticate { aor, user, domain, creds } => {
                 self.start(now, Op::Password { user, domain }, Pending::RegPassword { sk: key.clone(), aor, creds });
@@ -959,24 +1110,54 @@ impl Proxy {
             // The registrar's steps read the request where it lies (a REGISTER is
             // handled at 1,000s per second: no copy of it per step).
             Pending::RegPassword { sk, aor, creds } => {
+                let (tag, salts, realm, t) = (self.tag(), self.salts(), self.realm(), self.unix(now));
                 let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return };
                 let req = s.tx.request();
                 let refused = match r {
-                    Ok(Done::Password(pw)) => registrar::check_password(req, &creds, pw.as_deref()).err(),
-                    _ => Some(registrar::unavailable(req)),
+                    Ok(Done::Password(stored)) => {
+                        match registrar::check_secret(&creds, "REGISTER", stored.as_deref(), &realm, &self.replays, t) {
+                            Ok(()) => None,
+                            Err(registrar::Refusal::Forbidden) => Some(req.response(403, "Forbidden", Some(&tag))),
+                            Err(registrar::Refusal::Replay) => {
+                                self.metrics.replays.fetch_add(1, Ordering::Relaxed);
+                                let who = registrar::Challenger::Registrar;
+                                Some(registrar::challenge_response(&self.nonces, &realm, req, t, salts, true, who, &tag))
+                            }
+                        }
+                    }
+                    _ => Some(registrar::unavailable(req, &tag)),
                 };
                 match refused {
                     None => self.register_bindings(now, sk, aor),
                     Some(resp) => self.reply(&sk, resp, now),
                 }
             }
+            Pending::ProxyAuth { sk, src, creds } => {
+                let (tag, salts, realm, t) = (self.tag(), self.salts(), self.realm(), self.unix(now));
+                let Some(req) = self.open_request(&sk) else { return };
+                let resp = match r {
+                    Ok(Done::Password(stored)) => {
+                        match registrar::check_secret(&creds, req.method(), stored.as_deref(), &realm, &self.replays, t) {
+                            Ok(()) => return self.proceed(now, &sk, src, req),
+                            Err(registrar::Refusal::Forbidden) => req.response(403, "Forbidden", Some(&tag)),
+                            Err(registrar::Refusal::Replay) => {
+                                self.metrics.replays.fetch_add(1, Ordering::Relaxed);
+                                let who = registrar::Challenger::Proxy;
+                                registrar::challenge_response(&self.nonces, &realm, &req, t, salts, true, who, &tag)
+                            }
+                        }
+                    }
+                    _ => registrar::unavailable(&req, &tag),
+                };
+                self.reply(&sk, resp, now);
+            }
             Pending::RegBindings { sk, aor } => {
-                let t = self.unix(now);
+                let (t, tag) = (self.unix(now), self.tag());
                 let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return self.register_next(now, &aor) };
                 let req = s.tx.request();
                 let applied = match r {
-                    Ok(Done::Bindings(b)) => registrar::apply(req, b, &s.src.addr.to_string(), t),
-                    _ => Err(registrar::unavailable(req)),
+                    Ok(Done::Bindings(b)) => registrar::apply(req, b, &s.src.addr.to_string(), t, &tag),
+                    _ => Err(registrar::unavailable(req, &tag)),
                 };
                 match applied {
                     Ok(bindings) => {
@@ -990,10 +1171,10 @@ impl Proxy {
                 }
             }
             Pending::RegStore { sk, aor, bindings } => {
-                let t = self.unix(now);
+                let (t, tag) = (self.unix(now), self.tag());
                 let resp = self.servers.get(&sk).filter(|s| s.open()).map(|s| match r {
-                    Ok(Done::Stored) => registrar::accepted(s.tx.request(), &bindings, t),
-                    _ => registrar::unavailable(s.tx.request()),
+                    Ok(Done::Stored) => registrar::accepted(s.tx.request(), &bindings, t, &tag),
+                    _ => registrar::unavailable(s.tx.request(), &tag),
                 });
                 if let Some(resp) = resp {
                     self.reply(&sk, resp, now);
@@ -1004,7 +1185,10 @@ impl Proxy {
                 let Some(req) = self.open_request(&sk) else { return };
                 let bindings = match r {
                     Ok(Done::Bindings(b)) => b,
-                    _ => return self.reply(&sk, registrar::unavailable(&req), now),
+                    _ => {
+                        let r = registrar::unavailable(&req, &self.tag());
+                        return self.reply(&sk, r, now);
+                    }
                 };
                 if bindings.is_empty() {
                     let ruri = match &req.start {
@@ -1038,7 +1222,10 @@ impl Proxy {
                 match r {
                     Ok(Done::Password(Some(_))) => self.reject(&sk, &req, 480, "Temporarily Unavailable", now),
                     Ok(Done::Password(None)) => self.reject(&sk, &req, 404, "Not Found", now),
-                    _ => self.reply(&sk, registrar::unavailable(&req), now),
+                    _ => {
+                        let r = registrar::unavailable(&req, &self.tag());
+                        self.reply(&sk, r, now)
+                    }
                 }
             }
             Pending::Resolve { sk, target } => {
@@ -1173,7 +1360,7 @@ impl Proxy {
                 let resp = match r {
                     Ok(Done::Left(true)) => req.response(200, "OK", None),
                     Ok(Done::Left(false)) => req.response(481, "Call/Transaction Does Not Exist", None),
-                    _ => registrar::unavailable(&req),
+                    _ => registrar::unavailable(&req, &self.tag()),
                 };
                 self.reply(&sk, resp, now);
             }
@@ -1220,7 +1407,7 @@ impl Proxy {
 
     fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {
         self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-        let r = req.response(code, reason, Some("rej"));
+        let r = req.response(code, reason, Some(&self.tag()));
         self.reply(key, r, now);
     }
 
@@ -1603,6 +1790,7 @@ fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::proxy::focus::{tests::FakeMixer, Focus};
+    use ipnet::IpNet;
     use std::time::Duration;
 
     /// The outside world of a core under test: the store, the relay and the focus,
@@ -1737,8 +1925,12 @@ mod tests {
             nonce_secret: "s".into(),
             record_route: None,
             rate_limit: 0,
+            // The unit tests' caller is a trusted peer, except where a test is about the
+            // relay policy (`untrusted`).
+            trusted: vec![IpNet::from(CALLER.parse::<SocketAddr>().unwrap().ip())],
         };
         let mut p = Proxy::new(cfg, anchor);
+        p.seed(7);
         let t0 = Instant::now();
         p.set_epoch(t0, T0);
         (p, t0)
@@ -1869,6 +2061,7 @@ mod tests {
             nonce_secret: "s".into(),
             record_route: None,
             rate_limit: 10,
+            trusted: Vec::new(),
         };
         let mut p = Proxy::new(cfg, false);
         let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:5070".parse().unwrap(), "10.0.0.2:5070".parse().unwrap());
@@ -2078,5 +2271,144 @@ mod tests {
         w.complete(&mut p, t0, 0, Some(Err(Error::Store("etcd: deadline exceeded".into()))));
         assert_eq!(lines_to(&w.take_sent(), bob), ["SIP/2.0 503 Service Unavailable"]);
         assert_eq!((w.held.len(), p.pending_ops()), (0, 0));
+    }
+
+    /// A proxy that trusts nobody (the relay policy applies to every source).
+    fn untrusted() -> (Proxy, Instant) {
+        let (mut p, t0) = proxy(false);
+        p.cfg.trusted.clear();
+        (p, t0)
+    }
+
+    fn request(method: &str, uri: &str, from: &str, branch: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <{from}>;tag=f{branch}\r\nTo: <{uri}>\r\nCall-ID: c-{branch}\r\nCSeq: 1 {method}\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// `Proxy-Authorization` answering the first challenge of a 407 for `user`/`pw`.
+    fn proxy_auth(challenge: &str, method: &str, uri: &str, user: &str, pw: &str, nc: u32) -> String {
+        let nonce = challenge.split("nonce=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+        let creds = sip::digest::Credentials {
+            username: user.into(),
+            realm: "unit.test".into(),
+            nonce: nonce.clone(),
+            uri: uri.into(),
+            algorithm: Some("MD5".into()),
+            qop: Some("auth".into()),
+            nc: Some(format!("{nc:08x}")),
+            cnonce: Some("cn".into()),
+            ..Default::default()
+        };
+        let resp = sip::digest::expected_response(&creds, method, pw).unwrap();
+        format!(
+            "Proxy-Authorization: Digest username=\"{user}\", realm=\"unit.test\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{resp}\", algorithm=MD5, qop=auth, nc={nc:08x}, cnonce=\"cn\"\r\n"
+        )
+    }
+
+    #[test]
+    fn a_strangers_request_for_another_domain_is_403_and_nothing_is_sent_or_looked_up() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        for (n, m) in ["INVITE", "MESSAGE", "OPTIONS", "REGISTER"].iter().enumerate() {
+            let b = format!("s{n}");
+            w.deliver(&mut p, t0, caller(), &request(m, "sip:victim@198.51.100.7", "sip:eve@198.51.100.9", &b, ""));
+        }
+        // A Route naming a foreign hop does not help either.
+        let routed = request("INVITE", "sip:bob@unit.test", "sip:eve@x.test", "s9", "Route: <sip:198.51.100.7;lr>\r\n");
+        w.deliver(&mut p, t0, caller(), &routed);
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 5, "{sent:?}");
+        assert!(sent.iter().all(|(to, m)| *to == caller() && first_line(m) == "SIP/2.0 403 Not relaying"), "{sent:?}");
+        assert!(w.started.is_empty(), "no lookup, no resolution: {:?}", w.started);
+        assert_eq!(p.metrics().not_relayed.load(Ordering::Relaxed), 5);
+        // A stranger's ACK for elsewhere is dropped, not forwarded.
+        let ack = request("ACK", "sip:victim@198.51.100.7", "sip:eve@x.test", "s10", "");
+        w.deliver(&mut p, t0, caller(), &ack);
+        assert!(w.take_sent().is_empty());
+        // A stranger may still call one of our users (an incoming call).
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5090", 600)]);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", "sip:bob@unit.test", "sip:eve@x.test", "s11", ""));
+        let sent = w.take_sent();
+        assert!(sent.iter().any(|(to, m)| to.addr.port() == 5090 && m.starts_with("MESSAGE ")), "{sent:?}");
+    }
+
+    #[test]
+    fn a_local_callers_request_is_challenged_and_proceeds_once_and_only_once_per_nonce_count() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        w.passwords.insert("alice@unit.test".into(), sip::digest::Secret::new("alice", "unit.test", "pw").encode());
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5090", 600)]);
+        let (uri, from) = ("sip:bob@unit.test", "sip:alice@unit.test");
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a1", ""));
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let challenge = sent[0].1.clone();
+        assert!(challenge.starts_with("SIP/2.0 407 Proxy Authentication Required"), "{challenge}");
+        assert!(challenge.contains("Proxy-Authenticate: Digest realm=\"unit.test\""), "{challenge}");
+        assert!(w.started.is_empty(), "nothing looked up before the caller proves who it is");
+        // Wrong password: 403; nothing forwarded.
+        let bad = proxy_auth(&challenge, "MESSAGE", uri, "alice", "nope", 1);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a2", &bad));
+        let sent = w.take_sent();
+        assert!(sent.len() == 1 && first_line(&sent[0].1) == "SIP/2.0 403 Forbidden", "{sent:?}");
+        // Credentials of another user for alice's From: 403 without a store lookup.
+        let other = proxy_auth(&challenge, "MESSAGE", uri, "mallory", "pw", 1);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a3", &other));
+        let sent = w.take_sent();
+        assert!(sent.len() == 1 && sent[0].1.starts_with("SIP/2.0 403 From does not match"), "{sent:?}");
+        // Good credentials: forwarded to bob, without our credentials.
+        let good = proxy_auth(&challenge, "MESSAGE", uri, "alice", "pw", 1);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a4", &good));
+        let sent = w.take_sent();
+        let fwd = sent.iter().find(|(to, _)| to.addr.port() == 5090).expect("forwarded to bob");
+        assert!(!fwd.1.contains("Proxy-Authorization"), "{}", fwd.1);
+        // The same credentials replayed in a new request: challenged again, stale.
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a5", &good));
+        let sent = w.take_sent();
+        assert!(sent.len() == 1 && sent[0].1.starts_with("SIP/2.0 407"), "{sent:?}");
+        assert!(sent[0].1.contains("stale=true"), "{}", sent[0].1);
+        assert_eq!(p.metrics().replays.load(Ordering::Relaxed), 1);
+        // The next nonce-count is fine.
+        let next = proxy_auth(&challenge, "MESSAGE", uri, "alice", "pw", 2);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a6", &next));
+        assert!(w.take_sent().iter().any(|(to, _)| to.addr.port() == 5090));
+    }
+
+    #[test]
+    fn conference_rooms_admit_only_authenticated_users() {
+        let (mut p, t0) = untrusted();
+        p.set_focus(true);
+        let mut w = World::new();
+        w.passwords.insert("carol@unit.test".into(), sip::digest::Secret::new("carol", "unit.test", "pw").encode());
+        let uri = "sip:conf-room@unit.test";
+        let inv = |branch: &str, extra: &str| {
+            format!(
+                "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <sip:eve@x.test>;tag=f\r\nTo: <{uri}>\r\nCall-ID: conf-{branch}\r\nCSeq: 1 INVITE\r\nContact: <sip:eve@10.0.0.1:5070>\r\nMax-Forwards: 70\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{SDP}",
+                SDP.len()
+            )
+            .into_bytes()
+        };
+        w.deliver(&mut p, t0, caller(), &inv("j1", ""));
+        let sent = w.take_sent();
+        let challenge = sent.iter().find(|(_, m)| m.starts_with("SIP/2.0 407")).expect("challenged").1.clone();
+        assert!(!w.started.iter().any(|o| matches!(o, Op::Join { .. })), "nobody joined");
+        let auth = proxy_auth(&challenge, "INVITE", uri, "carol", "pw", 1);
+        w.deliver(&mut p, t0, caller(), &inv("j2", &auth));
+        assert!(w.started.iter().any(|o| matches!(o, Op::Join { .. })), "{:?}", w.started);
+        assert!(w.take_sent().iter().any(|(_, m)| m.starts_with("SIP/2.0 200")));
+    }
+
+    #[test]
+    fn keepalives_to_the_proxy_itself_and_requests_of_trusted_peers_pass() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        w.deliver(&mut p, t0, caller(), &options(1));
+        assert!(first_line(&w.take_sent()[0].1).starts_with("SIP/2.0 200"));
+        p.cfg.trusted = vec!["10.0.0.0/24".parse().unwrap()];
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", "sip:x@198.51.100.7", "sip:a@unit.test", "t1", ""));
+        let sent = w.take_sent();
+        assert!(sent.iter().any(|(to, m)| to.addr.port() == 5060 && m.starts_with("MESSAGE ")), "{sent:?}");
     }
 }

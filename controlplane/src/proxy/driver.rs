@@ -162,7 +162,7 @@ impl Services {
         let no_focus = || Error::Config("no conference focus configured".into());
         match op {
             Op::Password { user, domain } => {
-                self.store(move |st| st.password(&user, &domain)).await.map(Done::Password)
+                self.store(move |st| st.secret(&user, &domain)).await.map(Done::Password)
             }
             Op::Bindings { aor, now } => self.store(move |st| st.bindings(&aor, now)).await.map(Done::Bindings),
             Op::SetBindings { aor, bindings } => {

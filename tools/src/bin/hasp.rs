@@ -159,6 +159,12 @@ struct SipArgs {
     /// are dropped and counted (hasp_sip_rate_limited_total). 0: no limit [default: 10000].
     #[arg(long, env = "HASP_SIP_RATE_LIMIT", value_name = "N")]
     sip_rate_limit: Option<u32>,
+    /// Peers trusted by source address, CIDR (other proxies, a load balancer, a trunk);
+    /// repeat or comma-separate. Their requests are not challenged, not refused as
+    /// relaying and not rate limited. Everyone else: callers claiming a local user must
+    /// authenticate, and requests for other domains get 403 Not relaying.
+    #[arg(long, env = "HASP_TRUSTED", value_name = "CIDR", value_delimiter = ',')]
+    trusted: Vec<ipnet::IpNet>,
     /// TCP connections the SIP proxy keeps open at once [default: 4096].
     #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N")]
     sip_max_connections: Option<usize>,
@@ -200,6 +206,9 @@ impl SipArgs {
         }
         if let Some(v) = self.sip_rate_limit {
             c.sip_rate_limit = v;
+        }
+        if !self.trusted.is_empty() {
+            c.trusted = self.trusted.clone();
         }
         if let Some(v) = self.sip_max_connections {
             c.sip_max_connections = v;
@@ -262,6 +271,7 @@ fn start_sip(
     let services = Arc::new(driver::Services::new(store, Some(anchor), focus.clone(), resolver, limits.blocking_ops));
     let metrics = Arc::new(core::ProxyMetrics::default());
     let m = metrics.clone();
+    let replays = Arc::new(sip::digest::Replays::default());
     let make_core = move |shard: usize, local: SocketAddr| {
         let cfg = core::ProxyConfig {
             domain: sip.domain.clone(),
@@ -269,8 +279,10 @@ fn start_sip(
             nonce_secret: nonce_secret.clone(),
             record_route: sip.record_route.clone(),
             rate_limit: sip.sip_rate_limit,
+            trusted: sip.trusted.clone(),
         };
         let mut proxy = core::Proxy::new(cfg, true);
+        proxy.set_replays(replays.clone());
         proxy.set_shard(shard, m.clone());
         proxy.set_deadlines(deadlines);
         if let Some(li) = &li {
