@@ -34,7 +34,12 @@ impl Collector for SipMetrics {
             ("hasp_sip_forwarded", Counter, "Requests forwarded (per target).", &p.forwarded),
             ("hasp_sip_registers", Counter, "REGISTER requests handled.", &p.registers),
             ("hasp_sip_rate_limited", Counter, "Requests dropped by the per-source rate limit.", &p.rate_limited),
-            ("hasp_sip_challenged", Counter, "Requests challenged for credentials (407) by the relay policy.", &p.challenged),
+            (
+                "hasp_sip_challenged",
+                Counter,
+                "Requests challenged for credentials (407) by the relay policy.",
+                &p.challenged,
+            ),
             ("hasp_sip_not_relayed", Counter, "Requests refused as relaying (403 Not relaying).", &p.not_relayed),
             ("hasp_sip_digest_replays", Counter, "Digest answers replayed (challenged again, stale).", &p.replays),
             ("hasp_sip_transactions", Gauge, "SIP transactions in progress.", &p.transactions),
@@ -79,12 +84,15 @@ mod tests {
     use super::*;
     use crate::proxy::focus::tests::FakeMixer;
 
-    const FAMILIES: [(&str, &str); 18] = [
+    const FAMILIES: [(&str, &str); 21] = [
         ("hasp_sip_malformed_total", "counter"),
         ("hasp_sip_rejected_total", "counter"),
         ("hasp_sip_forwarded_total", "counter"),
         ("hasp_sip_registers_total", "counter"),
         ("hasp_sip_rate_limited_total", "counter"),
+        ("hasp_sip_challenged_total", "counter"),
+        ("hasp_sip_not_relayed_total", "counter"),
+        ("hasp_sip_digest_replays_total", "counter"),
         ("hasp_sip_transactions", "gauge"),
         ("hasp_sip_queue_drops_total", "counter"),
         ("hasp_sip_send_drops_total", "counter"),

@@ -311,6 +311,8 @@ struct ServerTx {
     best: Option<Message>,
     /// A CANCEL came: no new branch is started.
     cancelled: bool,
+    /// 100 Trying was sent (once per INVITE, also when it waited for its credentials).
+    trying: bool,
 }
 
 impl ServerTx {
@@ -558,8 +560,7 @@ impl Proxy {
             Ok(creds) => {
                 if req.method() == "INVITE" {
                     // The secret is read off this thread: stop the client's retransmissions.
-                    let trying = req.response(100, "Trying", None);
-                    self.reply(key, trying, now);
+                    self.trying(now, key, req);
                 }
                 // A caller claiming one of our users must be that user.
                 let from_user = req.header("From").map(uri_of).and_then(aor_of);
@@ -921,6 +922,7 @@ impl Proxy {
                 client: None,
                 best: None,
                 cancelled: false,
+                trying: false,
             },
         );
         if method == "CANCEL" {
@@ -946,6 +948,14 @@ impl Proxy {
         }
     }
 
+    /// Sends 100 Trying for an INVITE, once.
+    fn trying(&mut self, now: Instant, key: &SKey, req: &Message) {
+        if self.servers.get_mut(key).is_some_and(|s| !std::mem::replace(&mut s.trying, true)) {
+            let trying = req.response(100, "Trying", None);
+            self.reply(key, trying, now);
+        }
+    }
+
     /// Routes a request the policy admitted (RFC 3261 §16.4 on).
     fn proceed(&mut self, now: Instant, key: &SKey, src: Peer, mut req: Message) {
         let key = key.clone();
@@ -959,8 +969,7 @@ impl Proxy {
         });
         // A 100 at once: the client stops retransmitting while we look things up.
         if method == "INVITE" {
-            let trying = req.response(100, "Trying", None);
-            self.reply(&key, trying, now);
+            self.trying(now, &key, &req);
         }
         if self.focus_request(now, &key, src, &req) {
             return;
@@ -1121,7 +1130,16 @@ impl Proxy {
                             Err(registrar::Refusal::Replay) => {
                                 self.metrics.replays.fetch_add(1, Ordering::Relaxed);
                                 let who = registrar::Challenger::Registrar;
-                                Some(registrar::challenge_response(&self.nonces, &realm, req, t, salts, true, who, &tag))
+                                Some(registrar::challenge_response(
+                                    &self.nonces,
+                                    &realm,
+                                    req,
+                                    t,
+                                    salts,
+                                    true,
+                                    who,
+                                    &tag,
+                                ))
                             }
                         }
                     }
@@ -1137,7 +1155,8 @@ impl Proxy {
                 let Some(req) = self.open_request(&sk) else { return };
                 let resp = match r {
                     Ok(Done::Password(stored)) => {
-                        match registrar::check_secret(&creds, req.method(), stored.as_deref(), &realm, &self.replays, t) {
+                        match registrar::check_secret(&creds, req.method(), stored.as_deref(), &realm, &self.replays, t)
+                        {
                             Ok(()) => return self.proceed(now, &sk, src, req),
                             Err(registrar::Refusal::Forbidden) => req.response(403, "Forbidden", Some(&tag)),
                             Err(registrar::Refusal::Replay) => {

@@ -161,9 +161,7 @@ impl Services {
         let no_anchor = || Error::Config("no media anchor configured".into());
         let no_focus = || Error::Config("no conference focus configured".into());
         match op {
-            Op::Password { user, domain } => {
-                self.store(move |st| st.secret(&user, &domain)).await.map(Done::Password)
-            }
+            Op::Password { user, domain } => self.store(move |st| st.secret(&user, &domain)).await.map(Done::Password),
             Op::Bindings { aor, now } => self.store(move |st| st.bindings(&aor, now)).await.map(Done::Bindings),
             Op::SetBindings { aor, bindings } => {
                 self.store(move |st| st.set_bindings(&aor, &bindings)).await.map(|()| Done::Stored)

@@ -163,7 +163,13 @@ pub fn start(nonces: &Nonces, realm: &str, req: &Message, now: u64, salts: [u64;
 
 /// Applies the REGISTER from `src` to the AOR's current (unexpired) bindings; returns
 /// the bindings to store, or the error response.
-pub fn apply(req: &Message, mut bindings: Vec<Binding>, src: &str, now: u64, tag: &str) -> Result<Vec<Binding>, Message> {
+pub fn apply(
+    req: &Message,
+    mut bindings: Vec<Binding>,
+    src: &str,
+    now: u64,
+    tag: &str,
+) -> Result<Vec<Binding>, Message> {
     let call_id = req.call_id().to_string();
     let cseq = req.cseq().map(|c| c.0).unwrap_or(0);
     let header_expires = req.header("Expires").and_then(|e| e.trim().parse::<u64>().ok());

@@ -296,7 +296,10 @@ mod tests {
             s.put_user("bob", "Example.COM", "x").unwrap();
         }
         let s = Embedded::open_with_clock(&path, Clock::Manual(clock)).unwrap();
-        assert_eq!(s.secret("bob", "example.com").unwrap(), Some(sip::digest::Secret::new("bob", "example.com", "x").encode()));
+        assert_eq!(
+            s.secret("bob", "example.com").unwrap(),
+            Some(sip::digest::Secret::new("bob", "example.com", "x").encode())
+        );
         assert_eq!(s.bindings("bob@example.com", 50).unwrap().len(), 1, "the battery's last bindings");
         assert_eq!(s.dialog("c2").unwrap().as_deref(), Some("ng://10.0.0.7:2223"), "and its last dialogs");
         assert_eq!(s.dialog("c1").unwrap(), None, "a deleted dialog stays deleted");
