@@ -39,6 +39,9 @@ pub struct ProxyRoleConfig {
     /// SIP requests per second accepted from one source IP (bursts of twice that); 0:
     /// no limit.
     pub sip_rate_limit: u32,
+    /// Seconds a source over `sip_rate_limit` is banned (everything it sends dropped,
+    /// in the kernel where possible); 0: only the excess is dropped.
+    pub sip_ban_secs: u64,
     /// Peers trusted by source address (CIDRs: other proxies, a load balancer, a trunk):
     /// not challenged, not refused as relaying, not rate limited.
     pub trusted: Vec<ipnet::IpNet>,
@@ -75,6 +78,7 @@ impl Default for ProxyRoleConfig {
             nonce_secret: None,
             record_route: None,
             sip_rate_limit: 10_000,
+            sip_ban_secs: 30,
             trusted: Vec::new(),
             sip_max_connections: 4096,
             sip_threads: None,

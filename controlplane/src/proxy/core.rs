@@ -69,6 +69,9 @@ pub struct ProxyConfig {
     /// Requests per second accepted from one source address (bursts of twice that);
     /// more are dropped and counted. 0: no limit.
     pub rate_limit: u32,
+    /// How long a source over its rate is banned (everything from it dropped unread);
+    /// zero: no ban, only the excess is dropped.
+    pub ban: Duration,
     /// Peers trusted by source address (other proxies, an LB, a trunk): their requests
     /// are neither challenged nor refused as relaying, and not rate limited.
     pub trusted: Vec<ipnet::IpNet>,
@@ -119,6 +122,11 @@ pub struct ProxyMetrics {
     pub not_relayed: AtomicU64,
     /// Digest answers seen before (replays), challenged again.
     pub replays: AtomicU64,
+    /// Sources banned for going over their rate.
+    pub bans: AtomicU64,
+    /// Error answers not sent: the source had its share (a spoofed source must not be
+    /// flooded with our answers).
+    pub replies_suppressed: AtomicU64,
 }
 
 /// An operation the core asks the driver to perform.
@@ -247,35 +255,77 @@ pub enum Action {
         /// When the core stops waiting.
         deadline: Instant,
     },
+    /// A source went over its rate: drop everything from it until `until`, as early as
+    /// possible (the driver drops it in the kernel, before it is read).
+    Ban {
+        /// The source.
+        ip: IpAddr,
+        /// When the ban ends.
+        until: Instant,
+    },
 }
 
 /// A token bucket per source address: `rate` requests per second, bursts of twice that.
+/// A source that empties its bucket is banned for `ban` (as Kamailio's pike module
+/// does): everything it sends meanwhile is dropped unread.
 #[derive(Debug)]
 struct RateLimit {
     rate: f64,
+    ban: Duration,
     buckets: HashMap<IpAddr, (f64, Instant)>,
+    banned: HashMap<IpAddr, Instant>,
+}
+
+/// What the rate limit says of one message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+    /// Drop, and a ban starts now (until then).
+    Ban(Instant),
 }
 
 impl RateLimit {
     /// Sources tracked before idle ones are forgotten.
     const MAX_SOURCES: usize = 100_000;
 
+    fn new(rate: f64, ban: Duration) -> Self {
+        Self { rate, ban, buckets: HashMap::new(), banned: HashMap::new() }
+    }
+
     fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.check(ip, now) == Verdict::Pass
+    }
+
+    fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+        if let Some(until) = self.banned.get(&ip) {
+            if now < *until {
+                return Verdict::Drop;
+            }
+            self.banned.remove(&ip);
+        }
         let burst = 2.0 * self.rate;
         if self.buckets.len() >= Self::MAX_SOURCES && !self.buckets.contains_key(&ip) {
             // Forget sources whose bucket has refilled: they lose nothing.
             let rate = self.rate;
             self.buckets.retain(|_, (t, at)| *t + rate * now.duration_since(*at).as_secs_f64() < burst);
+            self.banned.retain(|_, until| *until > now);
         }
         let (tokens, at) = self.buckets.entry(ip).or_insert((burst, now));
         *tokens = (*tokens + self.rate * now.saturating_duration_since(*at).as_secs_f64()).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
-            true
-        } else {
-            false
+            return Verdict::Pass;
         }
+        if self.ban.is_zero() || self.banned.len() >= Self::MAX_SOURCES {
+            return Verdict::Drop;
+        }
+        // Banned with a full bucket for when the ban ends: no instant re-ban.
+        self.buckets.remove(&ip);
+        let until = now + self.ban;
+        self.banned.insert(ip, until);
+        Verdict::Ban(until)
     }
 }
 
@@ -410,6 +460,10 @@ pub struct Proxy {
     /// Nonce-counts seen, shared by every core of the process (a replayed request may be
     /// steered to another core).
     replays: Arc<Replays>,
+    /// Error answers per source (untrusted, over UDP): a request with a forged source
+    /// makes the proxy answer the forged address, with retransmissions; this bounds what
+    /// any one address receives unasked.
+    error_replies: RateLimit,
 }
 
 /// What the proxy does with a request before routing it (RFC 3261 §16.3 policy: no
@@ -456,8 +510,7 @@ impl Proxy {
     /// offer/answer/delete operations).
     pub fn new(cfg: ProxyConfig, anchor: bool) -> Self {
         let nonces = Nonces::new(cfg.nonce_secret.clone());
-        let limit =
-            (cfg.rate_limit > 0).then(|| RateLimit { rate: f64::from(cfg.rate_limit), buckets: HashMap::new() });
+        let limit = (cfg.rate_limit > 0).then(|| RateLimit::new(f64::from(cfg.rate_limit), cfg.ban));
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self {
             cfg,
@@ -485,7 +538,23 @@ impl Proxy {
             epoch: (Instant::now(), unix),
             rng: rand::make_rng(),
             replays: Arc::default(),
+            error_replies: RateLimit::new(Self::ERROR_REPLIES_PER_SEC, Duration::ZERO),
         }
+    }
+
+    /// Error answers one untrusted UDP source receives per second (bursts of twice that).
+    const ERROR_REPLIES_PER_SEC: f64 = 20.0;
+
+    /// Whether an error answer may go to `src`; if not, the server transaction is
+    /// dropped silently (it would retransmit the answer).
+    fn may_answer_error(&mut self, now: Instant, key: &SKey) -> bool {
+        let Some(src) = self.servers.get(key).map(|s| s.src) else { return true };
+        if src.reliable() || self.trusted(src.addr.ip()) || self.error_replies.allow(src.addr.ip(), now) {
+            return true;
+        }
+        self.metrics.replies_suppressed.fetch_add(1, Ordering::Relaxed);
+        self.servers.remove(key);
+        false
     }
 
     /// Seeds the random generator (deterministic tests and simulations).
@@ -555,7 +624,9 @@ impl Proxy {
         match registrar::credentials(&self.nonces, &realm, req, t, salts, who, &tag) {
             Err(r) => {
                 self.metrics.challenged.fetch_add(1, Ordering::Relaxed);
-                self.reply(key, r, now)
+                if self.may_answer_error(now, key) {
+                    self.reply(key, r, now)
+                }
             }
             Ok(creds) => {
                 if req.method() == "INVITE" {
@@ -723,8 +794,16 @@ impl Proxy {
             return true;
         }
         let Some(l) = &mut self.limit else { return true };
-        if data.starts_with(b"SIP/") || l.allow(src.addr.ip(), now) {
+        if data.starts_with(b"SIP/") {
             return true;
+        }
+        match l.check(src.addr.ip(), now) {
+            Verdict::Pass => return true,
+            Verdict::Drop => {}
+            Verdict::Ban(until) => {
+                self.metrics.bans.fetch_add(1, Ordering::Relaxed);
+                self.out.push(Action::Ban { ip: src.addr.ip(), until });
+            }
         }
         self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         false
@@ -1426,6 +1505,9 @@ impl Proxy {
 
     fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {
         self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        if !self.may_answer_error(now, key) {
+            return;
+        }
         let r = req.response(code, reason, Some(&self.tag()));
         self.reply(key, r, now);
     }
@@ -1822,6 +1904,7 @@ mod tests {
         held: Vec<(OpId, Op)>,
         started: Vec<Op>,
         sent: Vec<(Peer, String)>,
+        banned: Vec<IpAddr>,
         /// Calls with media on the relay, and how many offers made it.
         media: HashMap<String, u32>,
         focus: Focus,
@@ -1838,6 +1921,7 @@ mod tests {
                 held: Vec::new(),
                 started: Vec::new(),
                 sent: Vec::new(),
+                banned: Vec::new(),
                 media: HashMap::new(),
                 focus: Focus::new(vec![Arc::new(FakeMixer::default())]),
             }
@@ -1900,6 +1984,7 @@ mod tests {
                 for a in actions {
                     match a {
                         Action::Send(to, b) => self.sent.push((to, String::from_utf8_lossy(&b).into_owned())),
+                        Action::Ban { ip, .. } => self.banned.push(ip),
                         Action::Start { id, op, .. } => {
                             self.started.push(op.clone());
                             if (self.hold)(&op) {
@@ -1944,6 +2029,7 @@ mod tests {
             nonce_secret: "s".into(),
             record_route: None,
             rate_limit: 0,
+            ban: Duration::ZERO,
             // The unit tests' caller is a trusted peer, except where a test is about the
             // relay policy (`untrusted`).
             trusted: vec![IpNet::from(CALLER.parse::<SocketAddr>().unwrap().ip())],
@@ -2080,6 +2166,7 @@ mod tests {
             nonce_secret: "s".into(),
             record_route: None,
             rate_limit: 10,
+            ban: Duration::ZERO,
             trusted: Vec::new(),
         };
         let mut p = Proxy::new(cfg, false);
@@ -2098,6 +2185,45 @@ mod tests {
         }
         assert_eq!(p.drain().len(), 10);
         assert_eq!(p.metrics().rate_limited.load(Ordering::Relaxed), 15);
+    }
+
+    #[test]
+    fn a_source_over_its_rate_is_banned_for_a_while_and_others_are_not() {
+        let (mut p, t0) = untrusted();
+        p.limit = Some(RateLimit::new(10.0, Duration::from_secs(30)));
+        let mut w = World::new();
+        let (a, b) = (caller(), Peer::udp("10.0.0.2:5070".parse().unwrap()));
+        for n in 0..100 {
+            w.deliver(&mut p, t0, a, &options(n));
+        }
+        assert_eq!(w.take_sent().len(), 20, "the burst is answered, nothing after it");
+        assert_eq!(w.banned, vec![a.addr.ip()], "banned once");
+        assert_eq!(p.metrics().bans.load(Ordering::Relaxed), 1);
+        // Ten seconds later its bucket would have refilled: still banned.
+        w.deliver(&mut p, t0 + Duration::from_secs(10), a, &options(500));
+        assert!(w.take_sent().is_empty());
+        w.deliver(&mut p, t0 + Duration::from_secs(10), b, &options(501));
+        assert_eq!(w.take_sent().len(), 1, "another source is served");
+        // After the ban: served again, with a full burst.
+        w.deliver(&mut p, t0 + Duration::from_secs(31), a, &options(600));
+        assert_eq!(w.take_sent().len(), 1);
+        assert_eq!(w.banned.len(), 1);
+    }
+
+    #[test]
+    fn error_answers_to_one_source_are_bounded() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        // A forged source: INVITEs for elsewhere, each answered 403 (and retransmitted
+        // until ACKed) — to the forged address.
+        for n in 0..200 {
+            let b = format!("f{n}");
+            w.deliver(&mut p, t0, caller(), &request("INVITE", "sip:x@198.51.100.7", "sip:e@x.test", &b, ""));
+        }
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 40, "a burst of twice the per-second share");
+        assert_eq!(p.metrics().replies_suppressed.load(Ordering::Relaxed), 160);
+        assert!(p.transactions() <= 40, "suppressed answers leave no transaction behind");
     }
 
     #[test]

@@ -159,6 +159,11 @@ struct SipArgs {
     /// are dropped and counted (hasp_sip_rate_limited_total). 0: no limit [default: 10000].
     #[arg(long, env = "HASP_SIP_RATE_LIMIT", value_name = "N")]
     sip_rate_limit: Option<u32>,
+    /// Seconds a source over --sip-rate-limit is banned: everything it sends is dropped
+    /// (IPv4: by a socket filter in the kernel, before it is read), as Kamailio's pike
+    /// does; counted in hasp_sip_bans_total. 0: only the excess is dropped [default: 30].
+    #[arg(long, env = "HASP_SIP_BAN_SECS", value_name = "SECS")]
+    sip_ban_secs: Option<u64>,
     /// Peers trusted by source address, CIDR (other proxies, a load balancer, a trunk);
     /// repeat or comma-separate. Their requests are not challenged, not refused as
     /// relaying and not rate limited. Everyone else: callers claiming a local user must
@@ -206,6 +211,9 @@ impl SipArgs {
         }
         if let Some(v) = self.sip_rate_limit {
             c.sip_rate_limit = v;
+        }
+        if let Some(v) = self.sip_ban_secs {
+            c.sip_ban_secs = v;
         }
         if !self.trusted.is_empty() {
             c.trusted = self.trusted.clone();
@@ -279,6 +287,7 @@ fn start_sip(
             nonce_secret: nonce_secret.clone(),
             record_route: sip.record_route.clone(),
             rate_limit: sip.sip_rate_limit,
+            ban: Duration::from_secs(sip.sip_ban_secs),
             trusted: sip.trusted.clone(),
         };
         let mut proxy = core::Proxy::new(cfg, true);
