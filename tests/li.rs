@@ -927,3 +927,108 @@ fn li_pcap_files_are_private() {
     }
     assert_eq!(std::fs::metadata(dir.join("li")).unwrap().permissions().mode() & 0o777, 0o700);
 }
+
+#[test]
+fn li_tables_grown_by_input_are_bounded_and_expire() {
+    use controlplane::li::{correlation_of, Li, LiConfig, SipEvent, MAX_AOR_CALLS, MAX_DESTINATIONS_PER_TASK};
+    use controlplane::relay::calls::{AnchorOptions, Calls};
+    use std::sync::Arc;
+    let dir = tmp("bounds");
+    let cfg =
+        controlplane::RelayConfig { rtp_ports: "47650-47699".parse().unwrap(), no_auth: true, ..Default::default() };
+    let relay = controlplane::Relay::start(cfg).unwrap();
+    let calls = Arc::new(Calls::new(relay.clone()));
+    let li_cfg = LiConfig { buffer_bytes: 1 << 16, ..LiConfig::new(dir.join("audit.log")) };
+    let li = Li::start(relay.clone(), calls.clone(), &li_cfg).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let xid = "b0b0b0b0-1111-4222-8333-000000000001";
+    let t: controlplane::li::tasks::Task =
+        serde_json::from_str(&task(xid, r#"{"aor":"carol@example.com"}"#, mf)).unwrap();
+    li.create("test", t, None).unwrap();
+    let ev = |call_id: &str| {
+        li.sip_event(&SipEvent {
+            call_id,
+            from_aor: "carol@example.com",
+            to_aor: "dave@example.com",
+            from_caller: true,
+            src: "127.0.0.1:5061".parse().unwrap(),
+            dst: "127.0.0.1:5062".parse().unwrap(),
+            message: b"INVITE sip:dave@example.com SIP/2.0\r\n\r\n",
+        })
+    };
+    // The target's real call, with media.
+    ev("real-call");
+    let (alice, bob) = (udp(), udp());
+    let sdp = |a: &UdpSocket| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\n",
+            a.local_addr().unwrap().port()
+        )
+    };
+    calls.offer("real-call", "f", None, &sdp(&alice), &AnchorOptions::default()).unwrap();
+    let answer = calls.answer("real-call", "f", "t", &sdp(&bob), &AnchorOptions::default()).unwrap();
+    let stat = |k: &str| li.stats()[k].as_u64().unwrap();
+    wait_for("the real call to be tapped", Duration::from_secs(5), || (stat("tapped_sessions") == 1).then_some(()));
+    // Forged messages naming the target, each with a new Call-ID, twice the bound.
+    for i in 0..2 * MAX_AOR_CALLS {
+        ev(&format!("forged-{i}"));
+    }
+    assert_eq!(stat("aor_calls") as usize, MAX_AOR_CALLS, "bounded");
+    assert!(stat("aor_calls_forgotten") as usize >= MAX_AOR_CALLS, "the oldest media-less calls were forgotten");
+    // The real call was not pushed out: its media is still tapped.
+    li.reconcile();
+    assert_eq!(stat("tapped_sessions"), 1);
+    // The forged messages' X2 (what the bounded delivery buffer kept) reach the
+    // mediation function first; take them off.
+    let delivered = wait_for("the X2 backlog delivered", Duration::from_secs(30), || {
+        let d = &li.stats()["destinations"][0]["stats"];
+        (d["queued_bytes"] == 0).then(|| d["delivered"].as_u64().unwrap())
+    });
+    let mut x2 = 0;
+    while x2 < delivered {
+        match pdus.recv_timeout(Duration::from_secs(10)).unwrap().pdu_type {
+            1 => x2 += 1,
+            t => assert_eq!(t, 3, "only X2 and keep-alives so far"),
+        }
+    }
+    let port = answer.lines().find_map(|l| l.strip_prefix("m=audio ")).unwrap().split(' ').next().unwrap();
+    alice.send_to(&rtp(7, 0xa, 1), ("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    assert_eq!(recv(&bob).0, rtp(7, 0xa, 1));
+    let x3 = std::iter::from_fn(|| pdus.recv_timeout(Duration::from_secs(10)).ok())
+        .find(|p| p.pdu_type != 3)
+        .expect("the real call's X3 (keep-alives aside)");
+    assert_eq!(x3.pdu_type, 2);
+    assert_eq!((x3.correlation, &x3.payload), (correlation_of("real-call"), &rtp(7, 0xa, 1)));
+    // Too many destinations for one task: refused with a stable code, nothing saved.
+    let dests: Vec<String> =
+        (0..=MAX_DESTINATIONS_PER_TASK).map(|i| format!(r#"{{"tcp":"127.0.0.1:{}"}}"#, 9000 + i)).collect();
+    let big: controlplane::li::tasks::Task = serde_json::from_str(&format!(
+        r#"{{"xid":"b0b0b0b0-1111-4222-8333-000000000002","targets":[{{"call_id":"x"}}],"destinations":[{}]}}"#,
+        dests.join(",")
+    ))
+    .unwrap();
+    assert_eq!(li.create("test", big, None).unwrap_err().code(), "limit_exceeded");
+    // A task that ended long ago is removed, audited and saved first.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let old = "b0b0b0b0-1111-4222-8333-000000000003";
+    let ended: controlplane::li::tasks::Task = serde_json::from_str(&format!(
+        r#"{{"xid":"{old}","targets":[{{"call_id":"y"}}],"destinations":[{{"tcp":"{mf}"}}],"start":{},"end":{}}}"#,
+        now - 3 * 3600,
+        now - 2 * 3600
+    ))
+    .unwrap();
+    li.create("test", ended, None).unwrap();
+    assert_eq!(li.list().len(), 2);
+    li.expire(now);
+    assert_eq!(li.list().len(), 1);
+    assert!(li.get(old).is_none() && li.get(xid).is_some(), "only the ended task went");
+    let recs = audit_records(&dir.join("audit.log"));
+    let exp: Vec<&Value> = recs.iter().filter(|r| r["action"] == "expire").collect();
+    assert_eq!(exp.len(), 2, "intent and outcome: {recs:?}");
+    assert_eq!((exp[0]["who"].as_str(), exp[1]["outcome"].as_str()), (Some("hasp"), Some("ok")));
+    let state = std::fs::read_to_string(dir.join("li-tasks.json")).unwrap();
+    assert!(state.contains(xid) && !state.contains(old));
+    relay.shutdown();
+}
