@@ -682,7 +682,7 @@ fn li_task_refused_when_audit_log_unwritable() {
         alice.send_to(&rtp(seq, 0xa, 1), rtp_p[0]).unwrap();
         assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
     }
-    let state = std::fs::read_to_string(audit.with_file_name("li-tasks.json")).unwrap_or_default();
+    let state = std::fs::read_to_string(audit.with_file_name("audit.tasks.json")).unwrap_or_default();
     assert!(!state.contains(xid), "a refused task is not saved: {state}");
     // The log is writable again (the next record recreates it): nothing was copied, the
     // task does not exist.
@@ -916,7 +916,7 @@ fn li_pcap_files_are_private() {
     assert!(std::fs::metadata(&new_pcap).unwrap().len() > 24, "the pcap holds the packet");
     // Every file LI made is its owner's alone; so is the directory it made.
     let mut seen = Vec::new();
-    for f in [&new_pcap, &old_pcap, &dir.join("li").join("audit.log"), &dir.join("li").join("li-tasks.json")] {
+    for f in [&new_pcap, &old_pcap, &dir.join("li").join("audit.log"), &dir.join("li").join("audit.tasks.json")] {
         let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", f.display());
         seen.push(f.file_name().unwrap().to_owned());
@@ -1028,7 +1028,7 @@ fn li_tables_grown_by_input_are_bounded_and_expire() {
     let exp: Vec<&Value> = recs.iter().filter(|r| r["action"] == "expire").collect();
     assert_eq!(exp.len(), 2, "intent and outcome: {recs:?}");
     assert_eq!((exp[0]["who"].as_str(), exp[1]["outcome"].as_str()), (Some("hasp"), Some("ok")));
-    let state = std::fs::read_to_string(dir.join("li-tasks.json")).unwrap();
+    let state = std::fs::read_to_string(dir.join("audit.tasks.json")).unwrap();
     assert!(state.contains(xid) && !state.contains(old));
     relay.shutdown();
 }

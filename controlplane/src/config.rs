@@ -137,8 +137,8 @@ pub struct RelayConfig {
     pub li_token: Option<String>,
     /// Append-only audit log of LI actions.
     pub li_audit_log: std::path::PathBuf,
-    /// LI task state file, read back at start-up; default: `li-tasks.json` next to
-    /// `li_audit_log`.
+    /// LI task state file, read back at start-up; default: `li_audit_log` with the
+    /// extension `.tasks.json`.
     pub li_state: Option<std::path::PathBuf>,
     /// Bytes buffered per mediation function while it is slow or away; then PDUs are
     /// dropped and counted.

@@ -29,9 +29,11 @@ pub struct TaskStore {
     path: PathBuf,
 }
 
-/// Where the task state lives when not configured: next to the audit log.
+/// Where the task state lives when not configured: next to the audit log, named after
+/// it (`li-audit.log` → `li-audit.tasks.json`), so two audit logs in one directory never
+/// share a state file.
 pub fn default_path(audit_log: &Path) -> PathBuf {
-    audit_log.with_file_name("li-tasks.json")
+    audit_log.with_extension("tasks.json")
 }
 
 impl TaskStore {
@@ -93,7 +95,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hasp-li-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let s = TaskStore::new(&dir.join("li-tasks.json"));
+        assert_eq!(default_path(&dir.join("li-audit.log")), dir.join("li-audit.tasks.json"));
+        let s = TaskStore::new(&default_path(&dir.join("li-audit.log")));
         assert!(s.load().unwrap().is_empty(), "no file: a first start");
         let t: Task = serde_json::from_str(
             r#"{"xid":"6ba7b810-9dad-11d1-80b4-00c04fd430c8","targets":[{"call_id":"c@h"}],"destinations":[{"tcp":"127.0.0.1:9000"}],"end":4102444800}"#,

@@ -316,7 +316,7 @@ struct RelayArgs {
     #[arg(long, env = "HASP_LI_AUDIT_LOG", value_name = "FILE")]
     li_audit_log: Option<PathBuf>,
     /// LI task state, saved on every change and read back at start-up [default:
-    /// li-tasks.json next to the audit log].
+    /// the audit log with extension .tasks.json].
     #[arg(long, env = "HASP_LI_STATE", value_name = "FILE")]
     li_state: Option<PathBuf>,
     /// Bytes buffered per mediation function while it is slow or away, before PDUs are
