@@ -784,36 +784,49 @@ fn li_tasks_survive_restart() {
     let pdus = mediation_function(l);
     let xid = "7e57a11e-2222-4333-8444-555566667777";
     let call_id = "li-restart-call@hasp.test";
+    let pcap = dir.join("task.pcap");
+    // A call of the target through `relay`: its media is tapped (X3 and pcap).
+    let tap_one = |relay: &RelayProc, li: &str, seq: u16| {
+        let ng = field(&relay.ready_line, "ng=");
+        let (alice, bob) = (udp(), udp());
+        let (to_bob, _) = ng_call(&ng, call_id, &alice, &bob);
+        wait_for("the target's call to be tapped", Duration::from_secs(10), || {
+            let v = li_call(relay, li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
+            (v["tapped_sessions"] == 1).then_some(())
+        });
+        alice.send_to(&rtp(seq, 0xa, 1), ("127.0.0.1", to_bob)).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+        let p = pdus.recv_timeout(Duration::from_secs(10)).expect("X3");
+        assert_eq!((p.pdu_type, p.xid, &p.payload), (2, xid_bytes(xid), &rtp(seq, 0xa, 1)));
+        assert_eq!(p.correlation, controlplane::li::correlation_of(call_id));
+    };
     let mut relay = RelayProc::start(&args);
     let li = field(&relay.ready_line, "li=");
     let t = format!(
-        r#"{{"xid":"{xid}","targets":[{{"call_id":"{call_id}"}}],"destinations":[{{"tcp":"{mf}"}}],"end":4102444800}}"#
+        r#"{{"xid":"{xid}","targets":[{{"call_id":"{call_id}"}}],"destinations":[{{"tcp":"{mf}"}}],"end":4102444800,"pcap":"{}"}}"#,
+        pcap.display()
     );
     let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), Some(LI_TOKEN));
     assert_eq!(s, 201, "{v}");
+    tap_one(&relay, &li, 1);
     // No goodbye: SIGKILL.
     relay.child.kill().unwrap();
     relay.child.wait().unwrap();
     drop(relay);
     let relay = RelayProc::start(&args);
-    let (li, ng) = (field(&relay.ready_line, "li="), field(&relay.ready_line, "ng="));
+    let li = field(&relay.ready_line, "li=");
     let (s, v) = li_call(&relay, &li, "GET", "/v1/li/tasks", None, Some(LI_TOKEN));
     assert_eq!(s, 200);
     let listed = &v["tasks"][0];
     assert_eq!((listed["xid"].as_str(), listed["active"].as_bool()), (Some(xid), Some(true)), "{v}");
     assert_eq!(listed["end"], 4102444800u64, "end time kept");
     // A new call of the target, after the restart, is tapped.
-    let (alice, bob) = (udp(), udp());
-    let (to_bob, _to_alice) = ng_call(&ng, call_id, &alice, &bob);
-    wait_for("the target's new call to be tapped", Duration::from_secs(10), || {
-        let v = li_call(&relay, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
-        (v["tapped_sessions"] == 1).then_some(())
-    });
-    alice.send_to(&rtp(1, 0xa, 1), ("127.0.0.1", to_bob)).unwrap();
-    assert_eq!(recv(&bob).0, rtp(1, 0xa, 1));
-    let p = pdus.recv_timeout(Duration::from_secs(10)).expect("X3 after the restart");
-    assert_eq!((p.pdu_type, p.xid, &p.payload), (2, xid_bytes(xid), &rtp(1, 0xa, 1)));
-    assert_eq!(p.correlation, controlplane::li::correlation_of(call_id));
+    tap_one(&relay, &li, 2);
+    // The pcap file was appended to, not started again: one header, both packets.
+    let cap = std::fs::read(&pcap).unwrap();
+    let rec = 16 + 28 + rtp(1, 0xa, 1).len();
+    assert_eq!(cap.len(), 24 + 2 * rec);
+    assert_eq!((&cap[24 + 16 + 28..24 + rec], &cap[24 + rec + 16 + 28..]), (&rtp(1, 0xa, 1)[..], &rtp(2, 0xa, 1)[..]));
     // The log says the task was put back in force, by hasp itself.
     let recs = audit_records(std::path::Path::new(&audit));
     let r = recs.iter().find(|r| r["action"] == "reinstate").expect("a reinstate record");
