@@ -948,7 +948,7 @@ fn li_tables_grown_by_input_are_bounded_and_expire() {
     use std::sync::Arc;
     let dir = tmp("bounds");
     let cfg =
-        controlplane::RelayConfig { rtp_ports: "47650-47699".parse().unwrap(), no_auth: true, ..Default::default() };
+        controlplane::RelayConfig { rtp_ports: "47650-47679".parse().unwrap(), no_auth: true, ..Default::default() };
     let relay = controlplane::Relay::start(cfg).unwrap();
     let calls = Arc::new(Calls::new(relay.clone()));
     let li_cfg = LiConfig { buffer_bytes: 1 << 16, ..LiConfig::new(dir.join("audit.log")) };
@@ -1044,4 +1044,48 @@ fn li_tables_grown_by_input_are_bounded_and_expire() {
     let state = std::fs::read_to_string(dir.join("audit.tasks.json")).unwrap();
     assert!(state.contains(xid) && !state.contains(old));
     relay.shutdown();
+}
+
+#[test]
+fn li_task_refused_when_its_state_cannot_be_saved() {
+    let dir = tmp("state-unsaveable");
+    // The state file's directory does not exist: every save fails.
+    let state = dir.join("missing").join("tasks.json").display().to_string();
+    let (relay, li, audit) = li_relay("47680-47699", &["--li-state", &state]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let (alice, bob) = (udp(), udp());
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, rtp_p, _) = relay.create(&body);
+    let xid = "5ca1ab1e-1111-4222-8333-444455556666";
+    let (s, v) = li_call(
+        &relay,
+        &li,
+        "POST",
+        "/v1/li/tasks",
+        Some(&task(xid, &format!(r#"{{"session":"{id}"}}"#), mf)),
+        Some(LI_TOKEN),
+    );
+    assert_eq!((s, v["code"].as_str()), (503, Some("state_unavailable")), "{v}");
+    for seq in 0..5u16 {
+        alice.send_to(&rtp(seq, 0xa, 1), rtp_p[0]).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+    }
+    let v = li_call(&relay, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
+    assert_eq!((v["packets_copied"].as_u64(), v["tasks"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert!(pdus.try_recv().is_err());
+    // The log has the intent and, with the same request id, why it did not happen.
+    let recs = audit_records(&audit);
+    let mine: Vec<&Value> = recs.iter().filter(|r| r["xid"] == xid).collect();
+    assert_eq!(mine.len(), 2, "{recs:?}");
+    assert_eq!(
+        (mine[0]["outcome"].as_str(), mine[1]["outcome"].as_str()),
+        (Some("pending"), Some("state_unavailable"))
+    );
+    assert_eq!(mine[0]["req"], mine[1]["req"]);
 }
