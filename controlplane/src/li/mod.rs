@@ -389,27 +389,26 @@ impl Li {
     ) -> Result<Task, Error> {
         const ACTION: &str = "modify";
         let _admin = self.admin();
-        let checked = {
-            let st = self.lock();
-            st.tasks.get(xid).ok_or_else(|| Error::NotFound(format!("no task {xid}"))).and_then(|e| {
-                let mut t = e.task.clone();
-                if let Some(v) = patch.targets {
-                    t.targets = v;
-                }
-                if let Some(v) = patch.destinations {
-                    t.destinations = v;
-                }
-                if patch.start.is_some() {
-                    t.start = patch.start;
-                }
-                if patch.end.is_some() {
-                    t.end = patch.end;
-                }
-                t.validate().map_err(Error::Invalid)?;
-                Self::check_bounds(&st, &t)?;
-                Ok(t)
-            })
-        };
+        // The task cannot change under us (changes hold `admin`); validation reads TLS
+        // files, so it runs without the state lock.
+        let current = self.lock().tasks.get(xid).map(|e| e.task.clone());
+        let checked = current.ok_or_else(|| Error::NotFound(format!("no task {xid}"))).and_then(|mut t| {
+            if let Some(v) = patch.targets {
+                t.targets = v;
+            }
+            if let Some(v) = patch.destinations {
+                t.destinations = v;
+            }
+            if patch.start.is_some() {
+                t.start = patch.start;
+            }
+            if patch.end.is_some() {
+                t.end = patch.end;
+            }
+            t.validate().map_err(Error::Invalid)?;
+            Self::check_bounds(&self.lock(), &t)?;
+            Ok(t)
+        });
         let task = match checked {
             Ok(t) => t,
             Err(e) => return Err(self.refused(who, ACTION, Some(xid), detail, e)),
