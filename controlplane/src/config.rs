@@ -145,6 +145,9 @@ pub struct RelayConfig {
     pub li_token: Option<String>,
     /// Append-only audit log of LI actions.
     pub li_audit_log: std::path::PathBuf,
+    /// LI task state file, read back at start-up; default: `li_audit_log` with the
+    /// extension `.tasks.json`.
+    pub li_state: Option<std::path::PathBuf>,
     /// Bytes buffered per mediation function while it is slow or away; then PDUs are
     /// dropped and counted.
     pub li_buffer_bytes: usize,
@@ -189,6 +192,7 @@ impl Default for RelayConfig {
             listen_li: None,
             li_token: None,
             li_audit_log: "hasp-data/li-audit.log".into(),
+            li_state: None,
             li_buffer_bytes: 8 << 20,
             media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,

@@ -336,6 +336,10 @@ struct RelayArgs {
     /// Append-only LI audit log [default: hasp-data/li-audit.log].
     #[arg(long, env = "HASP_LI_AUDIT_LOG", value_name = "FILE")]
     li_audit_log: Option<PathBuf>,
+    /// LI task state, saved on every change and read back at start-up [default:
+    /// the audit log with extension .tasks.json].
+    #[arg(long, env = "HASP_LI_STATE", value_name = "FILE")]
+    li_state: Option<PathBuf>,
     /// Bytes buffered per mediation function while it is slow or away, before PDUs are
     /// dropped and counted [default: 8388608].
     #[arg(long, env = "HASP_LI_BUFFER_BYTES", value_name = "BYTES")]
@@ -448,6 +452,9 @@ impl RelayArgs {
         if let Some(v) = &self.li_audit_log {
             c.li_audit_log = v.clone();
         }
+        if let Some(v) = &self.li_state {
+            c.li_state = Some(v.clone());
+        }
         if let Some(v) = self.rtp_ports {
             c.rtp_ports = v;
         }
@@ -553,6 +560,21 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         let relay = Relay::start(cfg.clone())?;
         let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
         let calls = Arc::new(Calls::new(relay.clone()));
+        // LI first: its saved tasks are in force before any listener can create a call.
+        let li_handle = match cfg.listen_li {
+            Some(_) => {
+                let li_cfg = controlplane::li::LiConfig {
+                    audit_log: cfg.li_audit_log.clone(),
+                    state: cfg
+                        .li_state
+                        .clone()
+                        .unwrap_or_else(|| controlplane::li::store::default_path(&cfg.li_audit_log)),
+                    buffer_bytes: cfg.li_buffer_bytes,
+                };
+                Some(controlplane::li::Li::start(relay.clone(), calls.clone(), &li_cfg)?)
+            }
+            None => None,
+        };
         let mut extra = String::new();
         if let Some(ng) = cfg.listen_ng {
             let (bound, _) = controlplane::control::ng::serve(ng, calls.clone())
@@ -566,10 +588,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                 .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
             extra.push_str(&format!(" rtpp={bound}"));
         }
-        let mut li_handle = None;
-        if let Some(addr) = cfg.listen_li {
-            let li = controlplane::li::Li::start(relay.clone(), calls.clone(), &cfg.li_audit_log, cfg.li_buffer_bytes)?;
-            li_handle = Some(li.clone());
+        if let (Some(addr), Some(li)) = (cfg.listen_li, li_handle.clone()) {
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
             extra.push_str(&format!(" li=http://{}", l.local_addr()?));
