@@ -185,7 +185,13 @@ pub fn router(state: LiApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the LI API on `listener` (peer addresses are recorded in the audit log).
-pub async fn serve(listener: tokio::net::TcpListener, state: LiApiState) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).await
+/// Serves the LI API on `listener` under `limits` (connection caps, timeouts: see
+/// [`crate::net::http`]) until the process ends. Peer addresses reach the handlers as
+/// `ConnectInfo` and are recorded in the audit log.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: LiApiState,
+    limits: crate::net::http::HttpLimits,
+) -> std::io::Result<()> {
+    crate::net::http::serve(listener, "li_api", router(state), limits, std::future::pending()).await
 }
