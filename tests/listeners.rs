@@ -242,9 +242,9 @@ fn one_source_at_its_http_connection_cap_leaves_room_for_other_sources() {
         wait_for("127.0.0.1 to be served again", Duration::from_secs(10), || {
             get(&mut connect_from(Ipv4Addr::LOCALHOST, addr), path, None)
         });
-        let refused = format!("hasp_http_connections_refused_total{{listener=\"{listener}\"}}");
-        assert!(metric(hasp.addr("api"), &refused, None) >= 1, "{refused} counts the refusal");
     }
+    // Counted (the LI API's listener is kept off /metrics: interception stays invisible).
+    assert!(metric(hasp.addr("api"), "hasp_http_connections_refused_total{listener=\"api\"}", None) >= 1);
 }
 
 #[test]
@@ -286,7 +286,6 @@ fn slowloris_half_a_header_is_closed_after_the_header_timeout() {
         assert!(get(&mut ok, "/health", None).is_some(), "{name}: still serving");
     }
     assert!(metric(relay.addr("api"), "hasp_http_timeouts_total{listener=\"api\"}", None) >= 2);
-    assert!(metric(relay.addr("api"), "hasp_http_timeouts_total{listener=\"li_api\"}", None) >= 2);
     assert!(metric(proxy.addr("api"), "hasp_http_timeouts_total{listener=\"api\"}", Some(API_TOKEN)) >= 2);
 }
 

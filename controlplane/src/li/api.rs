@@ -187,11 +187,13 @@ pub fn router(state: LiApiState) -> Router {
 
 /// Serves the LI API on `listener` under `limits` (connection caps, timeouts: see
 /// [`crate::net::http`]) until the process ends. Peer addresses reach the handlers as
-/// `ConnectInfo` and are recorded in the audit log.
+/// `ConnectInfo` and are recorded in the audit log. Its connection counters are kept
+/// off the relay's `/metrics`, which must not show that interception exists.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: LiApiState,
     limits: crate::net::http::HttpLimits,
 ) -> std::io::Result<()> {
-    crate::net::http::serve(listener, "li_api", router(state), limits, std::future::pending()).await
+    let stats = std::sync::Arc::new(crate::net::http::ListenerStats::new("li_api"));
+    crate::net::http::serve(listener, stats, router(state), limits, std::future::pending()).await
 }

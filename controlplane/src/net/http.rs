@@ -23,8 +23,9 @@
 //! Each request carries the peer address as axum's `ConnectInfo<SocketAddr>`, as
 //! `into_make_service_with_connect_info` would give it (the LI API audits it).
 //!
-//! The counters of every listener of the process are listed by [`listeners`] and exposed
-//! on `/metrics` as `hasp_http_*{listener="…"}` (see `obs::http`).
+//! Each listener counts into its [`ListenerStats`]; those made by [`exported`] are listed
+//! by [`listeners`] and exposed on `/metrics` as `hasp_http_*{listener="…"}` (see
+//! `obs::http`). The LI API's are not: interception stays invisible there.
 
 use crate::error::Error;
 use axum::extract::ConnectInfo;
@@ -140,10 +141,17 @@ fn registry() -> &'static Mutex<Vec<Arc<ListenerStats>>> {
     LISTENERS.get_or_init(Mutex::default)
 }
 
-/// The counters of every listener [`serve`] runs in this process, in start order.
+/// New counters for the listener `name`, listed by [`listeners`] (so on `/metrics`).
+pub fn exported(name: &'static str) -> Arc<ListenerStats> {
+    let stats = Arc::new(ListenerStats::new(name));
+    registry().lock().unwrap_or_else(|e| e.into_inner()).push(stats.clone());
+    stats
+}
+
+/// The counters of every listener made by [`exported`] in this process, in start order.
 ///
-/// Process-wide so that each `/metrics` (the relay's, `hasp proxy`'s) shows every HTTP
-/// listener of its process, including the LI API, which has no `/metrics` of its own.
+/// Process-wide so that each `/metrics` (the relay's, `hasp proxy`'s) shows the HTTP
+/// listeners of its process without each API's state carrying them.
 pub fn listeners() -> Vec<Arc<ListenerStats>> {
     registry().lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
@@ -201,18 +209,17 @@ fn out_of_resources(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
-/// Serves `router` on `listener` under `limits` until `shutdown` resolves, then lets
-/// requests in progress finish for up to [`SHUTDOWN_GRACE`]. `name` labels the
-/// listener's counters (`hasp_http_*{listener="name"}`).
+/// Serves `router` on `listener` under `limits`, counting into `stats`, until
+/// `shutdown` resolves, then lets requests in progress finish for up to
+/// [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
-    name: &'static str,
+    stats: Arc<ListenerStats>,
     router: axum::Router,
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let stats = Arc::new(ListenerStats::new(name));
-    registry().lock().unwrap_or_else(|e| e.into_inner()).push(stats.clone());
+    let name = stats.name;
     let admission = Arc::new(Admission::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -1,5 +1,5 @@
-//! The HTTP listeners' metrics (`net::http`), one sample per listener of the process,
-//! labelled `listener="api"`, `"li_api"`, … Part of every `/metrics`.
+//! The HTTP listeners' metrics (`net::http`), one sample per exported listener of the
+//! process, labelled `listener="api"`. Part of every `/metrics`.
 
 use super::{family, Kind};
 use crate::net::http::ListenerStats;
@@ -63,17 +63,17 @@ mod tests {
 
     #[test]
     fn every_listener_is_a_labelled_sample_of_each_family() {
-        let (api, li) = (Arc::new(ListenerStats::new("api")), Arc::new(ListenerStats::new("li_api")));
+        let (api, other) = (Arc::new(ListenerStats::new("api")), Arc::new(ListenerStats::new("other")));
         api.refused.store(3, Relaxed);
-        li.accept_backoffs.store(2, Relaxed);
+        other.accept_backoffs.store(2, Relaxed);
         api.open.store(1, Relaxed);
-        let text = crate::obs::render(vec![Box::new(HttpCollector::new(vec![api, li]))]).unwrap();
+        let text = crate::obs::render(vec![Box::new(HttpCollector::new(vec![api, other]))]).unwrap();
         for line in [
             "# TYPE hasp_http_connections_refused_total counter",
             "# TYPE hasp_http_connections_open gauge",
             "hasp_http_connections_refused_total{listener=\"api\"} 3",
-            "hasp_http_connections_refused_total{listener=\"li_api\"} 0",
-            "hasp_http_accept_backoffs_total{listener=\"li_api\"} 2",
+            "hasp_http_connections_refused_total{listener=\"other\"} 0",
+            "hasp_http_accept_backoffs_total{listener=\"other\"} 2",
             "hasp_http_connections_open{listener=\"api\"} 1",
             "hasp_http_timeouts_total{listener=\"api\"} 0",
         ] {

@@ -121,5 +121,5 @@ pub async fn serve(
     limits: crate::net::http::HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::net::http::serve(listener, "api", proxy_router(state), limits, shutdown).await
+    crate::net::http::serve(listener, crate::net::http::exported("api"), proxy_router(state), limits, shutdown).await
 }

@@ -163,5 +163,5 @@ pub async fn serve(
     limits: crate::net::http::HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::net::http::serve(listener, "api", router(state), limits, shutdown).await
+    crate::net::http::serve(listener, crate::net::http::exported("api"), router(state), limits, shutdown).await
 }
