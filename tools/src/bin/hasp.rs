@@ -171,9 +171,11 @@ fn write_ready_file(path: &std::path::Path, v: &serde_json::Value) -> Result<()>
 /// Removes a ready file left by an earlier run, so whoever waits for it never reads
 /// the old addresses.
 fn clear_ready_file(path: Option<&std::path::Path>) -> Result<()> {
-    match path.map(std::fs::remove_file) {
-        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(e)
-            .with_context(|| format!("removing the old ready file {}", path.unwrap_or_else(|| "".as_ref()).display())),
+    let Some(path) = path else { return Ok(()) };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the ready file {}", path.display()))
+        }
         _ => Ok(()),
     }
 }
