@@ -66,6 +66,8 @@ pub struct ProxyRoleConfig {
     pub relay_token: Option<String>,
     /// How long to wait for one relay's answer before trying the next.
     pub relay_timeout_ms: u64,
+    /// Limits of `hasp proxy`'s API listener (`[proxy.http]`).
+    pub http: crate::net::http::HttpLimits,
 }
 
 impl Default for ProxyRoleConfig {
@@ -90,6 +92,7 @@ impl Default for ProxyRoleConfig {
             relays: Vec::new(),
             relay_token: None,
             relay_timeout_ms: 500,
+            http: Default::default(),
         }
     }
 }
@@ -107,6 +110,7 @@ impl ProxyRoleConfig {
         if !(50..=30_000).contains(&self.dns_timeout_ms) {
             return Err(Error::Config("dns_timeout_ms must be 50 to 30000".into()));
         }
+        self.http.validate()?;
         if standalone {
             if self.relays.is_empty() {
                 return Err(Error::Config("no relay: give relays (--relay URL)".into()));
@@ -181,6 +185,8 @@ pub struct RelayConfig {
     /// Microseconds a worker with a completion pending may wait for more before it runs
     /// (Linux 6.12+); 0 runs at every completion.
     pub batch_wait_us: u64,
+    /// Limits of the HTTP listeners: the API and the LI API (`[relay.http]`).
+    pub http: crate::net::http::HttpLimits,
 }
 
 impl Default for RelayConfig {
@@ -208,6 +214,7 @@ impl Default for RelayConfig {
             buffers: 4096,
             api_max_concurrency: 256,
             batch_wait_us: 0,
+            http: Default::default(),
         }
     }
 }
@@ -252,6 +259,7 @@ impl RelayConfig {
         if self.inactivity_timeout_secs == 0 {
             return Err(Error::Config("inactivity_timeout_secs must be at least 1".into()));
         }
+        self.http.validate()?;
         Ok(())
     }
 }

@@ -213,7 +213,15 @@ pub fn router(state: LiApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the LI API on `listener` (peer addresses are recorded in the audit log).
-pub async fn serve(listener: tokio::net::TcpListener, state: LiApiState) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).await
+/// Serves the LI API on `listener` under `limits` (connection caps, timeouts: see
+/// [`crate::net::http`]) until the process ends. Peer addresses reach the handlers as
+/// `ConnectInfo` and are recorded in the audit log. Its connection counters are kept
+/// off the relay's `/metrics`, which must not show that interception exists.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: LiApiState,
+    limits: crate::net::http::HttpLimits,
+) -> std::io::Result<()> {
+    let stats = std::sync::Arc::new(crate::net::http::ListenerStats::new("li_api"));
+    crate::net::http::serve(listener, stats, router(state), limits, std::future::pending()).await
 }

@@ -79,6 +79,12 @@ struct ProxyArgs {
     /// Serve the API without a token (loopback labs only).
     #[arg(long, env = "HASP_NO_AUTH")]
     no_auth: bool,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Once every listener is bound, write FILE (atomically: a temporary file renamed):
+    /// JSON with the role, the pid and each listener's bound address.
+    #[arg(long, env = "HASP_READY_FILE", value_name = "FILE")]
+    ready_file: Option<PathBuf>,
     /// Check the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
@@ -106,7 +112,71 @@ impl ProxyArgs {
         if self.no_auth {
             c.no_auth = true;
         }
+        self.http.apply(&mut c.http);
         c
+    }
+}
+
+/// Limits of the HTTP listeners (the API; the relay's LI API too). Each overrides the
+/// same key of the role's `http` table in the config file.
+#[derive(Args, Debug, Default)]
+struct HttpArgs {
+    /// HTTP connections a listener keeps open at once; more are closed as soon as
+    /// accepted [default: 1024].
+    #[arg(long, env = "HASP_HTTP_MAX_CONNECTIONS", value_name = "N")]
+    http_max_connections: Option<usize>,
+    /// HTTP connections a listener keeps open from one source IP; more from it are
+    /// closed as soon as accepted, other sources are still served [default: 256].
+    #[arg(long, env = "HASP_HTTP_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    http_max_connections_per_ip: Option<usize>,
+    /// Milliseconds a client has to send a whole request head (slowloris); also the
+    /// longest a keep-alive connection may wait idle for its next request [default: 60000].
+    #[arg(long, env = "HASP_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
+    http_header_timeout_ms: Option<u64>,
+    /// Milliseconds without a byte received or sent before an HTTP connection is closed
+    /// [default: 60000].
+    #[arg(long, env = "HASP_HTTP_IDLE_TIMEOUT_MS", value_name = "MS")]
+    http_idle_timeout_ms: Option<u64>,
+}
+
+impl HttpArgs {
+    fn apply(&self, l: &mut controlplane::net::http::HttpLimits) {
+        if let Some(v) = self.http_max_connections {
+            l.max_connections = v;
+        }
+        if let Some(v) = self.http_max_connections_per_ip {
+            l.max_connections_per_ip = v;
+        }
+        if let Some(v) = self.http_header_timeout_ms {
+            l.header_timeout_ms = v;
+        }
+        if let Some(v) = self.http_idle_timeout_ms {
+            l.idle_timeout_ms = v;
+        }
+    }
+}
+
+/// Writes the ready file: `v` to a temporary file in the same directory, renamed over
+/// `path`, so a reader sees either no file or the whole of it.
+fn write_ready_file(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("ready");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Removes a ready file left by an earlier run, so whoever waits for it never reads
+/// the old addresses.
+fn clear_ready_file(path: Option<&std::path::Path>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the ready file {}", path.display()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -230,6 +300,15 @@ impl SipArgs {
         if let Some(v) = self.dns_timeout_ms {
             c.dns_timeout_ms = v;
         }
+    }
+}
+
+/// The SIP transports served, for the ready file.
+fn sip_transport_list(sip: &ProxyRoleConfig) -> Vec<&'static str> {
+    if sip.sip_tcp {
+        vec!["udp", "tcp"]
+    } else {
+        vec!["udp"]
     }
 }
 
@@ -390,6 +469,12 @@ struct RelayArgs {
     /// (Linux 6.12+; fewer wake-ups, added latency) [default: 0].
     #[arg(long, env = "HASP_BATCH_WAIT_US", value_name = "US")]
     batch_wait_us: Option<u64>,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Once every listener is bound, write FILE (atomically: a temporary file renamed):
+    /// JSON with the role, the pid and each listener's bound address.
+    #[arg(long, env = "HASP_READY_FILE", value_name = "FILE")]
+    ready_file: Option<PathBuf>,
     /// Check the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
@@ -497,6 +582,7 @@ impl RelayArgs {
         if let Some(v) = self.stats_interval_ms {
             c.stats_interval_ms = v;
         }
+        self.http.apply(&mut c.http);
         Ok(c)
     }
 }
@@ -550,6 +636,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         print!("{}", toml::to_string(&Config { relay: cfg, proxy: sip.unwrap_or(file.proxy) })?);
         return Ok(());
     }
+    let ready_file = args.ready_file.clone();
+    clear_ready_file(ready_file.as_deref())?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
@@ -557,6 +645,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             .await
             .with_context(|| format!("binding the API on {}", cfg.listen_api))?;
         let api_addr = listener.local_addr()?;
+        // What the ready file says: every listener with the address it actually bound.
+        let mut ready = serde_json::json!({"role": role, "pid": std::process::id(), "api": api_addr.to_string()});
         let relay = Relay::start(cfg.clone())?;
         let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
         let calls = Arc::new(Calls::new(relay.clone()));
@@ -581,21 +671,25 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                 .await
                 .with_context(|| format!("binding the NG listener on {ng}"))?;
             extra.push_str(&format!(" ng={bound}"));
+            ready["ng"] = bound.to_string().into();
         }
         if let Some(rtpp) = &cfg.listen_rtpp {
             let bound = controlplane::control::rtpp::serve(rtpp, calls.clone())
                 .await
                 .with_context(|| format!("binding the RTPproxy listener on {rtpp}"))?;
             extra.push_str(&format!(" rtpp={bound}"));
+            ready["rtpp"] = bound.into();
         }
         if let (Some(addr), Some(li)) = (cfg.listen_li, li_handle.clone()) {
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
             extra.push_str(&format!(" li=http://{}", l.local_addr()?));
+            ready["li_api"] = l.local_addr()?.to_string().into();
             let st =
                 controlplane::li::api::LiApiState { li, token: Arc::from(cfg.li_token.clone().unwrap_or_default()) };
+            let limits = cfg.http;
             tokio::spawn(async move {
-                if let Err(e) = controlplane::li::api::serve(l, st).await {
+                if let Err(e) = controlplane::li::api::serve(l, st, limits).await {
                     tracing::error!(error = %e, "LI API stopped");
                 }
             });
@@ -619,6 +713,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             )?;
             sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
+            ready["sip"] = local.to_string().into();
+            ready["sip_transports"] = sip_transport_list(sip).into();
             store = Some(st);
         }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
@@ -631,6 +727,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             if cfg.no_auth { "off" } else { "token" },
         );
         std::io::stdout().flush()?;
+        if let Some(path) = &ready_file {
+            write_ready_file(path, &ready)?;
+        }
         let state = ApiState {
             relay: relay.clone(),
             token,
@@ -638,8 +737,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             calls: Some(calls.clone()),
             sip: sip_metrics,
         };
-        rest::serve(listener, state, shutdown_signal()).await?;
+        rest::serve(listener, state, cfg.http, shutdown_signal()).await?;
         tracing::info!("shutting down");
+        clear_ready_file(ready_file.as_deref())?;
         if let Some(s) = store {
             s.flush().context("writing registrations to the store")?;
         }
@@ -655,6 +755,8 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         print!("{}", toml::to_string(&Config { relay: RelayConfig::default(), proxy: a })?);
         return Ok(());
     }
+    let ready_file = args.ready_file.clone();
+    clear_ready_file(ready_file.as_deref())?;
     let timeout = Duration::from_millis(a.relay_timeout_ms);
     let relays = a
         .relays
@@ -702,11 +804,20 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
             a.relays.join(",")
         );
         std::io::stdout().flush()?;
+        if let Some(path) = &ready_file {
+            let ready = serde_json::json!({
+                "role": "proxy",
+                "pid": std::process::id(),
+                "api": api_addr.to_string(),
+                "sip": local.to_string(),
+                "sip_transports": sip_transport_list(&a),
+            });
+            write_ready_file(path, &ready)?;
+        }
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
         let state = controlplane::proxy::api::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
-        axum::serve(listener, controlplane::proxy::api::proxy_router(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        controlplane::proxy::api::serve(listener, state, a.http, shutdown_signal()).await?;
+        clear_ready_file(ready_file.as_deref())?;
         store.flush().context("writing registrations to the store")?;
         Ok(())
     })
