@@ -265,7 +265,7 @@ fn a_call_set_up_through_one_proxy_is_ended_through_the_other_and_its_relay_free
     );
     let common = |branch: &str, cseq: &str| {
         format!(
-            "Via: SIP/2.0/UDP {me};branch=z9hG4bK-{branch};rport\r\nFrom: <sip:alice@hasp.test>;tag=al1\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nMax-Forwards: 70\r\n"
+            "Via: SIP/2.0/UDP {me};branch=z9hG4bK-{branch};rport\r\nFrom: <sip:alice@caller.example>;tag=al1\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nMax-Forwards: 70\r\n"
         )
     };
     let invite = format!(

@@ -17,6 +17,8 @@ const DOMAIN: &str = "conf.test";
 #[test]
 fn three_party_conference_through_the_focus() {
     let (relay, sip, dir) = up_with_sip(DOMAIN, "45600-45699", "focus");
+    // Rooms admit only authenticated users: each participant answers the challenge.
+    add_sip_user(&relay, "carol", DOMAIN, "sings");
     let socks: Vec<UdpSocket> = (0..3).map(|_| udp()).collect();
     let mut uacs: Vec<_> = socks
         .iter()
@@ -29,6 +31,10 @@ fn three_party_conference_through_the_focus() {
                 &[
                     "-s",
                     "conf-weekly",
+                    "-au",
+                    "carol",
+                    "-ap",
+                    "sings",
                     "-d",
                     "5000",
                     "-trace_msg",

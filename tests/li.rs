@@ -8,6 +8,7 @@ use controlplane::li::pdu::{self, Pdu};
 use serde_json::Value;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -197,11 +198,9 @@ fn mediation_function_gets_every_packet_both_ways_in_order() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["action"].as_str().unwrap().to_string())
         .collect();
-    assert!(
-        actions.starts_with(&["activate".into(), "deactivate".into()]) || actions.contains(&"deactivate".into()),
-        "{actions:?}"
-    );
-    assert_eq!(actions.iter().filter(|a| *a == "activate").count(), 2);
+    assert!(actions.contains(&"deactivate".into()), "{actions:?}");
+    // Each activation: its intent (pending) before it took effect, then its outcome.
+    assert_eq!(actions.iter().filter(|a| *a == "activate").count(), 4, "{actions:?}");
 }
 
 #[test]
@@ -377,8 +376,16 @@ fn malformed_x1_requests_get_clear_errors() {
             assert!(!v["message"].as_str().unwrap_or("").is_empty());
         }
     }
-    let lines = std::fs::read_to_string(audit).unwrap().lines().count();
-    assert_eq!(lines, cases.len(), "every X1 request is audited");
+    let records: Vec<Value> =
+        std::fs::read_to_string(audit).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let outcomes: Vec<&Value> = records.iter().filter(|r| r["outcome"] != "pending").collect();
+    assert_eq!(outcomes.len(), cases.len(), "every X1 request is audited once with its outcome");
+    // The three changes that took effect were written ahead: intent, then outcome.
+    let intents: Vec<&Value> = records.iter().filter(|r| r["outcome"] == "pending").collect();
+    assert_eq!(intents.len(), 3);
+    for i in intents {
+        assert!(outcomes.iter().any(|o| o["req"] == i["req"] && o["outcome"] == "ok"), "{i}");
+    }
 }
 
 #[test]
@@ -391,14 +398,16 @@ fn x2_signalling_and_x3_media_of_an_aor_target_share_a_correlation_id() {
         controlplane::RelayConfig { rtp_ports: "43500-43599".parse().unwrap(), no_auth: true, ..Default::default() };
     let relay = controlplane::Relay::start(cfg).unwrap();
     let calls = Arc::new(Calls::new(relay.clone()));
-    let li = Li::start(relay.clone(), calls.clone(), &dir.join("audit.log"), 1 << 20).unwrap();
+    let li_cfg =
+        controlplane::li::LiConfig { buffer_bytes: 1 << 20, ..controlplane::li::LiConfig::new(dir.join("audit.log")) };
+    let li = Li::start(relay.clone(), calls.clone(), &li_cfg).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let mf = l.local_addr().unwrap();
     let pdus = mediation_function(l);
     let xid = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee";
     let t: controlplane::li::tasks::Task =
         serde_json::from_str(&task(xid, r#"{"aor":"bob@example.com"}"#, mf)).unwrap();
-    li.create(t).unwrap();
+    li.create("test", t, None).unwrap();
     let call_id = "x2-call@example.com";
     let (caller, callee): (SocketAddr, SocketAddr) =
         ("127.0.0.1:5061".parse().unwrap(), "127.0.0.1:5062".parse().unwrap());
@@ -638,4 +647,445 @@ fn proxy_call_of_an_aor_target_yields_x2_and_x3_with_one_correlation_id() {
     let corr = invite.correlation;
     let call: Vec<&Pdu> = got.iter().filter(|p| p.pdu_type != 3 && !is_register(p)).collect();
     assert!(call.iter().all(|p| p.correlation == corr && p.xid == xid_bytes(xid)));
+}
+
+fn audit_records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn li_task_refused_when_audit_log_unwritable() {
+    let (relay, li, audit) = li_relay("47500-47549", &[]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let (alice, bob) = (udp(), udp());
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, rtp_p, _) = relay.create(&body);
+    let xid = "5c1d0e2f-1111-4222-8333-444455556666";
+    let t = task(xid, &format!(r#"{{"session":"{id}"}}"#), mf);
+    // The audit log becomes unwritable while hasp runs: its path is now a directory.
+    let rotated = audit.with_extension("log.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    std::fs::create_dir(&audit).unwrap();
+    let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), Some(LI_TOKEN));
+    assert_eq!((s, v["code"].as_str()), (503, Some("audit_unavailable")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("nothing was changed"), "{v}");
+    // Reads are refused too: what cannot be recorded is not answered.
+    assert_eq!(li_call(&relay, &li, "GET", "/v1/li/tasks", None, Some(LI_TOKEN)).0, 503);
+    // The target's media flows, untapped.
+    for seq in 0..10u16 {
+        alice.send_to(&rtp(seq, 0xa, 1), rtp_p[0]).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+    }
+    let state = std::fs::read_to_string(audit.with_file_name("audit.tasks.json")).unwrap_or_default();
+    assert!(!state.contains(xid), "a refused task is not saved: {state}");
+    // The log is writable again (the next record recreates it): nothing was copied, the
+    // task does not exist.
+    std::fs::remove_dir(&audit).unwrap();
+    let (s, v) = li_call(&relay, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["packets_copied"].as_u64(), v["tapped_sessions"].as_u64(), v["tasks"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    assert!(pdus.try_recv().is_err(), "no X3 for a refused task");
+    assert!(!std::fs::read_to_string(&rotated).unwrap().contains(xid));
+    // The same request now succeeds and taps: the refusal above was the audit log's.
+    let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), Some(LI_TOKEN));
+    assert_eq!(s, 201, "{v}");
+    alice.send_to(&rtp(100, 0xa, 1), rtp_p[0]).unwrap();
+    assert_eq!(recv(&bob).0, rtp(100, 0xa, 1));
+    let p = pdus.recv_timeout(Duration::from_secs(10)).expect("X3 once the task is active");
+    assert_eq!((p.xid, &p.payload), (xid_bytes(xid), &rtp(100, 0xa, 1)));
+    // Written ahead: the intent (pending) precedes the outcome, with one request id.
+    let recs = audit_records(&audit);
+    let mine: Vec<&Value> = recs.iter().filter(|r| r["action"] == "activate" && r["xid"] == xid).collect();
+    assert_eq!(mine.len(), 2, "{recs:?}");
+    assert_eq!((mine[0]["outcome"].as_str(), mine[1]["outcome"].as_str()), (Some("pending"), Some("ok")));
+    assert_eq!(mine[0]["req"], mine[1]["req"]);
+}
+
+fn ng_req(
+    ng: &str,
+    cookie: &str,
+    msg: controlplane::control::ng::bencode::Value,
+) -> controlplane::control::ng::bencode::Value {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = format!("{cookie} ").into_bytes();
+    out.extend(msg.encode());
+    s.send_to(&out, ng).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.recv(&mut buf).expect("NG answer");
+    let body = buf[..n].strip_prefix(format!("{cookie} ").as_bytes()).expect("cookie");
+    controlplane::control::ng::bencode::decode(body).unwrap().0
+}
+
+/// Sets up a call's media over NG; returns the relay ports alice and bob send to.
+fn ng_call(ng: &str, call_id: &str, alice: &UdpSocket, bob: &UdpSocket) -> (u16, u16) {
+    use controlplane::control::ng::bencode::Value as B;
+    let sdp = |s: &UdpSocket| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\n",
+            s.local_addr().unwrap().port()
+        )
+    };
+    let port = |v: &B| {
+        let sdp = v.get("sdp").and_then(B::as_str).unwrap_or_else(|| panic!("{v:?}"));
+        sdp.lines().find_map(|l| l.strip_prefix("m=audio ")).unwrap().split(' ').next().unwrap().parse::<u16>().unwrap()
+    };
+    let offer = ng_req(
+        ng,
+        "o1",
+        B::dict([
+            ("command", B::str("offer")),
+            ("call-id", B::str(call_id)),
+            ("from-tag", B::str("fa")),
+            ("sdp", B::str(sdp(alice))),
+        ]),
+    );
+    let answer = ng_req(
+        ng,
+        "a1",
+        B::dict([
+            ("command", B::str("answer")),
+            ("call-id", B::str(call_id)),
+            ("from-tag", B::str("fa")),
+            ("to-tag", B::str("tb")),
+            ("sdp", B::str(sdp(bob))),
+        ]),
+    );
+    (port(&answer), port(&offer))
+}
+
+#[test]
+fn li_tasks_survive_restart() {
+    let dir = tmp("restart");
+    let audit = dir.join("audit.log").display().to_string();
+    let args = [
+        "--rtp-ports",
+        "47550-47599",
+        "--listen-ng",
+        "127.0.0.1:0",
+        "--listen-li",
+        "127.0.0.1:0",
+        "--li-token",
+        LI_TOKEN,
+        "--li-audit-log",
+        &audit,
+    ];
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let xid = "7e57a11e-2222-4333-8444-555566667777";
+    let call_id = "li-restart-call@hasp.test";
+    let pcap = dir.join("task.pcap");
+    // A call of the target through `relay`: its media is tapped (X3 and pcap).
+    let tap_one = |relay: &RelayProc, li: &str, seq: u16| {
+        let ng = field(&relay.ready_line, "ng=");
+        let (alice, bob) = (udp(), udp());
+        let (to_bob, _) = ng_call(&ng, call_id, &alice, &bob);
+        wait_for("the target's call to be tapped", Duration::from_secs(10), || {
+            let v = li_call(relay, li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
+            (v["tapped_sessions"] == 1).then_some(())
+        });
+        alice.send_to(&rtp(seq, 0xa, 1), ("127.0.0.1", to_bob)).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+        let p = pdus.recv_timeout(Duration::from_secs(10)).expect("X3");
+        assert_eq!((p.pdu_type, p.xid, &p.payload), (2, xid_bytes(xid), &rtp(seq, 0xa, 1)));
+        assert_eq!(p.correlation, controlplane::li::correlation_of(call_id));
+    };
+    let mut relay = RelayProc::start(&args);
+    let li = field(&relay.ready_line, "li=");
+    let t = format!(
+        r#"{{"xid":"{xid}","targets":[{{"call_id":"{call_id}"}}],"destinations":[{{"tcp":"{mf}"}}],"end":4102444800,"pcap":"{}"}}"#,
+        pcap.display()
+    );
+    let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), Some(LI_TOKEN));
+    assert_eq!(s, 201, "{v}");
+    tap_one(&relay, &li, 1);
+    // No goodbye: SIGKILL.
+    relay.child.kill().unwrap();
+    relay.child.wait().unwrap();
+    drop(relay);
+    let relay = RelayProc::start(&args);
+    let li = field(&relay.ready_line, "li=");
+    let (s, v) = li_call(&relay, &li, "GET", "/v1/li/tasks", None, Some(LI_TOKEN));
+    assert_eq!(s, 200);
+    let listed = &v["tasks"][0];
+    assert_eq!((listed["xid"].as_str(), listed["active"].as_bool()), (Some(xid), Some(true)), "{v}");
+    assert_eq!(listed["end"], 4102444800u64, "end time kept");
+    // A new call of the target, after the restart, is tapped.
+    tap_one(&relay, &li, 2);
+    // The pcap file was appended to, not started again: one header, both packets.
+    let cap = std::fs::read(&pcap).unwrap();
+    let rec = 16 + 28 + rtp(1, 0xa, 1).len();
+    assert_eq!(cap.len(), 24 + 2 * rec);
+    assert_eq!((&cap[24 + 16 + 28..24 + rec], &cap[24 + rec + 16 + 28..]), (&rtp(1, 0xa, 1)[..], &rtp(2, 0xa, 1)[..]));
+    // The log says the task was put back in force, by hasp itself.
+    let recs = audit_records(std::path::Path::new(&audit));
+    let r = recs.iter().find(|r| r["action"] == "reinstate").expect("a reinstate record");
+    assert_eq!((r["who"].as_str(), r["detail"]["tasks"][0].as_str()), (Some("hasp"), Some(xid)));
+}
+
+#[test]
+fn li_bad_token_flood_does_not_grow_the_audit_log_unbounded() {
+    use controlplane::li::audit::{DENIED_BURST, DENIED_PER_SEC};
+    let (relay, li, audit) = li_relay("47600-47619", &[]);
+    let n = 600;
+    let start = Instant::now();
+    let (mut unauthorized, mut limited) = (0, 0);
+    for i in 0..n {
+        let tok = format!("wrong-{i}");
+        match li_call(&relay, &li, "GET", "/v1/li/tasks", None, Some(&tok)) {
+            (401, v) => {
+                assert_eq!(v["code"], "unauthorized");
+                unauthorized += 1;
+            }
+            (429, v) => {
+                assert_eq!(v["code"], "rate_limited");
+                limited += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let secs = start.elapsed().as_secs() + 1;
+    assert!(limited > 0, "the flood was limited");
+    // One record per admitted request: the burst, then the refill rate.
+    let denied = |recs: &[Value]| recs.iter().filter(|r| r["action"] == "denied").count();
+    let recs = audit_records(&audit);
+    assert_eq!(denied(&recs), unauthorized);
+    assert!(unauthorized as u64 <= DENIED_BURST as u64 + secs * DENIED_PER_SEC as u64, "{unauthorized} in {secs} s");
+    // The rest is accounted for by summary lines, one per interval, that name the source.
+    let recs = wait_for("the summary of suppressed requests", Duration::from_secs(30), || {
+        let recs = audit_records(&audit);
+        let summarised: u64 = recs
+            .iter()
+            .filter(|r| r["action"] == "denied_suppressed")
+            .map(|r| r["detail"]["count"].as_u64().unwrap())
+            .sum();
+        (summarised == limited).then_some(recs)
+    });
+    let summaries: Vec<&Value> = recs.iter().filter(|r| r["action"] == "denied_suppressed").collect();
+    assert!(summaries.len() <= 2 + secs as usize / 5, "{} summaries", summaries.len());
+    assert!(summaries.iter().all(|s| s["detail"]["sources"]["127.0.0.1"].as_u64().is_some()));
+    assert!(recs.len() < n / 4, "{} audit lines for {n} bad requests", recs.len());
+    // The LI administrators are not locked out by the flood.
+    assert_eq!(li_call(&relay, &li, "GET", "/v1/li/tasks", None, Some(LI_TOKEN)).0, 200);
+}
+
+#[test]
+fn li_pcap_files_are_private() {
+    let dir = tmp("pcap-private");
+    // LI creates the audit log's directory itself.
+    let audit = dir.join("li").join("audit.log").display().to_string();
+    let relay = RelayProc::start(&[
+        "--rtp-ports",
+        "47620-47649",
+        "--listen-li",
+        "127.0.0.1:0",
+        "--li-token",
+        LI_TOKEN,
+        "--li-audit-log",
+        &audit,
+    ]);
+    let li = field(&relay.ready_line, "li=");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let (alice, bob) = (udp(), udp());
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, rtp_p, _) = relay.create(&body);
+    // One pcap file LI creates, one that exists already and is world-readable.
+    let new_pcap = dir.join("new.pcap");
+    let old_pcap = dir.join("old.pcap");
+    std::fs::write(&old_pcap, b"old").unwrap();
+    std::fs::set_permissions(&old_pcap, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (xid, pcap) in
+        [("0a0a0a0a-1111-4222-8333-000000000001", &new_pcap), ("0a0a0a0a-1111-4222-8333-000000000002", &old_pcap)]
+    {
+        let t = format!(
+            r#"{{"xid":"{xid}","targets":[{{"session":"{id}"}}],"destinations":[{{"tcp":"{mf}"}}],"pcap":"{}"}}"#,
+            pcap.display()
+        );
+        let (s, v) = li_call(&relay, &li, "POST", "/v1/li/tasks", Some(&t), Some(LI_TOKEN));
+        assert_eq!(s, 201, "{v}");
+        if pcap == &new_pcap {
+            // Tapped (one task taps a session at a time): the pcap gets a packet.
+            alice.send_to(&rtp(1, 0xa, 1), rtp_p[0]).unwrap();
+            assert_eq!(recv(&bob).0, rtp(1, 0xa, 1));
+            pdus.recv_timeout(Duration::from_secs(10)).expect("X3");
+        }
+    }
+    assert!(std::fs::metadata(&new_pcap).unwrap().len() > 24, "the pcap holds the packet");
+    // Every file LI made is its owner's alone; so is the directory it made.
+    let mut seen = Vec::new();
+    for f in [&new_pcap, &old_pcap, &dir.join("li").join("audit.log"), &dir.join("li").join("audit.tasks.json")] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+        seen.push(f.file_name().unwrap().to_owned());
+    }
+    for e in std::fs::read_dir(dir.join("li")).unwrap() {
+        let e = e.unwrap();
+        assert!(seen.contains(&e.file_name()), "unexpected file {:?}", e.file_name());
+    }
+    assert_eq!(std::fs::metadata(dir.join("li")).unwrap().permissions().mode() & 0o777, 0o700);
+}
+
+#[test]
+fn li_tables_grown_by_input_are_bounded_and_expire() {
+    use controlplane::li::{correlation_of, Li, LiConfig, SipEvent, MAX_AOR_CALLS, MAX_DESTINATIONS_PER_TASK};
+    use controlplane::relay::calls::{AnchorOptions, Calls};
+    use std::sync::Arc;
+    let dir = tmp("bounds");
+    let cfg =
+        controlplane::RelayConfig { rtp_ports: "47650-47679".parse().unwrap(), no_auth: true, ..Default::default() };
+    let relay = controlplane::Relay::start(cfg).unwrap();
+    let calls = Arc::new(Calls::new(relay.clone()));
+    let li_cfg = LiConfig { buffer_bytes: 1 << 16, ..LiConfig::new(dir.join("audit.log")) };
+    let li = Li::start(relay.clone(), calls.clone(), &li_cfg).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let xid = "b0b0b0b0-1111-4222-8333-000000000001";
+    let t: controlplane::li::tasks::Task =
+        serde_json::from_str(&task(xid, r#"{"aor":"carol@example.com"}"#, mf)).unwrap();
+    li.create("test", t, None).unwrap();
+    let ev = |call_id: &str| {
+        li.sip_event(&SipEvent {
+            call_id,
+            from_aor: "carol@example.com",
+            to_aor: "dave@example.com",
+            from_caller: true,
+            src: "127.0.0.1:5061".parse().unwrap(),
+            dst: "127.0.0.1:5062".parse().unwrap(),
+            message: b"INVITE sip:dave@example.com SIP/2.0\r\n\r\n",
+        })
+    };
+    // The target's real call, with media.
+    ev("real-call");
+    let (alice, bob) = (udp(), udp());
+    let sdp = |a: &UdpSocket| {
+        format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0\r\n",
+            a.local_addr().unwrap().port()
+        )
+    };
+    calls.offer("real-call", "f", None, &sdp(&alice), &AnchorOptions::default()).unwrap();
+    let answer = calls.answer("real-call", "f", "t", &sdp(&bob), &AnchorOptions::default()).unwrap();
+    let stat = |k: &str| li.stats()[k].as_u64().unwrap();
+    wait_for("the real call to be tapped", Duration::from_secs(5), || (stat("tapped_sessions") == 1).then_some(()));
+    // Forged messages naming the target, each with a new Call-ID, twice the bound.
+    for i in 0..2 * MAX_AOR_CALLS {
+        ev(&format!("forged-{i}"));
+    }
+    assert_eq!(stat("aor_calls") as usize, MAX_AOR_CALLS, "bounded");
+    assert!(stat("aor_calls_forgotten") as usize >= MAX_AOR_CALLS, "the oldest media-less calls were forgotten");
+    // The real call was not pushed out: its media is still tapped.
+    li.reconcile();
+    assert_eq!(stat("tapped_sessions"), 1);
+    // The forged messages' X2 (what the bounded delivery buffer kept) reach the
+    // mediation function first; take them off.
+    let delivered = wait_for("the X2 backlog delivered", Duration::from_secs(30), || {
+        let d = &li.stats()["destinations"][0]["stats"];
+        (d["queued_bytes"] == 0).then(|| d["delivered"].as_u64().unwrap())
+    });
+    let mut x2 = 0;
+    while x2 < delivered {
+        match pdus.recv_timeout(Duration::from_secs(10)).unwrap().pdu_type {
+            1 => x2 += 1,
+            t => assert_eq!(t, 3, "only X2 and keep-alives so far"),
+        }
+    }
+    let port = answer.lines().find_map(|l| l.strip_prefix("m=audio ")).unwrap().split(' ').next().unwrap();
+    alice.send_to(&rtp(7, 0xa, 1), ("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    assert_eq!(recv(&bob).0, rtp(7, 0xa, 1));
+    let x3 = std::iter::from_fn(|| pdus.recv_timeout(Duration::from_secs(10)).ok())
+        .find(|p| p.pdu_type != 3)
+        .expect("the real call's X3 (keep-alives aside)");
+    assert_eq!(x3.pdu_type, 2);
+    assert_eq!((x3.correlation, &x3.payload), (correlation_of("real-call"), &rtp(7, 0xa, 1)));
+    // Too many destinations for one task: refused with a stable code, nothing saved.
+    let dests: Vec<String> =
+        (0..=MAX_DESTINATIONS_PER_TASK).map(|i| format!(r#"{{"tcp":"127.0.0.1:{}"}}"#, 9000 + i)).collect();
+    let big: controlplane::li::tasks::Task = serde_json::from_str(&format!(
+        r#"{{"xid":"b0b0b0b0-1111-4222-8333-000000000002","targets":[{{"call_id":"x"}}],"destinations":[{}]}}"#,
+        dests.join(",")
+    ))
+    .unwrap();
+    assert_eq!(li.create("test", big, None).unwrap_err().code(), "limit_exceeded");
+    // A task that ended long ago is removed, audited and saved first.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let old = "b0b0b0b0-1111-4222-8333-000000000003";
+    let ended: controlplane::li::tasks::Task = serde_json::from_str(&format!(
+        r#"{{"xid":"{old}","targets":[{{"call_id":"y"}}],"destinations":[{{"tcp":"{mf}"}}],"start":{},"end":{}}}"#,
+        now - 3 * 3600,
+        now - 2 * 3600
+    ))
+    .unwrap();
+    li.create("test", ended, None).unwrap();
+    assert_eq!(li.list().len(), 2);
+    li.expire(now);
+    assert_eq!(li.list().len(), 1);
+    assert!(li.get(old).is_none() && li.get(xid).is_some(), "only the ended task went");
+    let recs = audit_records(&dir.join("audit.log"));
+    let exp: Vec<&Value> = recs.iter().filter(|r| r["action"] == "expire").collect();
+    assert_eq!(exp.len(), 2, "intent and outcome: {recs:?}");
+    assert_eq!((exp[0]["who"].as_str(), exp[1]["outcome"].as_str()), (Some("hasp"), Some("ok")));
+    let state = std::fs::read_to_string(dir.join("audit.tasks.json")).unwrap();
+    assert!(state.contains(xid) && !state.contains(old));
+    relay.shutdown();
+}
+
+#[test]
+fn li_task_refused_when_its_state_cannot_be_saved() {
+    let dir = tmp("state-unsaveable");
+    // The state file's directory does not exist: every save fails.
+    let state = dir.join("missing").join("tasks.json").display().to_string();
+    let (relay, li, audit) = li_relay("47680-47699", &["--li-state", &state]);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mf = l.local_addr().unwrap();
+    let pdus = mediation_function(l);
+    let (alice, bob) = (udp(), udp());
+    let body = format!(
+        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
+        alice.local_addr().unwrap(),
+        bob.local_addr().unwrap()
+    );
+    let (id, _, rtp_p, _) = relay.create(&body);
+    let xid = "5ca1ab1e-1111-4222-8333-444455556666";
+    let (s, v) = li_call(
+        &relay,
+        &li,
+        "POST",
+        "/v1/li/tasks",
+        Some(&task(xid, &format!(r#"{{"session":"{id}"}}"#), mf)),
+        Some(LI_TOKEN),
+    );
+    assert_eq!((s, v["code"].as_str()), (503, Some("state_unavailable")), "{v}");
+    for seq in 0..5u16 {
+        alice.send_to(&rtp(seq, 0xa, 1), rtp_p[0]).unwrap();
+        assert_eq!(recv(&bob).0, rtp(seq, 0xa, 1));
+    }
+    let v = li_call(&relay, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
+    assert_eq!((v["packets_copied"].as_u64(), v["tasks"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert!(pdus.try_recv().is_err());
+    // The log has the intent and, with the same request id, why it did not happen.
+    let recs = audit_records(&audit);
+    let mine: Vec<&Value> = recs.iter().filter(|r| r["xid"] == xid).collect();
+    assert_eq!(mine.len(), 2, "{recs:?}");
+    assert_eq!(
+        (mine[0]["outcome"].as_str(), mine[1]["outcome"].as_str()),
+        (Some("pending"), Some("state_unavailable"))
+    );
+    assert_eq!(mine[0]["req"], mine[1]["req"]);
 }

@@ -214,7 +214,7 @@ fn hasp_proxy_with_remote_relays(http: bool, ports: &str, name: &str) {
         "uac_conf.xml",
         0,
         &[("media_a", carol.local_addr().unwrap().port().to_string()), ("domain", DOMAIN.to_string())],
-        &["-s", "conf-standup", "-d", "1000", &sip],
+        &["-s", "conf-standup", "-d", "1000", "-au", "bob", "-ap", "builder", &sip],
     );
     let conf = wait_for("a room with one participant on the relay", Duration::from_secs(15), || {
         let (_, v) = relay.call("GET", "/v1/conferences", None);

@@ -648,6 +648,8 @@ fn an_invite_too_large_to_forward_over_udp_gets_a_prompt_final_answer() {
     // 65,450 bytes: a legal datagram, but the proxy's Via and Record-Route push the
     // forwarded copy past 65,507, the most one IPv4 UDP datagram carries.
     let mut hs = headers(me, "too-large", "INVITE");
+    // A caller of another domain: not challenged, so the INVITE is forwarded.
+    hs[1] = "From: <sip:caller@caller.example>;tag=f-too-large".into();
     hs.push("Content-Length: 0".into());
     let mut invite = request(&format!("INVITE sip:bob@{DOMAIN} SIP/2.0"), &hs, b"X-Pad: ");
     invite.resize(65_450 - 4, b'a');

@@ -172,7 +172,13 @@ fn a_request_uri_whose_dns_never_answers_does_not_hold_up_other_calls() {
         body.len(),
         me = lost.addr()
     );
+    // alice is one of ours: she authenticates (407) before her call leaves the domain.
+    add_sip_user(&up, "alice", DOMAIN, "wonderland");
     lost.send(&sip, &inv);
+    let challenge = lost.recv_final(Duration::from_secs(5));
+    assert_eq!(challenge.code(), Some(407), "{challenge:?}");
+    lost.send(&sip, &ack_for(&inv, &challenge));
+    lost.send(&sip, &with_credentials(&inv, &challenge, "alice", "wonderland", 1));
     assert_eq!(lost.recv_within(Duration::from_secs(5)).and_then(|m| m.code()), Some(100));
     let mut buf = [0u8; 512];
     let (n, _) = dns.recv_from(&mut buf).expect("the proxy asks the DNS server");

@@ -39,6 +39,12 @@ pub struct ProxyRoleConfig {
     /// SIP requests per second accepted from one source IP (bursts of twice that); 0:
     /// no limit.
     pub sip_rate_limit: u32,
+    /// Seconds a source over `sip_rate_limit` is banned (everything it sends dropped,
+    /// in the kernel where possible); 0: only the excess is dropped.
+    pub sip_ban_secs: u64,
+    /// Peers trusted by source address (CIDRs: other proxies, a load balancer, a trunk):
+    /// not challenged, not refused as relaying, not rate limited.
+    pub trusted: Vec<ipnet::IpNet>,
     /// TCP connections open at once.
     pub sip_max_connections: usize,
     /// SIP core instances (threads); default: the number of cores.
@@ -60,6 +66,8 @@ pub struct ProxyRoleConfig {
     pub relay_token: Option<String>,
     /// How long to wait for one relay's answer before trying the next.
     pub relay_timeout_ms: u64,
+    /// Limits of `hasp proxy`'s API listener (`[proxy.http]`).
+    pub http: crate::net::http::HttpLimits,
 }
 
 impl Default for ProxyRoleConfig {
@@ -72,6 +80,8 @@ impl Default for ProxyRoleConfig {
             nonce_secret: None,
             record_route: None,
             sip_rate_limit: 10_000,
+            sip_ban_secs: 30,
+            trusted: Vec::new(),
             sip_max_connections: 4096,
             sip_threads: None,
             dns_servers: Vec::new(),
@@ -82,6 +92,7 @@ impl Default for ProxyRoleConfig {
             relays: Vec::new(),
             relay_token: None,
             relay_timeout_ms: 500,
+            http: Default::default(),
         }
     }
 }
@@ -99,6 +110,7 @@ impl ProxyRoleConfig {
         if !(50..=30_000).contains(&self.dns_timeout_ms) {
             return Err(Error::Config("dns_timeout_ms must be 50 to 30000".into()));
         }
+        self.http.validate()?;
         if standalone {
             if self.relays.is_empty() {
                 return Err(Error::Config("no relay: give relays (--relay URL)".into()));
@@ -137,6 +149,9 @@ pub struct RelayConfig {
     pub li_token: Option<String>,
     /// Append-only audit log of LI actions.
     pub li_audit_log: std::path::PathBuf,
+    /// LI task state file, read back at start-up; default: `li_audit_log` with the
+    /// extension `.tasks.json`.
+    pub li_state: Option<std::path::PathBuf>,
     /// Bytes buffered per mediation function while it is slow or away; then PDUs are
     /// dropped and counted.
     pub li_buffer_bytes: usize,
@@ -176,6 +191,8 @@ pub struct RelayConfig {
     pub remote_deny: Vec<crate::relay::remote::Cidr>,
     /// Participants one conference room holds; a join beyond is refused (`room_full`).
     pub max_participants: usize,
+    /// Limits of the HTTP listeners: the API and the LI API (`[relay.http]`).
+    pub http: crate::net::http::HttpLimits,
 }
 
 impl Default for RelayConfig {
@@ -187,6 +204,7 @@ impl Default for RelayConfig {
             listen_li: None,
             li_token: None,
             li_audit_log: "hasp-data/li-audit.log".into(),
+            li_state: None,
             li_buffer_bytes: 8 << 20,
             media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_ip: None,
@@ -204,6 +222,7 @@ impl Default for RelayConfig {
             batch_wait_us: 0,
             remote_deny: Vec::new(),
             max_participants: 100,
+            http: Default::default(),
         }
     }
 }
@@ -251,6 +270,7 @@ impl RelayConfig {
         if !(1..=10_000).contains(&self.max_participants) {
             return Err(Error::Config("max_participants must be 1 to 10000".into()));
         }
+        self.http.validate()?;
         Ok(())
     }
 }

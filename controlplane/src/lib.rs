@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod li;
+pub mod net;
 pub mod obs;
 pub mod proxy;
 pub mod relay;

@@ -41,7 +41,7 @@ fn perform(op: &Op) -> Result<Done, controlplane::Error> {
 
 thread_local! {
     static PROXY: RefCell<(Proxy, Instant, Vec<(OpId, Op)>)> = RefCell::new({
-        let cfg = ProxyConfig { domain: "fuzz.test".into(), local: "127.0.0.1:5060".parse().unwrap(), nonce_secret: "k".into(), record_route: None, rate_limit: 50 };
+        let cfg = ProxyConfig { domain: "fuzz.test".into(), local: "127.0.0.1:5060".parse().unwrap(), nonce_secret: "k".into(), record_route: None, rate_limit: 50, ban: std::time::Duration::from_secs(1), trusted: vec!["10.0.0.0/8".parse().unwrap()] };
         let mut p = Proxy::new(cfg, true);
         p.set_focus(true);
         (p, Instant::now(), Vec::new())

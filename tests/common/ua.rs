@@ -76,12 +76,75 @@ pub fn sdp_port(m: &Message) -> u16 {
     body.lines().find_map(|l| l.strip_prefix("m=audio ")?.split(' ').next()?.parse().ok()).expect("m=audio")
 }
 
+/// An INVITE from a caller of another domain (`alice@caller.example`) to `to_user` of
+/// ours: an incoming call, which the proxy's policy lets through unauthenticated.
 pub fn invite(from: &Ua, to_user: &str, call_id: &str, media: u16) -> String {
+    invite_as(from, "alice@caller.example", &format!("{to_user}@{DOMAIN}"), call_id, media)
+}
+
+/// An INVITE from `from_aor` (`user@domain`) to `to_aor`.
+pub fn invite_as(from: &Ua, from_aor: &str, to_aor: &str, call_id: &str, media: u16) -> String {
     let me = from.addr();
     let body = sdp(media);
+    let user = from_aor.split('@').next().unwrap_or("x");
     format!(
-        "INVITE sip:{to_user}@{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{call_id};rport\r\nFrom: <sip:alice@{DOMAIN}>;tag=a-{call_id}\r\nTo: <sip:{to_user}@{DOMAIN}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{me}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+        "INVITE sip:{to_aor} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK-{call_id};rport\r\nFrom: <sip:{from_aor}>;tag=a-{call_id}\r\nTo: <sip:{to_aor}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:{user}@{me}>\r\nMax-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
+    )
+}
+
+/// `req` (as sent) again, answering `challenge` (a 401 or 407: its first, MD5,
+/// challenge) as `user` with `password`: a new branch, the next CSeq, and the
+/// credentials header (`nc` = `nc`).
+pub fn with_credentials(req: &str, challenge: &Message, user: &str, password: &str, nc: u32) -> String {
+    use sip::digest::{expected_response, Credentials};
+    let (ask, answer) = if challenge.code() == Some(407) {
+        ("Proxy-Authenticate", "Proxy-Authorization")
+    } else {
+        ("WWW-Authenticate", "Authorization")
+    };
+    let ch = challenge.header(ask).expect("a challenge header");
+    let param =
+        |name: &str| ch.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+    let (m, _) = Message::parse(req.as_bytes(), false).unwrap();
+    let sip::message::StartLine::Request { uri, method } = &m.start else { panic!("a request") };
+    let c = Credentials {
+        username: user.into(),
+        realm: param("realm"),
+        nonce: param("nonce"),
+        uri: uri.clone(),
+        algorithm: Some("MD5".into()),
+        qop: Some("auth".into()),
+        nc: Some(format!("{nc:08x}")),
+        cnonce: Some("5eed".into()),
+        ..Default::default()
+    };
+    let resp = expected_response(&c, method, password).unwrap();
+    let header = format!(
+        "{answer}: Digest username=\"{user}\", realm=\"{}\", nonce=\"{}\", uri=\"{uri}\", response=\"{resp}\", algorithm=MD5, qop=auth, nc={nc:08x}, cnonce=\"5eed\"\r\n",
+        c.realm, c.nonce
+    );
+    let (cseq, _) = m.cseq().unwrap();
+    let out = req.replacen(";branch=z9hG4bK-", &format!(";branch=z9hG4bK-{nc}a-"), 1).replacen(
+        &format!("CSeq: {cseq} {method}"),
+        &format!("CSeq: {} {method}", cseq + 1),
+        1,
+    );
+    let at = out.find("Content-Length:").expect("Content-Length");
+    format!("{}{header}{}", &out[..at], &out[at..])
+}
+
+/// The ACK of a final non-2xx response to the INVITE `req` (RFC 3261 §17.1.1.3).
+pub fn ack_for(req: &str, resp: &Message) -> String {
+    let (m, _) = Message::parse(req.as_bytes(), false).unwrap();
+    let sip::message::StartLine::Request { uri, .. } = &m.start else { panic!("a request") };
+    format!(
+        "ACK {uri} SIP/2.0\r\nVia: {}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        m.header("Via").unwrap(),
+        m.header("From").unwrap(),
+        resp.header("To").unwrap(),
+        m.call_id(),
+        m.cseq().unwrap().0
     )
 }
 

@@ -1,8 +1,13 @@
 //! The LI administration API (X1-like), on its own listener with its own token:
 //! `POST/GET /v1/li/tasks`, `GET/PATCH/DELETE /v1/li/tasks/{xid}`, `GET /v1/li/stats`.
-//! Every request, allowed or denied, is written to the audit log before it is
-//! answered.
+//!
+//! Every authenticated request is written to the audit log: a change before it takes
+//! effect (see [`Li::create`]), a read before it is answered. Unauthenticated requests
+//! are rate-limited before they reach the disk ([`super::audit::AuditLog::admit_denied`]):
+//! within the budget each is one `denied` record and a 401, past it a 429 and a count in
+//! the next `denied_suppressed` summary.
 
+use super::error::Error;
 use super::tasks::{Task, TaskPatch};
 use super::Li;
 use crate::control::rest::ApiError;
@@ -30,6 +35,26 @@ fn who(peer: &SocketAddr) -> String {
     format!("li-token@{peer}")
 }
 
+/// The API's answer for an LI error: its stable code, and a status saying whether
+/// retrying can help (503: the audit log or state file is failing, nothing was done).
+fn api_error(e: Error) -> ApiError {
+    let status = match &e {
+        Error::Invalid(_) | Error::Limit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Audit(_) | Error::State(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    if matches!(e, Error::Audit(_) | Error::AuditIncomplete(_) | Error::State(_)) {
+        tracing::error!(error = %e, "LI change");
+    }
+    ApiError::new(status, e.code(), e.to_string())
+}
+
+fn internal() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "failed")
+}
+
 async fn auth(
     State(st): State<LiApiState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -42,18 +67,24 @@ async fn auth(
         let (a, b) = (g.trim().as_bytes(), st.token.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     });
-    if !ok {
-        let what = format!("{} {}", req.method(), req.uri().path());
-        let _ = st.li.audit().record(
-            &format!("unauthenticated@{peer}"),
-            "denied",
-            None,
-            "unauthorized",
-            Some(&what.into()),
-        );
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "LI credentials required").into_response();
+    if ok {
+        return next.run(req).await;
     }
-    next.run(req).await
+    // Rate-limited before the disk: a flood of bad tokens costs a counter each.
+    if !st.li.audit().admit_denied(peer.ip()) {
+        let mut r = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many unauthenticated requests")
+            .into_response();
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
+    let what = format!("{} {}", req.method(), req.uri().path());
+    let li = st.li.clone();
+    let written =
+        tokio::task::spawn_blocking(move || li.audit().record_denied(&format!("unauthenticated@{peer}"), &what)).await;
+    if let Ok(Err(e)) = written {
+        tracing::error!(error = %e, "LI audit log: cannot record a denied request");
+    }
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "LI credentials required").into_response()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -68,26 +99,34 @@ fn parse<T: serde::de::DeserializeOwned>(
     Ok((t, v))
 }
 
-/// Audits the outcome, then answers. An audit failure fails the request: an action
-/// that cannot be recorded must not be acknowledged.
-fn audited(
+/// Audits a request that changes nothing (a read, or a change refused before it was
+/// understood), then answers. An audit failure fails the request: what cannot be
+/// recorded is not answered.
+async fn audited(
     st: &LiApiState,
     peer: &SocketAddr,
-    action: &str,
-    xid: Option<&str>,
-    detail: Option<&serde_json::Value>,
+    action: &'static str,
+    xid: Option<String>,
     r: Result<Response, ApiError>,
 ) -> Response {
     let outcome = match &r {
-        Ok(_) => "ok".to_string(),
-        Err(e) => e.code.to_string(),
+        Ok(_) => "ok",
+        Err(e) => e.code,
     };
-    if let Err(e) = st.li.audit().record(&who(peer), action, xid, &outcome, detail) {
-        tracing::error!(error = %e, "LI audit log write failed");
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit_failed", "the audit log cannot be written")
-            .into_response();
+    let (li, who) = (st.li.clone(), who(peer));
+    let written = tokio::task::spawn_blocking(move || li.audit().record(&who, action, xid.as_deref(), outcome, None))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    if let Err(e) = written {
+        return api_error(Error::Audit(e)).into_response();
     }
     r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Runs a change (which audits itself, write-ahead) off the async threads: it fsyncs.
+async fn change<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| internal())?.map_err(api_error)
 }
 
 async fn create(
@@ -95,25 +134,20 @@ async fn create(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (r, xid, detail) = match parse::<Task>(body) {
-        Ok((task, v)) => {
-            let xid = task.xid.clone();
-            let li = st.li.clone();
-            let r = tokio::task::spawn_blocking(move || li.create(task))
-                .await
-                .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "failed"))
-                .and_then(|r| r.map_err(ApiError::from));
-            let r = r.map(|_| (StatusCode::CREATED, Json(st.li.get(&xid))).into_response());
-            (r, Some(xid), Some(v))
-        }
-        Err(e) => (Err(e), None, None),
+    let (task, v) = match parse::<Task>(body) {
+        Ok(x) => x,
+        Err(e) => return audited(&st, &peer, "activate", None, Err(e)).await,
     };
-    audited(&st, &peer, "activate", xid.as_deref(), detail.as_ref(), r)
+    let (li, who) = (st.li.clone(), who(&peer));
+    match change(move || li.create(&who, task, Some(&v))).await {
+        Ok(t) => (StatusCode::CREATED, Json(st.li.get(&t.xid))).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn list(State(st): State<LiApiState>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
     let tasks = st.li.list();
-    audited(&st, &peer, "list", None, None, Ok(Json(serde_json::json!({"tasks": tasks})).into_response()))
+    audited(&st, &peer, "list", None, Ok(Json(serde_json::json!({"tasks": tasks})).into_response())).await
 }
 
 async fn get_one(
@@ -126,7 +160,7 @@ async fn get_one(
         .get(&xid)
         .map(|t| Json(t).into_response())
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no task {xid}")));
-    audited(&st, &peer, "get", Some(&xid), None, r)
+    audited(&st, &peer, "get", Some(xid), r).await
 }
 
 async fn modify(
@@ -135,19 +169,15 @@ async fn modify(
     Path(xid): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (r, detail) = match parse::<TaskPatch>(body) {
-        Ok((patch, v)) => {
-            let (li, x) = (st.li.clone(), xid.clone());
-            let r = tokio::task::spawn_blocking(move || li.modify(&x, patch))
-                .await
-                .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "failed"))
-                .and_then(|r| r.map_err(ApiError::from))
-                .map(|_| Json(st.li.get(&xid)).into_response());
-            (r, Some(v))
-        }
-        Err(e) => (Err(e), None),
+    let (patch, v) = match parse::<TaskPatch>(body) {
+        Ok(x) => x,
+        Err(e) => return audited(&st, &peer, "modify", Some(xid), Err(e)).await,
     };
-    audited(&st, &peer, "modify", Some(&xid), detail.as_ref(), r)
+    let (li, who, x) = (st.li.clone(), who(&peer), xid.clone());
+    match change(move || li.modify(&who, &x, patch, Some(&v))).await {
+        Ok(_) => Json(st.li.get(&xid)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn delete(
@@ -155,18 +185,16 @@ async fn delete(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(xid): Path<String>,
 ) -> Response {
-    let (li, x) = (st.li.clone(), xid.clone());
-    let r = tokio::task::spawn_blocking(move || li.delete(&x))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "failed"))
-        .and_then(|r| r.map_err(ApiError::from))
-        .map(|()| StatusCode::NO_CONTENT.into_response());
-    audited(&st, &peer, "deactivate", Some(&xid), None, r)
+    let (li, who) = (st.li.clone(), who(&peer));
+    match change(move || li.delete(&who, &xid)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn stats(State(st): State<LiApiState>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
     let s = st.li.stats();
-    audited(&st, &peer, "stats", None, None, Ok(Json(s).into_response()))
+    audited(&st, &peer, "stats", None, Ok(Json(s).into_response())).await
 }
 
 async fn not_found() -> ApiError {
@@ -185,7 +213,15 @@ pub fn router(state: LiApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the LI API on `listener` (peer addresses are recorded in the audit log).
-pub async fn serve(listener: tokio::net::TcpListener, state: LiApiState) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).await
+/// Serves the LI API on `listener` under `limits` (connection caps, timeouts: see
+/// [`crate::net::http`]) until the process ends. Peer addresses reach the handlers as
+/// `ConnectInfo` and are recorded in the audit log. Its connection counters are kept
+/// off the relay's `/metrics`, which must not show that interception exists.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: LiApiState,
+    limits: crate::net::http::HttpLimits,
+) -> std::io::Result<()> {
+    let stats = std::sync::Arc::new(crate::net::http::ListenerStats::new("li_api"));
+    crate::net::http::serve(listener, stats, router(state), limits, std::future::pending()).await
 }

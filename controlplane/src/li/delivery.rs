@@ -231,17 +231,44 @@ fn writer(dest: Destination, d: Arc<Dest>) {
     }
 }
 
+/// Largest pcap file LI writes; packets past it are counted, not written.
+pub const PCAP_MAX_BYTES: u64 = 1 << 30;
+
 /// Writes intercepted packets as a pcap file (LINKTYPE_RAW: IPv4/UDP headers are
-/// synthesised from the recorded addresses), readable by tshark and Wireshark.
+/// synthesised from the recorded addresses), readable by tshark and Wireshark. The file
+/// is private (mode 0600, also when it existed) and stops growing at
+/// [`PCAP_MAX_BYTES`].
 #[derive(Debug)]
 pub struct PcapWriter {
     file: std::io::BufWriter<std::fs::File>,
+    bytes: u64,
+    dropped: u64,
 }
 
 impl PcapWriter {
-    /// Creates the file and writes the global header.
+    /// Creates (or empties) the file and writes the global header.
     pub fn create(path: &str) -> std::io::Result<Self> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let f = super::audit::private_file().write(true).create(true).truncate(true).open(path)?;
+        super::audit::make_private(&f)?;
+        let mut w = Self { file: std::io::BufWriter::new(f), bytes: 0, dropped: 0 };
+        w.header()?;
+        Ok(w)
+    }
+
+    /// Opens the file of a task reinstated at start-up: appends to what it holds (a
+    /// restart must not wipe what was captured), or starts it if it is gone or empty.
+    pub fn reopen(path: &str) -> std::io::Result<Self> {
+        let f = super::audit::private_file().append(true).create(true).open(path)?;
+        super::audit::make_private(&f)?;
+        let bytes = f.metadata()?.len();
+        let mut w = Self { file: std::io::BufWriter::new(f), bytes, dropped: 0 };
+        if bytes == 0 {
+            w.header()?;
+        }
+        Ok(w)
+    }
+
+    fn header(&mut self) -> std::io::Result<()> {
         let mut h = Vec::with_capacity(24);
         h.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
         h.extend_from_slice(&2u16.to_le_bytes());
@@ -249,8 +276,15 @@ impl PcapWriter {
         h.extend_from_slice(&[0; 8]);
         h.extend_from_slice(&65535u32.to_le_bytes());
         h.extend_from_slice(&101u32.to_le_bytes()); // LINKTYPE_RAW
-        file.write_all(&h)?;
-        Ok(Self { file })
+        self.file.write_all(&h)?;
+        self.file.flush()?;
+        self.bytes += h.len() as u64;
+        Ok(())
+    }
+
+    /// Packets not written because the file reached its bound.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// Appends one UDP packet.
@@ -258,6 +292,11 @@ impl PcapWriter {
         let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else { return };
         let t = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let total = 28 + data.len();
+        if self.bytes + 16 + total as u64 > PCAP_MAX_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += 16 + total as u64;
         let mut p = Vec::with_capacity(16 + total);
         p.extend_from_slice(&(t.as_secs() as u32).to_le_bytes());
         p.extend_from_slice(&t.subsec_micros().to_le_bytes());

@@ -1,5 +1,5 @@
-//! Observability: Prometheus metrics of the relay ([`relay`]) and of the SIP proxy
-//! ([`sip`]), each a `prometheus_client` collector that reads its source's counters when
+//! Observability: Prometheus metrics of the relay ([`relay`]), of the SIP proxy
+//! ([`sip`]) and of the HTTP listeners ([`http`]), each a `prometheus_client` collector that reads its source's counters when
 //! scraped, and [`render`], which encodes them for `/metrics`.
 //!
 //! The counters stay where they are (atomics of the workers, the proxy core and the SIP
@@ -7,6 +7,7 @@
 //! `ConstCounter`/`ConstGauge` values at scrape time, so nothing is counted twice and the
 //! packet and SIP paths know nothing of Prometheus.
 
+pub mod http;
 pub mod relay;
 pub mod sip;
 

@@ -28,12 +28,27 @@ impl Collector for SipMetrics {
         use Kind::{Counter, Gauge};
         let (p, d) = (&self.proxy, &self.driver);
         // Counters are named without `_total`: the encoder appends it.
-        let series: [(&str, Kind, &str, &AtomicU64); 18] = [
+        let series: [(&str, Kind, &str, &AtomicU64); 23] = [
             ("hasp_sip_malformed", Counter, "SIP messages that did not parse.", &p.malformed),
             ("hasp_sip_rejected", Counter, "Requests answered 4xx/5xx by the proxy.", &p.rejected),
             ("hasp_sip_forwarded", Counter, "Requests forwarded (per target).", &p.forwarded),
             ("hasp_sip_registers", Counter, "REGISTER requests handled.", &p.registers),
             ("hasp_sip_rate_limited", Counter, "Requests dropped by the per-source rate limit.", &p.rate_limited),
+            (
+                "hasp_sip_challenged",
+                Counter,
+                "Requests challenged for credentials (407) by the relay policy.",
+                &p.challenged,
+            ),
+            ("hasp_sip_not_relayed", Counter, "Requests refused as relaying (403 Not relaying).", &p.not_relayed),
+            ("hasp_sip_digest_replays", Counter, "Digest answers replayed (challenged again, stale).", &p.replays),
+            ("hasp_sip_bans", Counter, "Sources banned for going over the per-source rate.", &p.bans),
+            (
+                "hasp_sip_replies_suppressed",
+                Counter,
+                "Error answers not sent: the source had its share (reflection bound).",
+                &p.replies_suppressed,
+            ),
             ("hasp_sip_transactions", Gauge, "SIP transactions in progress.", &p.transactions),
             ("hasp_sip_queue_drops", Counter, "Messages dropped because the proxy's queue was full.", &d.queue_drops),
             ("hasp_sip_send_drops", Counter, "Messages that could not be sent.", &d.send_drops),
@@ -76,12 +91,17 @@ mod tests {
     use super::*;
     use crate::proxy::focus::tests::FakeMixer;
 
-    const FAMILIES: [(&str, &str); 18] = [
+    const FAMILIES: [(&str, &str); 23] = [
         ("hasp_sip_malformed_total", "counter"),
         ("hasp_sip_rejected_total", "counter"),
         ("hasp_sip_forwarded_total", "counter"),
         ("hasp_sip_registers_total", "counter"),
         ("hasp_sip_rate_limited_total", "counter"),
+        ("hasp_sip_challenged_total", "counter"),
+        ("hasp_sip_not_relayed_total", "counter"),
+        ("hasp_sip_digest_replays_total", "counter"),
+        ("hasp_sip_bans_total", "counter"),
+        ("hasp_sip_replies_suppressed_total", "counter"),
         ("hasp_sip_transactions", "gauge"),
         ("hasp_sip_queue_drops_total", "counter"),
         ("hasp_sip_send_drops_total", "counter"),

@@ -92,7 +92,8 @@ async fn proxy_create(
 
 async fn proxy_metrics(State(st): State<ProxyApiState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
     check_token(&st, &headers)?;
-    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = Vec::new();
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
+        vec![Box::new(crate::obs::http::HttpCollector::process())];
     if let Some(sip) = st.sip {
         collectors.push(Box::new(sip));
     }
@@ -110,4 +111,15 @@ pub fn proxy_router(state: ProxyApiState) -> axum::Router {
         .route("/metrics", axum::routing::get(proxy_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
+}
+
+/// Serves `hasp proxy`'s API on `listener` under `limits` (connection caps, timeouts:
+/// see [`crate::net::http`]) until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ProxyApiState,
+    limits: crate::net::http::HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::net::http::serve(listener, crate::net::http::exported("api"), proxy_router(state), limits, shutdown).await
 }

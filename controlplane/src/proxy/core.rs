@@ -15,7 +15,9 @@ use super::focus::JoinError;
 use super::registrar;
 use crate::error::Error;
 use crate::store::Binding;
-use sip::digest::{Credentials, Nonces};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng};
+use sip::digest::{Credentials, Nonces, Replays};
 use sip::message::{aor_of, host_port, uri_of, Message, StartLine};
 use sip::steer;
 use sip::transaction::{client_key, server_key, Output, State, Transaction};
@@ -67,6 +69,12 @@ pub struct ProxyConfig {
     /// Requests per second accepted from one source address (bursts of twice that);
     /// more are dropped and counted. 0: no limit.
     pub rate_limit: u32,
+    /// How long a source over its rate is banned (everything from it dropped unread);
+    /// zero: no ban, only the excess is dropped.
+    pub ban: Duration,
+    /// Peers trusted by source address (other proxies, an LB, a trunk): their requests
+    /// are neither challenged nor refused as relaying, and not rate limited.
+    pub trusted: Vec<ipnet::IpNet>,
 }
 
 /// Counters.
@@ -108,6 +116,17 @@ pub struct ProxyMetrics {
     pub ops_timed_out: AtomicU64,
     /// Operations in progress (gauge).
     pub ops_pending: AtomicU64,
+    /// Requests challenged for credentials (407) by the relay policy.
+    pub challenged: AtomicU64,
+    /// Requests refused as relaying (403 Not relaying) or dropped (ACK).
+    pub not_relayed: AtomicU64,
+    /// Digest answers seen before (replays), challenged again.
+    pub replays: AtomicU64,
+    /// Sources banned for going over their rate.
+    pub bans: AtomicU64,
+    /// Error answers not sent: the source had its share (a spoofed source must not be
+    /// flooded with our answers).
+    pub replies_suppressed: AtomicU64,
 }
 
 /// An operation the core asks the driver to perform.
@@ -236,35 +255,77 @@ pub enum Action {
         /// When the core stops waiting.
         deadline: Instant,
     },
+    /// A source went over its rate: drop everything from it until `until`, as early as
+    /// possible (the driver drops it in the kernel, before it is read).
+    Ban {
+        /// The source.
+        ip: IpAddr,
+        /// When the ban ends.
+        until: Instant,
+    },
 }
 
 /// A token bucket per source address: `rate` requests per second, bursts of twice that.
+/// A source that empties its bucket is banned for `ban` (as Kamailio's pike module
+/// does): everything it sends meanwhile is dropped unread.
 #[derive(Debug)]
 struct RateLimit {
     rate: f64,
+    ban: Duration,
     buckets: HashMap<IpAddr, (f64, Instant)>,
+    banned: HashMap<IpAddr, Instant>,
+}
+
+/// What the rate limit says of one message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+    /// Drop, and a ban starts now (until then).
+    Ban(Instant),
 }
 
 impl RateLimit {
     /// Sources tracked before idle ones are forgotten.
     const MAX_SOURCES: usize = 100_000;
 
+    fn new(rate: f64, ban: Duration) -> Self {
+        Self { rate, ban, buckets: HashMap::new(), banned: HashMap::new() }
+    }
+
     fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.check(ip, now) == Verdict::Pass
+    }
+
+    fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+        if let Some(until) = self.banned.get(&ip) {
+            if now < *until {
+                return Verdict::Drop;
+            }
+            self.banned.remove(&ip);
+        }
         let burst = 2.0 * self.rate;
         if self.buckets.len() >= Self::MAX_SOURCES && !self.buckets.contains_key(&ip) {
             // Forget sources whose bucket has refilled: they lose nothing.
             let rate = self.rate;
             self.buckets.retain(|_, (t, at)| *t + rate * now.duration_since(*at).as_secs_f64() < burst);
+            self.banned.retain(|_, until| *until > now);
         }
         let (tokens, at) = self.buckets.entry(ip).or_insert((burst, now));
         *tokens = (*tokens + self.rate * now.saturating_duration_since(*at).as_secs_f64()).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
-            true
-        } else {
-            false
+            return Verdict::Pass;
         }
+        if self.ban.is_zero() || self.banned.len() >= Self::MAX_SOURCES {
+            return Verdict::Drop;
+        }
+        // Banned with a full bucket for when the ban ends: no instant re-ban.
+        self.buckets.remove(&ip);
+        let until = now + self.ban;
+        self.banned.insert(ip, until);
+        Verdict::Ban(until)
     }
 }
 
@@ -300,6 +361,8 @@ struct ServerTx {
     best: Option<Message>,
     /// A CANCEL came: no new branch is started.
     cancelled: bool,
+    /// 100 Trying was sent (once per INVITE, also when it waited for its credentials).
+    trying: bool,
 }
 
 impl ServerTx {
@@ -341,6 +404,9 @@ enum Pending {
     Join { sk: SKey, user: String, transport: Transport },
     /// A conference leave (BYE).
     Leave { sk: SKey },
+    /// A request challenged for proxy authentication came back with credentials: the
+    /// user's secret, to check them; then the request proceeds.
+    ProxyAuth { sk: SKey, src: Peer, creds: Box<Credentials> },
     /// Nothing waits for the result (media deletes).
     Detached,
 }
@@ -388,6 +454,25 @@ pub struct Proxy {
     touched: Vec<TimerKey>,
     /// The wall clock at one instant, so Unix times derive from the injected `now`.
     epoch: (Instant, u64),
+    /// Branch ids, tags and nonce salts: a CSPRNG (seeded from the OS; tests inject a
+    /// seed), so none can be guessed by an off-path attacker.
+    rng: StdRng,
+    /// Nonce-counts seen, shared by every core of the process (a replayed request may be
+    /// steered to another core).
+    replays: Arc<Replays>,
+    /// Error answers per source (untrusted, over UDP): a request with a forged source
+    /// makes the proxy answer the forged address, with retransmissions; this bounds what
+    /// any one address receives unasked.
+    error_replies: RateLimit,
+}
+
+/// What the proxy does with a request before routing it (RFC 3261 §16.3 policy: no
+/// open relay, local callers authenticate).
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Pass,
+    Refuse(u16, &'static str),
+    Challenge,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -425,8 +510,7 @@ impl Proxy {
     /// offer/answer/delete operations).
     pub fn new(cfg: ProxyConfig, anchor: bool) -> Self {
         let nonces = Nonces::new(cfg.nonce_secret.clone());
-        let limit =
-            (cfg.rate_limit > 0).then(|| RateLimit { rate: f64::from(cfg.rate_limit), buckets: HashMap::new() });
+        let limit = (cfg.rate_limit > 0).then(|| RateLimit::new(f64::from(cfg.rate_limit), cfg.ban));
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self {
             cfg,
@@ -452,6 +536,115 @@ impl Proxy {
             op_deadlines: Default::default(),
             touched: Vec::new(),
             epoch: (Instant::now(), unix),
+            rng: rand::make_rng(),
+            replays: Arc::default(),
+            error_replies: RateLimit::new(Self::ERROR_REPLIES_PER_SEC, Duration::ZERO),
+        }
+    }
+
+    /// Error answers one untrusted UDP source receives per second (bursts of twice that).
+    const ERROR_REPLIES_PER_SEC: f64 = 20.0;
+
+    /// Whether an error answer may go to `src`; if not, the server transaction is
+    /// dropped silently (it would retransmit the answer).
+    fn may_answer_error(&mut self, now: Instant, key: &SKey) -> bool {
+        let Some(src) = self.servers.get(key).map(|s| s.src) else { return true };
+        if src.reliable() || self.trusted(src.addr.ip()) || self.error_replies.allow(src.addr.ip(), now) {
+            return true;
+        }
+        self.metrics.replies_suppressed.fetch_add(1, Ordering::Relaxed);
+        self.servers.remove(key);
+        false
+    }
+
+    /// Seeds the random generator (deterministic tests and simulations).
+    pub fn seed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    /// Shares the table of nonce-counts seen with the other cores of the process.
+    pub fn set_replays(&mut self, replays: Arc<Replays>) {
+        self.replays = replays;
+    }
+
+    /// A random To tag for a response the proxy makes itself.
+    fn tag(&mut self) -> String {
+        format!("{:016x}", self.rng.next_u64())
+    }
+
+    fn salts(&mut self) -> [u64; 2] {
+        [self.rng.next_u64(), self.rng.next_u64()]
+    }
+
+    /// The digest realm: the domain, in lower case (as users' HA1s are kept).
+    fn realm(&self) -> String {
+        self.cfg.domain.to_ascii_lowercase()
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.cfg.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The relay policy (as Kamailio's default configuration): requests from a caller
+    /// claiming one of our users must authenticate; a request for elsewhere from anyone
+    /// else is not relayed; conference rooms admit only authenticated users; requests
+    /// within a dialog we record-routed, and those of trusted peers, pass.
+    fn admission(&self, src: Peer, req: &Message) -> Admission {
+        let StartLine::Request { uri, method } = &req.start else { return Admission::Pass };
+        if method == "CANCEL" || self.trusted(src.addr.ip()) {
+            return Admission::Pass;
+        }
+        let top_route_is_us = req.header_values("Route").next().is_some_and(|r| self.is_us(uri_of(r)));
+        let to_here = req.header_values("Route").all(|r| self.is_us(uri_of(r))) && self.our_domain(uri);
+        if req.to_tag().is_some() && (top_route_is_us || to_here) {
+            return Admission::Pass;
+        }
+        let user = aor_of(uri).and_then(|a| a.split_once('@').map(|(u, _)| u.to_string()));
+        if to_here && (method == "REGISTER" || user.is_none()) {
+            // The registrar authenticates; requests to the proxy itself (keep-alive
+            // OPTIONS) are answered here.
+            return Admission::Pass;
+        }
+        let conference = self.focus && to_here && user.as_deref().and_then(super::focus::room_of_user).is_some();
+        let from_local = req.header("From").map(uri_of).is_some_and(|f| self.our_domain(f));
+        if conference || from_local {
+            return Admission::Challenge;
+        }
+        if !to_here {
+            return Admission::Refuse(403, "Not relaying");
+        }
+        Admission::Pass
+    }
+
+    /// A request that must authenticate: challenge it, or check its credentials (the
+    /// user's secret is read from the store; the request proceeds once they hold).
+    fn authenticate(&mut self, now: Instant, key: &SKey, src: Peer, req: &Message) {
+        let (salts, tag, realm, t) = (self.salts(), self.tag(), self.realm(), self.unix(now));
+        let who = registrar::Challenger::Proxy;
+        match registrar::credentials(&self.nonces, &realm, req, t, salts, who, &tag) {
+            Err(r) => {
+                self.metrics.challenged.fetch_add(1, Ordering::Relaxed);
+                if self.may_answer_error(now, key) {
+                    self.reply(key, r, now)
+                }
+            }
+            Ok(creds) => {
+                if req.method() == "INVITE" {
+                    // The secret is read off this thread: stop the client's retransmissions.
+                    self.trying(now, key, req);
+                }
+                // A caller claiming one of our users must be that user.
+                let from_user = req.header("From").map(uri_of).and_then(aor_of);
+                let claims_other = from_user.as_deref().is_some_and(|a| {
+                    let (u, _) = a.split_once('@').unwrap_or((a, ""));
+                    self.our_domain(&format!("sip:{a}")) && u != creds.username
+                });
+                if claims_other {
+                    return self.reject(key, req, 403, "From does not match credentials", now);
+                }
+                let op = Op::Password { user: creds.username.clone(), domain: realm };
+                self.start(now, op, Pending::ProxyAuth { sk: key.clone(), src, creds: Box::new(creds) });
+            }
         }
     }
 
@@ -597,9 +790,20 @@ impl Proxy {
     /// transactions and are never limited. A message refused is counted and must be
     /// dropped, not answered (an answer would amplify the flood).
     pub fn admit(&mut self, now: Instant, src: Peer, data: &[u8]) -> bool {
-        let Some(l) = &mut self.limit else { return true };
-        if data.starts_with(b"SIP/") || l.allow(src.addr.ip(), now) {
+        if self.limit.is_none() || self.trusted(src.addr.ip()) {
             return true;
+        }
+        let Some(l) = &mut self.limit else { return true };
+        if data.starts_with(b"SIP/") {
+            return true;
+        }
+        match l.check(src.addr.ip(), now) {
+            Verdict::Pass => return true,
+            Verdict::Drop => {}
+            Verdict::Ban(until) => {
+                self.metrics.bans.fetch_add(1, Ordering::Relaxed);
+                self.out.push(Action::Ban { ip: src.addr.ip(), until });
+            }
         }
         self.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
         false
@@ -754,7 +958,7 @@ impl Proxy {
         self.servers.get(sk).filter(|s| s.open()).map(|s| s.tx.request().clone())
     }
 
-    fn on_request(&mut self, now: Instant, src: Peer, mut req: Message) {
+    fn on_request(&mut self, now: Instant, src: Peer, req: Message) {
         let Some(key) = server_key(&req) else {
             self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -767,6 +971,11 @@ impl Proxy {
                     s.tx.on_request(&req, now);
                     return;
                 }
+            }
+            if matches!(self.admission(src, &req), Admission::Refuse(..)) {
+                // An ACK is never answered: a stranger's ACK for elsewhere is dropped.
+                self.metrics.not_relayed.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             self.forward_stateless(now, req);
             return;
@@ -792,6 +1001,7 @@ impl Proxy {
                 client: None,
                 best: None,
                 cancelled: false,
+                trying: false,
             },
         );
         if method == "CANCEL" {
@@ -807,10 +1017,38 @@ impl Proxy {
         if req.header_values("Via").any(|v| v.contains(&me) && v.contains(steer::BRANCH_PREFIX)) {
             return self.reject(&key, &req, 482, "Loop Detected", now);
         }
+        match self.admission(src, &req) {
+            Admission::Pass => self.proceed(now, &key, src, req),
+            Admission::Refuse(code, reason) => {
+                self.metrics.not_relayed.fetch_add(1, Ordering::Relaxed);
+                self.reject(&key, &req, code, reason, now)
+            }
+            Admission::Challenge => self.authenticate(now, &key, src, &req),
+        }
+    }
+
+    /// Sends 100 Trying for an INVITE, once.
+    fn trying(&mut self, now: Instant, key: &SKey, req: &Message) {
+        if self.servers.get_mut(key).is_some_and(|s| !std::mem::replace(&mut s.trying, true)) {
+            let trying = req.response(100, "Trying", None);
+            self.reply(key, trying, now);
+        }
+    }
+
+    /// Routes a request the policy admitted (RFC 3261 §16.4 on).
+    fn proceed(&mut self, now: Instant, key: &SKey, src: Peer, mut req: Message) {
+        let key = key.clone();
+        let method = req.method().to_string();
+        // Credentials for our realm are consumed here, not forwarded (RFC 3261 §22.3);
+        // those for a realm further on stay.
+        let realm = self.realm();
+        req.headers.retain(|(n, v)| {
+            !n.eq_ignore_ascii_case("Proxy-Authorization")
+                || sip::digest::parse_credentials(v).is_some_and(|c| !c.realm.eq_ignore_ascii_case(&realm))
+        });
         // A 100 at once: the client stops retransmitting while we look things up.
         if method == "INVITE" {
-            let trying = req.response(100, "Trying", None);
-            self.reply(&key, trying, now);
+            self.trying(now, &key, &req);
         }
         if self.focus_request(now, &key, src, &req) {
             return;
@@ -915,7 +1153,8 @@ impl Proxy {
     }
 
     fn register(&mut self, now: Instant, key: &SKey, req: &Message) {
-        match registrar::start(&self.nonces, &self.cfg.domain, req, self.unix(now)) {
+        let (salts, tag, realm) = (self.salts(), self.tag(), self.realm());
+        match registrar::start(&self.nonces, &realm, req, self.unix(now), salts, &tag) {
             registrar::Start::Reply(r) => self.reply(key, r, now),
             registrar::Start::Authenticate { aor, user, domain, creds } => {
                 self.start(now, Op::Password { user, domain }, Pending::RegPassword { sk: key.clone(), aor, creds });
@@ -959,24 +1198,64 @@ impl Proxy {
             // The registrar's steps read the request where it lies (a REGISTER is
             // handled at 1,000s per second: no copy of it per step).
             Pending::RegPassword { sk, aor, creds } => {
+                let (tag, salts, realm, t) = (self.tag(), self.salts(), self.realm(), self.unix(now));
                 let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return };
                 let req = s.tx.request();
                 let refused = match r {
-                    Ok(Done::Password(pw)) => registrar::check_password(req, &creds, pw.as_deref()).err(),
-                    _ => Some(registrar::unavailable(req)),
+                    Ok(Done::Password(stored)) => {
+                        match registrar::check_secret(&creds, "REGISTER", stored.as_deref(), &realm, &self.replays, t) {
+                            Ok(()) => None,
+                            Err(registrar::Refusal::Forbidden) => Some(req.response(403, "Forbidden", Some(&tag))),
+                            Err(registrar::Refusal::Replay) => {
+                                self.metrics.replays.fetch_add(1, Ordering::Relaxed);
+                                let who = registrar::Challenger::Registrar;
+                                Some(registrar::challenge_response(
+                                    &self.nonces,
+                                    &realm,
+                                    req,
+                                    t,
+                                    salts,
+                                    true,
+                                    who,
+                                    &tag,
+                                ))
+                            }
+                        }
+                    }
+                    _ => Some(registrar::unavailable(req, &tag)),
                 };
                 match refused {
                     None => self.register_bindings(now, sk, aor),
                     Some(resp) => self.reply(&sk, resp, now),
                 }
             }
+            Pending::ProxyAuth { sk, src, creds } => {
+                let (tag, salts, realm, t) = (self.tag(), self.salts(), self.realm(), self.unix(now));
+                let Some(req) = self.open_request(&sk) else { return };
+                let resp = match r {
+                    Ok(Done::Password(stored)) => {
+                        match registrar::check_secret(&creds, req.method(), stored.as_deref(), &realm, &self.replays, t)
+                        {
+                            Ok(()) => return self.proceed(now, &sk, src, req),
+                            Err(registrar::Refusal::Forbidden) => req.response(403, "Forbidden", Some(&tag)),
+                            Err(registrar::Refusal::Replay) => {
+                                self.metrics.replays.fetch_add(1, Ordering::Relaxed);
+                                let who = registrar::Challenger::Proxy;
+                                registrar::challenge_response(&self.nonces, &realm, &req, t, salts, true, who, &tag)
+                            }
+                        }
+                    }
+                    _ => registrar::unavailable(&req, &tag),
+                };
+                self.reply(&sk, resp, now);
+            }
             Pending::RegBindings { sk, aor } => {
-                let t = self.unix(now);
+                let (t, tag) = (self.unix(now), self.tag());
                 let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return self.register_next(now, &aor) };
                 let req = s.tx.request();
                 let applied = match r {
-                    Ok(Done::Bindings(b)) => registrar::apply(req, b, &s.src.addr.to_string(), t),
-                    _ => Err(registrar::unavailable(req)),
+                    Ok(Done::Bindings(b)) => registrar::apply(req, b, &s.src.addr.to_string(), t, &tag),
+                    _ => Err(registrar::unavailable(req, &tag)),
                 };
                 match applied {
                     Ok(bindings) => {
@@ -990,10 +1269,10 @@ impl Proxy {
                 }
             }
             Pending::RegStore { sk, aor, bindings } => {
-                let t = self.unix(now);
+                let (t, tag) = (self.unix(now), self.tag());
                 let resp = self.servers.get(&sk).filter(|s| s.open()).map(|s| match r {
-                    Ok(Done::Stored) => registrar::accepted(s.tx.request(), &bindings, t),
-                    _ => registrar::unavailable(s.tx.request()),
+                    Ok(Done::Stored) => registrar::accepted(s.tx.request(), &bindings, t, &tag),
+                    _ => registrar::unavailable(s.tx.request(), &tag),
                 });
                 if let Some(resp) = resp {
                     self.reply(&sk, resp, now);
@@ -1004,7 +1283,10 @@ impl Proxy {
                 let Some(req) = self.open_request(&sk) else { return };
                 let bindings = match r {
                     Ok(Done::Bindings(b)) => b,
-                    _ => return self.reply(&sk, registrar::unavailable(&req), now),
+                    _ => {
+                        let r = registrar::unavailable(&req, &self.tag());
+                        return self.reply(&sk, r, now);
+                    }
                 };
                 if bindings.is_empty() {
                     let ruri = match &req.start {
@@ -1038,7 +1320,10 @@ impl Proxy {
                 match r {
                     Ok(Done::Password(Some(_))) => self.reject(&sk, &req, 480, "Temporarily Unavailable", now),
                     Ok(Done::Password(None)) => self.reject(&sk, &req, 404, "Not Found", now),
-                    _ => self.reply(&sk, registrar::unavailable(&req), now),
+                    _ => {
+                        let r = registrar::unavailable(&req, &self.tag());
+                        self.reply(&sk, r, now)
+                    }
                 }
             }
             Pending::Resolve { sk, target } => {
@@ -1173,7 +1458,7 @@ impl Proxy {
                 let resp = match r {
                     Ok(Done::Left(true)) => req.response(200, "OK", None),
                     Ok(Done::Left(false)) => req.response(481, "Call/Transaction Does Not Exist", None),
-                    _ => registrar::unavailable(&req),
+                    _ => registrar::unavailable(&req, &self.tag()),
                 };
                 self.reply(&sk, resp, now);
             }
@@ -1220,7 +1505,10 @@ impl Proxy {
 
     fn reject(&mut self, key: &SKey, req: &Message, code: u16, reason: &str, now: Instant) {
         self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-        let r = req.response(code, reason, Some("rej"));
+        if !self.may_answer_error(now, key) {
+            return;
+        }
+        let r = req.response(code, reason, Some(&self.tag()));
         self.reply(key, r, now);
     }
 
@@ -1603,6 +1891,7 @@ fn bad_request_reply(data: &[u8], why: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use crate::proxy::focus::{tests::FakeMixer, Focus};
+    use ipnet::IpNet;
     use std::time::Duration;
 
     /// The outside world of a core under test: the store, the relay and the focus,
@@ -1615,6 +1904,7 @@ mod tests {
         held: Vec<(OpId, Op)>,
         started: Vec<Op>,
         sent: Vec<(Peer, String)>,
+        banned: Vec<IpAddr>,
         /// Calls with media on the relay, and how many offers made it.
         media: HashMap<String, u32>,
         focus: Focus,
@@ -1631,6 +1921,7 @@ mod tests {
                 held: Vec::new(),
                 started: Vec::new(),
                 sent: Vec::new(),
+                banned: Vec::new(),
                 media: HashMap::new(),
                 focus: Focus::new(vec![Arc::new(FakeMixer::default())]),
             }
@@ -1693,6 +1984,7 @@ mod tests {
                 for a in actions {
                     match a {
                         Action::Send(to, b) => self.sent.push((to, String::from_utf8_lossy(&b).into_owned())),
+                        Action::Ban { ip, .. } => self.banned.push(ip),
                         Action::Start { id, op, .. } => {
                             self.started.push(op.clone());
                             if (self.hold)(&op) {
@@ -1737,8 +2029,13 @@ mod tests {
             nonce_secret: "s".into(),
             record_route: None,
             rate_limit: 0,
+            ban: Duration::ZERO,
+            // The unit tests' caller is a trusted peer, except where a test is about the
+            // relay policy (`untrusted`).
+            trusted: vec![IpNet::from(CALLER.parse::<SocketAddr>().unwrap().ip())],
         };
         let mut p = Proxy::new(cfg, anchor);
+        p.seed(7);
         let t0 = Instant::now();
         p.set_epoch(t0, T0);
         (p, t0)
@@ -1869,6 +2166,8 @@ mod tests {
             nonce_secret: "s".into(),
             record_route: None,
             rate_limit: 10,
+            ban: Duration::ZERO,
+            trusted: Vec::new(),
         };
         let mut p = Proxy::new(cfg, false);
         let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:5070".parse().unwrap(), "10.0.0.2:5070".parse().unwrap());
@@ -1886,6 +2185,45 @@ mod tests {
         }
         assert_eq!(p.drain().len(), 10);
         assert_eq!(p.metrics().rate_limited.load(Ordering::Relaxed), 15);
+    }
+
+    #[test]
+    fn a_source_over_its_rate_is_banned_for_a_while_and_others_are_not() {
+        let (mut p, t0) = untrusted();
+        p.limit = Some(RateLimit::new(10.0, Duration::from_secs(30)));
+        let mut w = World::new();
+        let (a, b) = (caller(), Peer::udp("10.0.0.2:5070".parse().unwrap()));
+        for n in 0..100 {
+            w.deliver(&mut p, t0, a, &options(n));
+        }
+        assert_eq!(w.take_sent().len(), 20, "the burst is answered, nothing after it");
+        assert_eq!(w.banned, vec![a.addr.ip()], "banned once");
+        assert_eq!(p.metrics().bans.load(Ordering::Relaxed), 1);
+        // Ten seconds later its bucket would have refilled: still banned.
+        w.deliver(&mut p, t0 + Duration::from_secs(10), a, &options(500));
+        assert!(w.take_sent().is_empty());
+        w.deliver(&mut p, t0 + Duration::from_secs(10), b, &options(501));
+        assert_eq!(w.take_sent().len(), 1, "another source is served");
+        // After the ban: served again, with a full burst.
+        w.deliver(&mut p, t0 + Duration::from_secs(31), a, &options(600));
+        assert_eq!(w.take_sent().len(), 1);
+        assert_eq!(w.banned.len(), 1);
+    }
+
+    #[test]
+    fn error_answers_to_one_source_are_bounded() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        // A forged source: INVITEs for elsewhere, each answered 403 (and retransmitted
+        // until ACKed) — to the forged address.
+        for n in 0..200 {
+            let b = format!("f{n}");
+            w.deliver(&mut p, t0, caller(), &request("INVITE", "sip:x@198.51.100.7", "sip:e@x.test", &b, ""));
+        }
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 40, "a burst of twice the per-second share");
+        assert_eq!(p.metrics().replies_suppressed.load(Ordering::Relaxed), 160);
+        assert!(p.transactions() <= 40, "suppressed answers leave no transaction behind");
     }
 
     #[test]
@@ -2078,5 +2416,144 @@ mod tests {
         w.complete(&mut p, t0, 0, Some(Err(Error::Store("etcd: deadline exceeded".into()))));
         assert_eq!(lines_to(&w.take_sent(), bob), ["SIP/2.0 503 Service Unavailable"]);
         assert_eq!((w.held.len(), p.pending_ops()), (0, 0));
+    }
+
+    /// A proxy that trusts nobody (the relay policy applies to every source).
+    fn untrusted() -> (Proxy, Instant) {
+        let (mut p, t0) = proxy(false);
+        p.cfg.trusted.clear();
+        (p, t0)
+    }
+
+    fn request(method: &str, uri: &str, from: &str, branch: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <{from}>;tag=f{branch}\r\nTo: <{uri}>\r\nCall-ID: c-{branch}\r\nCSeq: 1 {method}\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// `Proxy-Authorization` answering the first challenge of a 407 for `user`/`pw`.
+    fn proxy_auth(challenge: &str, method: &str, uri: &str, user: &str, pw: &str, nc: u32) -> String {
+        let nonce = challenge.split("nonce=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+        let creds = sip::digest::Credentials {
+            username: user.into(),
+            realm: "unit.test".into(),
+            nonce: nonce.clone(),
+            uri: uri.into(),
+            algorithm: Some("MD5".into()),
+            qop: Some("auth".into()),
+            nc: Some(format!("{nc:08x}")),
+            cnonce: Some("cn".into()),
+            ..Default::default()
+        };
+        let resp = sip::digest::expected_response(&creds, method, pw).unwrap();
+        format!(
+            "Proxy-Authorization: Digest username=\"{user}\", realm=\"unit.test\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{resp}\", algorithm=MD5, qop=auth, nc={nc:08x}, cnonce=\"cn\"\r\n"
+        )
+    }
+
+    #[test]
+    fn a_strangers_request_for_another_domain_is_403_and_nothing_is_sent_or_looked_up() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        for (n, m) in ["INVITE", "MESSAGE", "OPTIONS", "REGISTER"].iter().enumerate() {
+            let b = format!("s{n}");
+            w.deliver(&mut p, t0, caller(), &request(m, "sip:victim@198.51.100.7", "sip:eve@198.51.100.9", &b, ""));
+        }
+        // A Route naming a foreign hop does not help either.
+        let routed = request("INVITE", "sip:bob@unit.test", "sip:eve@x.test", "s9", "Route: <sip:198.51.100.7;lr>\r\n");
+        w.deliver(&mut p, t0, caller(), &routed);
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 5, "{sent:?}");
+        assert!(sent.iter().all(|(to, m)| *to == caller() && first_line(m) == "SIP/2.0 403 Not relaying"), "{sent:?}");
+        assert!(w.started.is_empty(), "no lookup, no resolution: {:?}", w.started);
+        assert_eq!(p.metrics().not_relayed.load(Ordering::Relaxed), 5);
+        // A stranger's ACK for elsewhere is dropped, not forwarded.
+        let ack = request("ACK", "sip:victim@198.51.100.7", "sip:eve@x.test", "s10", "");
+        w.deliver(&mut p, t0, caller(), &ack);
+        assert!(w.take_sent().is_empty());
+        // A stranger may still call one of our users (an incoming call).
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5090", 600)]);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", "sip:bob@unit.test", "sip:eve@x.test", "s11", ""));
+        let sent = w.take_sent();
+        assert!(sent.iter().any(|(to, m)| to.addr.port() == 5090 && m.starts_with("MESSAGE ")), "{sent:?}");
+    }
+
+    #[test]
+    fn a_local_callers_request_is_challenged_and_proceeds_once_and_only_once_per_nonce_count() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        w.passwords.insert("alice@unit.test".into(), sip::digest::Secret::new("alice", "unit.test", "pw").encode());
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5090", 600)]);
+        let (uri, from) = ("sip:bob@unit.test", "sip:alice@unit.test");
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a1", ""));
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let challenge = sent[0].1.clone();
+        assert!(challenge.starts_with("SIP/2.0 407 Proxy Authentication Required"), "{challenge}");
+        assert!(challenge.contains("Proxy-Authenticate: Digest realm=\"unit.test\""), "{challenge}");
+        assert!(w.started.is_empty(), "nothing looked up before the caller proves who it is");
+        // Wrong password: 403; nothing forwarded.
+        let bad = proxy_auth(&challenge, "MESSAGE", uri, "alice", "nope", 1);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a2", &bad));
+        let sent = w.take_sent();
+        assert!(sent.len() == 1 && first_line(&sent[0].1) == "SIP/2.0 403 Forbidden", "{sent:?}");
+        // Credentials of another user for alice's From: 403 without a store lookup.
+        let other = proxy_auth(&challenge, "MESSAGE", uri, "mallory", "pw", 1);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a3", &other));
+        let sent = w.take_sent();
+        assert!(sent.len() == 1 && sent[0].1.starts_with("SIP/2.0 403 From does not match"), "{sent:?}");
+        // Good credentials: forwarded to bob, without our credentials.
+        let good = proxy_auth(&challenge, "MESSAGE", uri, "alice", "pw", 1);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a4", &good));
+        let sent = w.take_sent();
+        let fwd = sent.iter().find(|(to, _)| to.addr.port() == 5090).expect("forwarded to bob");
+        assert!(!fwd.1.contains("Proxy-Authorization"), "{}", fwd.1);
+        // The same credentials replayed in a new request: challenged again, stale.
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a5", &good));
+        let sent = w.take_sent();
+        assert!(sent.len() == 1 && sent[0].1.starts_with("SIP/2.0 407"), "{sent:?}");
+        assert!(sent[0].1.contains("stale=true"), "{}", sent[0].1);
+        assert_eq!(p.metrics().replays.load(Ordering::Relaxed), 1);
+        // The next nonce-count is fine.
+        let next = proxy_auth(&challenge, "MESSAGE", uri, "alice", "pw", 2);
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", uri, from, "a6", &next));
+        assert!(w.take_sent().iter().any(|(to, _)| to.addr.port() == 5090));
+    }
+
+    #[test]
+    fn conference_rooms_admit_only_authenticated_users() {
+        let (mut p, t0) = untrusted();
+        p.set_focus(true);
+        let mut w = World::new();
+        w.passwords.insert("carol@unit.test".into(), sip::digest::Secret::new("carol", "unit.test", "pw").encode());
+        let uri = "sip:conf-room@unit.test";
+        let inv = |branch: &str, extra: &str| {
+            format!(
+                "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5070;branch=z9hG4bK{branch}\r\nFrom: <sip:eve@x.test>;tag=f\r\nTo: <{uri}>\r\nCall-ID: conf-{branch}\r\nCSeq: 1 INVITE\r\nContact: <sip:eve@10.0.0.1:5070>\r\nMax-Forwards: 70\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{SDP}",
+                SDP.len()
+            )
+            .into_bytes()
+        };
+        w.deliver(&mut p, t0, caller(), &inv("j1", ""));
+        let sent = w.take_sent();
+        let challenge = sent.iter().find(|(_, m)| m.starts_with("SIP/2.0 407")).expect("challenged").1.clone();
+        assert!(!w.started.iter().any(|o| matches!(o, Op::Join { .. })), "nobody joined");
+        let auth = proxy_auth(&challenge, "INVITE", uri, "carol", "pw", 1);
+        w.deliver(&mut p, t0, caller(), &inv("j2", &auth));
+        assert!(w.started.iter().any(|o| matches!(o, Op::Join { .. })), "{:?}", w.started);
+        assert!(w.take_sent().iter().any(|(_, m)| m.starts_with("SIP/2.0 200")));
+    }
+
+    #[test]
+    fn keepalives_to_the_proxy_itself_and_requests_of_trusted_peers_pass() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        w.deliver(&mut p, t0, caller(), &options(1));
+        assert!(first_line(&w.take_sent()[0].1).starts_with("SIP/2.0 200"));
+        p.cfg.trusted = vec!["10.0.0.0/24".parse().unwrap()];
+        w.deliver(&mut p, t0, caller(), &request("MESSAGE", "sip:x@198.51.100.7", "sip:a@unit.test", "t1", ""));
+        let sent = w.take_sent();
+        assert!(sent.iter().any(|(to, m)| to.addr.port() == 5060 && m.starts_with("MESSAGE ")), "{sent:?}");
     }
 }

@@ -161,9 +161,7 @@ impl Services {
         let no_anchor = || Error::Config("no media anchor configured".into());
         let no_focus = || Error::Config("no conference focus configured".into());
         match op {
-            Op::Password { user, domain } => {
-                self.store(move |st| st.password(&user, &domain)).await.map(Done::Password)
-            }
+            Op::Password { user, domain } => self.store(move |st| st.secret(&user, &domain)).await.map(Done::Password),
             Op::Bindings { aor, now } => self.store(move |st| st.bindings(&aor, now)).await.map(Done::Bindings),
             Op::SetBindings { aor, bindings } => {
                 self.store(move |st| st.set_bindings(&aor, &bindings)).await.map(|()| Done::Stored)
@@ -265,6 +263,8 @@ struct Shared {
     rt: tokio::runtime::Handle,
     tcp: Tcp,
     limits: Limits,
+    /// Sources banned by a core's rate limit, enforced in the kernel on every UDP socket.
+    bans: Mutex<super::early_drop::Bans>,
 }
 
 impl Shared {
@@ -363,8 +363,9 @@ pub fn spawn(
         inboxes.push(Inbox { messages: mtx, done: dtx, wake: Arc::new(eventfd()?) });
         receivers.push((mrx, drx));
     }
+    let bans = Mutex::new(super::early_drop::Bans::new(socks.iter().map(|s| s.as_raw_fd()).collect()));
     let shared =
-        Arc::new(Shared { inboxes, stats: stats.clone(), services, rt: rt.clone(), tcp: Tcp::default(), limits });
+        Arc::new(Shared { inboxes, stats: stats.clone(), services, rt: rt.clone(), tcp: Tcp::default(), limits, bans });
     if let Some(l) = tcp_listener {
         let sh = shared.clone();
         let _guard = rt.enter();
@@ -401,8 +402,13 @@ fn run_core(
     // Operations are first polled on this thread, and tokio's sockets and timers need
     // the runtime's context.
     let _rt = sh.rt.enter();
+    let mut bans_checked = Instant::now();
     loop {
         let now = Instant::now();
+        if now.duration_since(bans_checked) >= Duration::from_millis(200) {
+            bans_checked = now;
+            sh.bans.lock().unwrap_or_else(|e| e.into_inner()).expire(now);
+        }
         let wait = core.next_deadline().map_or(max_wait, |d| d.saturating_duration_since(now).min(max_wait));
         let mut fds = [
             libc::pollfd { fd: udp.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -475,6 +481,10 @@ fn run_core(
                         }
                         Transport::Tcp => sh.tcp.send(sh, peer.addr, bytes),
                     },
+                    Action::Ban { ip, until } => {
+                        tracing::warn!(%ip, secs = until.saturating_duration_since(Instant::now()).as_secs(), "SIP source over its rate: banned");
+                        sh.bans.lock().unwrap_or_else(|e| e.into_inner()).ban(ip, until);
+                    }
                     Action::Start { id, op, deadline } => {
                         // Polled once here: an operation that needs no waiting (the relay
                         // in this process, a local store) completes at once, without a

@@ -6,6 +6,7 @@ pub mod anchor;
 pub mod api;
 pub mod core;
 pub mod driver;
+pub mod early_drop;
 pub mod focus;
 pub mod registrar;
 pub mod resolve;

@@ -1,13 +1,120 @@
 //! The registrar (RFC 3261 §10), sans IO, in steps: the proxy core runs a REGISTER
-//! through [`start`] (parse, nonce), asks the store for the user's password and checks
-//! the digest ([`check_password`]), asks for the AOR's bindings and applies the request
+//! through [`start`] (parse, nonce), asks the store for the user's secret and checks
+//! the digest ([`check_secret`]), asks for the AOR's bindings and applies the request
 //! to them ([`apply`]), writes them and answers [`accepted`]. Between the steps the
 //! store works off the core's thread; a failed or late store answers 503
-//! ([`unavailable`]).
+//! ([`unavailable`]). The same digest steps authenticate a proxy's callers (407).
 
 use crate::store::Binding;
-use sip::digest::{challenge, expected_response, parse_credentials, Algorithm, Credentials, NonceError, Nonces};
+use sip::digest::{challenge, parse_credentials, Algorithm, Credentials, NonceError, Nonces, Replays, Secret};
 use sip::message::{aor_of, param, uri_of, Message};
+
+/// Contacts one REGISTER may carry.
+pub const MAX_CONTACTS_PER_REGISTER: usize = 16;
+/// Bindings one AOR may hold (phones, softclients, a few devices): more is refused
+/// with 403, so one account cannot grow the store without bound.
+pub const MAX_BINDINGS_PER_AOR: usize = 16;
+
+/// Who challenges: a registrar (401, `WWW-Authenticate`, credentials in
+/// `Authorization`) or a proxy (407, `Proxy-Authenticate`, `Proxy-Authorization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenger {
+    /// RFC 3261 §22.2.
+    Registrar,
+    /// RFC 3261 §22.3.
+    Proxy,
+}
+
+impl Challenger {
+    /// The header the client puts its credentials in.
+    pub fn credentials_header(self) -> &'static str {
+        match self {
+            Challenger::Registrar => "Authorization",
+            Challenger::Proxy => "Proxy-Authorization",
+        }
+    }
+}
+
+/// A challenge for `req`: both algorithms (RFC 8760), each with a fresh nonce (`salts`
+/// come from the caller's CSPRNG). MD5 comes first: many clients (sipp among them)
+/// answer only the first challenge and fail on SHA-256; clients that support SHA-256
+/// pick it from the list.
+#[allow(clippy::too_many_arguments)]
+pub fn challenge_response(
+    nonces: &Nonces,
+    realm: &str,
+    req: &Message,
+    now: u64,
+    salts: [u64; 2],
+    stale: bool,
+    who: Challenger,
+    tag: &str,
+) -> Message {
+    let (code, reason, header) = match who {
+        Challenger::Registrar => (401, "Unauthorized", "WWW-Authenticate"),
+        Challenger::Proxy => (407, "Proxy Authentication Required", "Proxy-Authenticate"),
+    };
+    let mut r = req.response(code, reason, Some(tag));
+    r.headers.push((header.into(), challenge(realm, &nonces.issue(now, salts[0]), Algorithm::Md5, stale)));
+    r.headers.push((header.into(), challenge(realm, &nonces.issue(now, salts[1]), Algorithm::Sha256, stale)));
+    r
+}
+
+/// The first step of authenticating `req`: challenge (no or unusable credentials),
+/// or the credentials to check against the user's secret.
+pub fn credentials(
+    nonces: &Nonces,
+    realm: &str,
+    req: &Message,
+    now: u64,
+    salts: [u64; 2],
+    who: Challenger,
+    tag: &str,
+) -> Result<Credentials, Message> {
+    let challenge = |stale| challenge_response(nonces, realm, req, now, salts, stale, who, tag);
+    let Some(creds) = req.header(who.credentials_header()).and_then(parse_credentials) else {
+        return Err(challenge(false));
+    };
+    match nonces.check(&creds.nonce, now) {
+        Ok(()) => {}
+        Err(NonceError::Stale) => return Err(challenge(true)),
+        Err(NonceError::Invalid) => return Err(challenge(false)),
+    }
+    if !creds.realm.eq_ignore_ascii_case(realm) || creds.username.is_empty() || creds.username.len() > 128 {
+        return Err(req.response(403, "Forbidden", Some(tag)));
+    }
+    Ok(creds)
+}
+
+/// Why a digest was refused.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Wrong answer, or no such user: 403.
+    Forbidden,
+    /// A correct answer seen before (same nonce and nonce-count): challenge again,
+    /// `stale=true` (RFC 7616 §3.4.5).
+    Replay,
+}
+
+/// Checks a digest answer against the user's stored secret (`None`: no such user), then
+/// that its nonce-count is new.
+pub fn check_secret(
+    creds: &Credentials,
+    method: &str,
+    stored: Option<&str>,
+    realm: &str,
+    replays: &Replays,
+    now: u64,
+) -> Result<(), Refusal> {
+    let secret = stored.and_then(|s| Secret::decode(s, &creds.username, realm)).ok_or(Refusal::Forbidden)?;
+    if !secret.verify(creds, method) {
+        return Err(Refusal::Forbidden);
+    }
+    if !replays.fresh(&creds.nonce, creds.nc.as_deref(), now) {
+        return Err(Refusal::Replay);
+    }
+    Ok(())
+}
 
 /// Shortest registration accepted (seconds).
 pub const MIN_EXPIRES: u64 = 60;
@@ -35,8 +142,8 @@ pub enum Start {
 }
 
 /// The first step of a REGISTER: the AOR, the realm, and the nonce; `now` in Unix
-/// seconds.
-pub fn start(nonces: &Nonces, realm: &str, req: &Message, now: u64) -> Start {
+/// seconds; `salts` for new nonces and `tag` for a response, from the caller's CSPRNG.
+pub fn start(nonces: &Nonces, realm: &str, req: &Message, now: u64, salts: [u64; 2], tag: &str) -> Start {
     let Some(aor) = req.header("To").map(uri_of).and_then(aor_of) else {
         return Start::Reply(req.response(400, "Bad To", None));
     };
@@ -44,43 +151,32 @@ pub fn start(nonces: &Nonces, realm: &str, req: &Message, now: u64) -> Start {
     if !domain.eq_ignore_ascii_case(realm) {
         return Start::Reply(req.response(403, "Not Our Domain", None));
     }
-    let challenge_resp = |stale: bool| {
-        let mut r = req.response(401, "Unauthorized", Some("reg"));
-        // Both algorithms (RFC 8760). MD5 comes first: many clients (sipp among them)
-        // answer only the first challenge and fail on SHA-256; clients that support
-        // SHA-256 pick it from the list.
-        r.headers.push(("WWW-Authenticate".into(), challenge(realm, &nonces.issue(now), Algorithm::Md5, stale)));
-        r.headers.push(("WWW-Authenticate".into(), challenge(realm, &nonces.issue(now), Algorithm::Sha256, stale)));
-        Start::Reply(r)
+    let creds = match credentials(nonces, realm, req, now, salts, Challenger::Registrar, tag) {
+        Ok(c) => c,
+        Err(r) => return Start::Reply(r),
     };
-    let Some(creds) = req.header("Authorization").and_then(parse_credentials) else { return challenge_resp(false) };
-    match nonces.check(&creds.nonce, now) {
-        Ok(()) => {}
-        Err(NonceError::Stale) => return challenge_resp(true),
-        Err(NonceError::Invalid) => return challenge_resp(false),
-    }
-    if creds.username != user || !creds.realm.eq_ignore_ascii_case(realm) {
-        return Start::Reply(req.response(403, "Forbidden", Some("reg")));
+    if creds.username != user {
+        return Start::Reply(req.response(403, "Forbidden", Some(tag)));
     }
     Start::Authenticate { user: user.to_string(), domain: domain.to_string(), aor: aor.clone(), creds: Box::new(creds) }
 }
 
-/// Checks the digest against the stored password (`None`: no such user).
-pub fn check_password(req: &Message, creds: &Credentials, password: Option<&str>) -> Result<(), Message> {
-    let Some(password) = password else { return Err(req.response(403, "Forbidden", Some("reg"))) };
-    if expected_response(creds, "REGISTER", password).as_deref() != Some(creds.response.as_str()) {
-        return Err(req.response(403, "Forbidden", Some("reg")));
-    }
-    Ok(())
-}
-
 /// Applies the REGISTER from `src` to the AOR's current (unexpired) bindings; returns
 /// the bindings to store, or the error response.
-pub fn apply(req: &Message, mut bindings: Vec<Binding>, src: &str, now: u64) -> Result<Vec<Binding>, Message> {
+pub fn apply(
+    req: &Message,
+    mut bindings: Vec<Binding>,
+    src: &str,
+    now: u64,
+    tag: &str,
+) -> Result<Vec<Binding>, Message> {
     let call_id = req.call_id().to_string();
     let cseq = req.cseq().map(|c| c.0).unwrap_or(0);
     let header_expires = req.header("Expires").and_then(|e| e.trim().parse::<u64>().ok());
     let contacts: Vec<String> = req.header_values("Contact").map(str::to_string).collect();
+    if contacts.len() > MAX_CONTACTS_PER_REGISTER {
+        return Err(req.response(403, "Too Many Contacts", Some(tag)));
+    }
     if contacts.iter().any(|c| c.trim() == "*") {
         if contacts.len() != 1 || header_expires != Some(0) {
             return Err(req.response(400, "Bad Wildcard", None));
@@ -93,7 +189,7 @@ pub fn apply(req: &Message, mut bindings: Vec<Binding>, src: &str, now: u64) -> 
         let uri = uri_of(c).to_string();
         let expires = param(c, "expires").and_then(|e| e.parse().ok()).or(header_expires).unwrap_or(DEFAULT_EXPIRES);
         if expires > 0 && expires < MIN_EXPIRES {
-            let mut r = req.response(423, "Interval Too Brief", Some("reg"));
+            let mut r = req.response(423, "Interval Too Brief", Some(tag));
             r.headers.push(("Min-Expires".into(), MIN_EXPIRES.to_string()));
             return Err(r);
         }
@@ -115,12 +211,15 @@ pub fn apply(req: &Message, mut bindings: Vec<Binding>, src: &str, now: u64) -> 
             });
         }
     }
+    if bindings.len() > MAX_BINDINGS_PER_AOR {
+        return Err(req.response(403, "Too Many Bindings", Some(tag)));
+    }
     Ok(bindings)
 }
 
-/// The 200 listing the bindings now stored.
-pub fn accepted(req: &Message, bindings: &[Binding], now: u64) -> Message {
-    let mut r = req.response(200, "OK", Some("reg"));
+/// The 200 listing the bindings now stored (`tag`: a random To tag).
+pub fn accepted(req: &Message, bindings: &[Binding], now: u64, tag: &str) -> Message {
+    let mut r = req.response(200, "OK", Some(tag));
     for b in bindings {
         r.headers.push(("Contact".into(), format!("<{}>;expires={}", b.contact, b.expires_at.saturating_sub(now))));
     }
@@ -128,8 +227,8 @@ pub fn accepted(req: &Message, bindings: &[Binding], now: u64) -> Message {
 }
 
 /// 503 with Retry-After: the store is down or late; never hang the client.
-pub fn unavailable(req: &Message) -> Message {
-    let mut r = req.response(503, "Service Unavailable", Some("err"));
+pub fn unavailable(req: &Message, tag: &str) -> Message {
+    let mut r = req.response(503, "Service Unavailable", Some(tag));
     r.headers.push(("Retry-After".into(), "5".into()));
     r
 }

@@ -199,7 +199,7 @@ impl Store for Embedded {
         true
     }
 
-    fn password(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
+    fn secret(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
         let r = self.db.begin_read().map_err(err)?;
         let t = r.open_table(USERS).map_err(err)?;
         Ok(t.get(format!("{user}@{}", domain.to_ascii_lowercase()).as_str())
@@ -207,11 +207,11 @@ impl Store for Embedded {
             .map(|v| v.value().to_string()))
     }
 
-    fn put_user(&self, user: &str, domain: &str, password: &str) -> Result<(), Error> {
+    fn put_secret(&self, user: &str, domain: &str, secret: &str) -> Result<(), Error> {
         let w = self.db.begin_write().map_err(err)?;
         {
             let mut t = w.open_table(USERS).map_err(err)?;
-            t.insert(format!("{user}@{}", domain.to_ascii_lowercase()).as_str(), password).map_err(err)?;
+            t.insert(format!("{user}@{}", domain.to_ascii_lowercase()).as_str(), secret).map_err(err)?;
         }
         w.commit().map_err(err)
     }
@@ -296,7 +296,10 @@ mod tests {
             s.put_user("bob", "Example.COM", "x").unwrap();
         }
         let s = Embedded::open_with_clock(&path, Clock::Manual(clock)).unwrap();
-        assert_eq!(s.password("bob", "example.com").unwrap().as_deref(), Some("x"));
+        assert_eq!(
+            s.secret("bob", "example.com").unwrap(),
+            Some(sip::digest::Secret::new("bob", "example.com", "x").encode())
+        );
         assert_eq!(s.bindings("bob@example.com", 50).unwrap().len(), 1, "the battery's last bindings");
         assert_eq!(s.dialog("c2").unwrap().as_deref(), Some("ng://10.0.0.7:2223"), "and its last dialogs");
         assert_eq!(s.dialog("c1").unwrap(), None, "a deleted dialog stays deleted");

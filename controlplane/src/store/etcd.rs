@@ -203,7 +203,7 @@ fn run_on<T: Send + 'static>(
 }
 
 impl Store for Etcd {
-    fn password(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
+    fn secret(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
         let key = format!("{}users/{user}@{}", self.prefix, domain.to_ascii_lowercase());
         let r = self.run(|mut c| {
             let key = key.clone();
@@ -212,9 +212,9 @@ impl Store for Etcd {
         Ok(r.kvs().first().and_then(|kv| kv.value_str().ok()).map(str::to_string))
     }
 
-    fn put_user(&self, user: &str, domain: &str, password: &str) -> Result<(), Error> {
+    fn put_secret(&self, user: &str, domain: &str, secret: &str) -> Result<(), Error> {
         let key = format!("{}users/{user}@{}", self.prefix, domain.to_ascii_lowercase());
-        let v = password.to_string();
+        let v = secret.to_string();
         self.run(|mut c| {
             let (key, v) = (key.clone(), v.clone());
             async move { c.put(key, v, None).await }

@@ -87,17 +87,17 @@ impl Store for Memory {
         true
     }
 
-    fn password(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
+    fn secret(&self, user: &str, domain: &str) -> Result<Option<String>, Error> {
         Ok(self.state().users.get(&user_key(user, domain)).cloned())
     }
 
-    fn put_user(&self, user: &str, domain: &str, password: &str) -> Result<(), Error> {
+    fn put_secret(&self, user: &str, domain: &str, secret: &str) -> Result<(), Error> {
         let mut st = self.state();
         let key = user_key(user, domain);
         if !st.users.contains_key(&key) && st.users.len() >= self.limits.users {
             return Err(full("users", self.limits.users));
         }
-        st.users.insert(key, password.to_string());
+        st.users.insert(key, secret.to_string());
         Ok(())
     }
 
@@ -300,7 +300,7 @@ mod tests {
         s.put_user("a", "x", "1").unwrap();
         assert!(is_full(s.put_user("b", "x", "1")));
         s.put_user("a", "X", "2").unwrap();
-        assert_eq!(s.password("a", "x").unwrap().as_deref(), Some("2"));
+        assert_eq!(s.secret("a", "x").unwrap(), Some(sip::digest::Secret::new("a", "x", "2").encode()));
     }
 
     #[test]

@@ -44,10 +44,17 @@ pub struct Binding {
 
 /// The store.
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// The password of `user@domain`, if provisioned.
-    fn password(&self, user: &str, domain: &str) -> Result<Option<String>, Error>;
-    /// Provisions or changes a user.
-    fn put_user(&self, user: &str, domain: &str, password: &str) -> Result<(), Error>;
+    /// The stored secret of `user@domain` (a [`sip::digest::Secret`]: HA1 hashes, never
+    /// the password), if provisioned.
+    fn secret(&self, user: &str, domain: &str) -> Result<Option<String>, Error>;
+    /// Stores a user's secret as [`Store::secret`] returns it.
+    fn put_secret(&self, user: &str, domain: &str, secret: &str) -> Result<(), Error>;
+    /// Provisions or changes a user: keeps the HA1s of `password` in the realm `domain`
+    /// (lower case, as the proxy challenges), not the password.
+    fn put_user(&self, user: &str, domain: &str, password: &str) -> Result<(), Error> {
+        let realm = domain.to_ascii_lowercase();
+        self.put_secret(user, domain, &sip::digest::Secret::new(user, &realm, password).encode())
+    }
     /// Unexpired bindings of an address of record.
     fn bindings(&self, aor: &str, now: u64) -> Result<Vec<Binding>, Error>;
     /// Replaces the bindings of an address of record (empty: removes it).

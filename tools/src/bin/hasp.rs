@@ -79,6 +79,12 @@ struct ProxyArgs {
     /// Serve the API without a token (loopback labs only).
     #[arg(long, env = "HASP_NO_AUTH")]
     no_auth: bool,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Once every listener is bound, write FILE (atomically: a temporary file renamed):
+    /// JSON with the role, the pid and each listener's bound address.
+    #[arg(long, env = "HASP_READY_FILE", value_name = "FILE")]
+    ready_file: Option<PathBuf>,
     /// Check the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
@@ -106,7 +112,71 @@ impl ProxyArgs {
         if self.no_auth {
             c.no_auth = true;
         }
+        self.http.apply(&mut c.http);
         c
+    }
+}
+
+/// Limits of the HTTP listeners (the API; the relay's LI API too). Each overrides the
+/// same key of the role's `http` table in the config file.
+#[derive(Args, Debug, Default)]
+struct HttpArgs {
+    /// HTTP connections a listener keeps open at once; more are closed as soon as
+    /// accepted [default: 1024].
+    #[arg(long, env = "HASP_HTTP_MAX_CONNECTIONS", value_name = "N")]
+    http_max_connections: Option<usize>,
+    /// HTTP connections a listener keeps open from one source IP; more from it are
+    /// closed as soon as accepted, other sources are still served [default: 256].
+    #[arg(long, env = "HASP_HTTP_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    http_max_connections_per_ip: Option<usize>,
+    /// Milliseconds a client has to send a whole request head (slowloris); also the
+    /// longest a keep-alive connection may wait idle for its next request [default: 60000].
+    #[arg(long, env = "HASP_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
+    http_header_timeout_ms: Option<u64>,
+    /// Milliseconds without a byte received or sent before an HTTP connection is closed
+    /// [default: 60000].
+    #[arg(long, env = "HASP_HTTP_IDLE_TIMEOUT_MS", value_name = "MS")]
+    http_idle_timeout_ms: Option<u64>,
+}
+
+impl HttpArgs {
+    fn apply(&self, l: &mut controlplane::net::http::HttpLimits) {
+        if let Some(v) = self.http_max_connections {
+            l.max_connections = v;
+        }
+        if let Some(v) = self.http_max_connections_per_ip {
+            l.max_connections_per_ip = v;
+        }
+        if let Some(v) = self.http_header_timeout_ms {
+            l.header_timeout_ms = v;
+        }
+        if let Some(v) = self.http_idle_timeout_ms {
+            l.idle_timeout_ms = v;
+        }
+    }
+}
+
+/// Writes the ready file: `v` to a temporary file in the same directory, renamed over
+/// `path`, so a reader sees either no file or the whole of it.
+fn write_ready_file(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("ready");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Removes a ready file left by an earlier run, so whoever waits for it never reads
+/// the old addresses.
+fn clear_ready_file(path: Option<&std::path::Path>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the ready file {}", path.display()))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -159,6 +229,17 @@ struct SipArgs {
     /// are dropped and counted (hasp_sip_rate_limited_total). 0: no limit [default: 10000].
     #[arg(long, env = "HASP_SIP_RATE_LIMIT", value_name = "N")]
     sip_rate_limit: Option<u32>,
+    /// Seconds a source over --sip-rate-limit is banned: everything it sends is dropped
+    /// (IPv4: by a socket filter in the kernel, before it is read), as Kamailio's pike
+    /// does; counted in hasp_sip_bans_total. 0: only the excess is dropped [default: 30].
+    #[arg(long, env = "HASP_SIP_BAN_SECS", value_name = "SECS")]
+    sip_ban_secs: Option<u64>,
+    /// Peers trusted by source address, CIDR (other proxies, a load balancer, a trunk);
+    /// repeat or comma-separate. Their requests are not challenged, not refused as
+    /// relaying and not rate limited. Everyone else: callers claiming a local user must
+    /// authenticate, and requests for other domains get 403 Not relaying.
+    #[arg(long, env = "HASP_TRUSTED", value_name = "CIDR", value_delimiter = ',')]
+    trusted: Vec<ipnet::IpNet>,
     /// TCP connections the SIP proxy keeps open at once [default: 4096].
     #[arg(long, env = "HASP_SIP_MAX_CONNECTIONS", value_name = "N")]
     sip_max_connections: Option<usize>,
@@ -201,6 +282,12 @@ impl SipArgs {
         if let Some(v) = self.sip_rate_limit {
             c.sip_rate_limit = v;
         }
+        if let Some(v) = self.sip_ban_secs {
+            c.sip_ban_secs = v;
+        }
+        if !self.trusted.is_empty() {
+            c.trusted = self.trusted.clone();
+        }
         if let Some(v) = self.sip_max_connections {
             c.sip_max_connections = v;
         }
@@ -213,6 +300,15 @@ impl SipArgs {
         if let Some(v) = self.dns_timeout_ms {
             c.dns_timeout_ms = v;
         }
+    }
+}
+
+/// The SIP transports served, for the ready file.
+fn sip_transport_list(sip: &ProxyRoleConfig) -> Vec<&'static str> {
+    if sip.sip_tcp {
+        vec!["udp", "tcp"]
+    } else {
+        vec!["udp"]
     }
 }
 
@@ -262,6 +358,7 @@ fn start_sip(
     let services = Arc::new(driver::Services::new(store, Some(anchor), focus.clone(), resolver, limits.blocking_ops));
     let metrics = Arc::new(core::ProxyMetrics::default());
     let m = metrics.clone();
+    let replays = Arc::new(sip::digest::Replays::default());
     let make_core = move |shard: usize, local: SocketAddr| {
         let cfg = core::ProxyConfig {
             domain: sip.domain.clone(),
@@ -269,8 +366,11 @@ fn start_sip(
             nonce_secret: nonce_secret.clone(),
             record_route: sip.record_route.clone(),
             rate_limit: sip.sip_rate_limit,
+            ban: Duration::from_secs(sip.sip_ban_secs),
+            trusted: sip.trusted.clone(),
         };
         let mut proxy = core::Proxy::new(cfg, true);
+        proxy.set_replays(replays.clone());
         proxy.set_shard(shard, m.clone());
         proxy.set_deadlines(deadlines);
         if let Some(li) = &li {
@@ -315,6 +415,10 @@ struct RelayArgs {
     /// Append-only LI audit log [default: hasp-data/li-audit.log].
     #[arg(long, env = "HASP_LI_AUDIT_LOG", value_name = "FILE")]
     li_audit_log: Option<PathBuf>,
+    /// LI task state, saved on every change and read back at start-up [default:
+    /// the audit log with extension .tasks.json].
+    #[arg(long, env = "HASP_LI_STATE", value_name = "FILE")]
+    li_state: Option<PathBuf>,
     /// Bytes buffered per mediation function while it is slow or away, before PDUs are
     /// dropped and counted [default: 8388608].
     #[arg(long, env = "HASP_LI_BUFFER_BYTES", value_name = "BYTES")]
@@ -371,6 +475,12 @@ struct RelayArgs {
     /// Replaces the file's `remote_deny`.
     #[arg(long = "remote-deny", env = "HASP_REMOTE_DENY", value_name = "CIDR", value_delimiter = ',')]
     remote_deny: Vec<controlplane::relay::remote::Cidr>,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Once every listener is bound, write FILE (atomically: a temporary file renamed):
+    /// JSON with the role, the pid and each listener's bound address.
+    #[arg(long, env = "HASP_READY_FILE", value_name = "FILE")]
+    ready_file: Option<PathBuf>,
     /// Check the configuration, print it as TOML and exit.
     #[arg(long)]
     check_config: bool,
@@ -433,6 +543,9 @@ impl RelayArgs {
         if let Some(v) = &self.li_audit_log {
             c.li_audit_log = v.clone();
         }
+        if let Some(v) = &self.li_state {
+            c.li_state = Some(v.clone());
+        }
         if let Some(v) = self.rtp_ports {
             c.rtp_ports = v;
         }
@@ -478,6 +591,7 @@ impl RelayArgs {
         if !self.remote_deny.is_empty() {
             c.remote_deny = self.remote_deny.clone();
         }
+        self.http.apply(&mut c.http);
         Ok(c)
     }
 }
@@ -531,6 +645,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         print!("{}", toml::to_string(&Config { relay: cfg, proxy: sip.unwrap_or(file.proxy) })?);
         return Ok(());
     }
+    let ready_file = args.ready_file.clone();
+    clear_ready_file(ready_file.as_deref())?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
@@ -538,11 +654,28 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             .await
             .with_context(|| format!("binding the API on {}", cfg.listen_api))?;
         let api_addr = listener.local_addr()?;
+        // What the ready file says: every listener with the address it actually bound.
+        let mut ready = serde_json::json!({"role": role, "pid": std::process::id(), "api": api_addr.to_string()});
         let relay = Relay::start(cfg.clone())?;
         // Every listener is one of the relay's own addresses: no media may go there.
         relay.add_own_address(api_addr);
         let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
         let calls = Arc::new(Calls::new(relay.clone()));
+        // LI first: its saved tasks are in force before any listener can create a call.
+        let li_handle = match cfg.listen_li {
+            Some(_) => {
+                let li_cfg = controlplane::li::LiConfig {
+                    audit_log: cfg.li_audit_log.clone(),
+                    state: cfg
+                        .li_state
+                        .clone()
+                        .unwrap_or_else(|| controlplane::li::store::default_path(&cfg.li_audit_log)),
+                    buffer_bytes: cfg.li_buffer_bytes,
+                };
+                Some(controlplane::li::Li::start(relay.clone(), calls.clone(), &li_cfg)?)
+            }
+            None => None,
+        };
         let mut extra = String::new();
         if let Some(ng) = cfg.listen_ng {
             let (bound, _) = controlplane::control::ng::serve(ng, calls.clone())
@@ -550,6 +683,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                 .with_context(|| format!("binding the NG listener on {ng}"))?;
             relay.add_own_address(bound);
             extra.push_str(&format!(" ng={bound}"));
+            ready["ng"] = bound.to_string().into();
         }
         if let Some(rtpp) = &cfg.listen_rtpp {
             let bound = controlplane::control::rtpp::serve(rtpp, calls.clone())
@@ -559,19 +693,19 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
                 relay.add_own_address(a);
             }
             extra.push_str(&format!(" rtpp={bound}"));
+            ready["rtpp"] = bound.into();
         }
-        let mut li_handle = None;
-        if let Some(addr) = cfg.listen_li {
-            let li = controlplane::li::Li::start(relay.clone(), calls.clone(), &cfg.li_audit_log, cfg.li_buffer_bytes)?;
-            li_handle = Some(li.clone());
+        if let (Some(addr), Some(li)) = (cfg.listen_li, li_handle.clone()) {
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
             relay.add_own_address(l.local_addr()?);
             extra.push_str(&format!(" li=http://{}", l.local_addr()?));
+            ready["li_api"] = l.local_addr()?.to_string().into();
             let st =
                 controlplane::li::api::LiApiState { li, token: Arc::from(cfg.li_token.clone().unwrap_or_default()) };
+            let limits = cfg.http;
             tokio::spawn(async move {
-                if let Err(e) = controlplane::li::api::serve(l, st).await {
+                if let Err(e) = controlplane::li::api::serve(l, st, limits).await {
                     tracing::error!(error = %e, "LI API stopped");
                 }
             });
@@ -596,6 +730,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             relay.add_own_address(local);
             sip_metrics = Some(m);
             extra.push_str(&format!(" sip={local} sip_transports={transports} domain={}", sip.domain));
+            ready["sip"] = local.to_string().into();
+            ready["sip_transports"] = sip_transport_list(sip).into();
             store = Some(st);
         }
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
@@ -608,6 +744,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             if cfg.no_auth { "off" } else { "token" },
         );
         std::io::stdout().flush()?;
+        if let Some(path) = &ready_file {
+            write_ready_file(path, &ready)?;
+        }
         let state = ApiState {
             relay: relay.clone(),
             token,
@@ -615,8 +754,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             calls: Some(calls.clone()),
             sip: sip_metrics,
         };
-        rest::serve(listener, state, shutdown_signal()).await?;
+        rest::serve(listener, state, cfg.http, shutdown_signal()).await?;
         tracing::info!("shutting down");
+        clear_ready_file(ready_file.as_deref())?;
         if let Some(s) = store {
             s.flush().context("writing registrations to the store")?;
         }
@@ -632,6 +772,8 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         print!("{}", toml::to_string(&Config { relay: RelayConfig::default(), proxy: a })?);
         return Ok(());
     }
+    let ready_file = args.ready_file.clone();
+    clear_ready_file(ready_file.as_deref())?;
     let timeout = Duration::from_millis(a.relay_timeout_ms);
     let relays = a
         .relays
@@ -679,11 +821,20 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
             a.relays.join(",")
         );
         std::io::stdout().flush()?;
+        if let Some(path) = &ready_file {
+            let ready = serde_json::json!({
+                "role": "proxy",
+                "pid": std::process::id(),
+                "api": api_addr.to_string(),
+                "sip": local.to_string(),
+                "sip_transports": sip_transport_list(&a),
+            });
+            write_ready_file(path, &ready)?;
+        }
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
         let state = controlplane::proxy::api::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
-        axum::serve(listener, controlplane::proxy::api::proxy_router(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        controlplane::proxy::api::serve(listener, state, a.http, shutdown_signal()).await?;
+        clear_ready_file(ready_file.as_deref())?;
         store.flush().context("writing registrations to the store")?;
         Ok(())
     })

@@ -108,8 +108,10 @@ async fn health(State(st): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {
-    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
-        vec![Box::new(crate::obs::relay::RelayCollector::new(st.relay))];
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> = vec![
+        Box::new(crate::obs::relay::RelayCollector::new(st.relay)),
+        Box::new(crate::obs::http::HttpCollector::process()),
+    ];
     if let Some(sip) = st.sip {
         collectors.push(Box::new(sip));
     }
@@ -153,11 +155,13 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this resource")
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` under `limits` (connection caps, timeouts: see
+/// [`crate::net::http`]) until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
+    limits: crate::net::http::HttpLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    crate::net::http::serve(listener, crate::net::http::exported("api"), router(state), limits, shutdown).await
 }
