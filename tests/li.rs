@@ -206,8 +206,11 @@ fn mediation_function_gets_every_packet_both_ways_in_order() {
 #[test]
 fn mediation_function_outage_buffers_then_drops_and_forwarding_never_pauses() {
     let (relay, li, _) = li_relay("43200-43299", &["--li-buffer-bytes", "20000"]);
-    // Reserve a port for the mediation function, which is down for now.
-    let mf = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // The mediation function's address, down for now: a TCP socket bound but not
+    // listening holds the port (no other process can take it) and refuses connections.
+    let reserved = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    reserved.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let mf = reserved.local_addr().unwrap().as_socket().unwrap();
     let (alice, bob) = (udp(), udp());
     let body = format!(
         r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
@@ -239,7 +242,8 @@ fn mediation_function_outage_buffers_then_drops_and_forwarding_never_pauses() {
     }
     assert!(worst < Duration::from_millis(50), "forwarding paused for {worst:?} while the MF was down");
     // The mediation function comes back: what was buffered arrives, the rest was dropped.
-    let pdus = mediation_function(TcpListener::bind(mf).unwrap());
+    reserved.listen(16).unwrap();
+    let pdus = mediation_function(TcpListener::from(reserved));
     let stats = wait_for("buffered PDUs delivered", Duration::from_secs(15), || {
         let v = li_call(&relay, &li, "GET", "/v1/li/stats", None, Some(LI_TOKEN)).1;
         let d = &v["destinations"][0]["stats"];

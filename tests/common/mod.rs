@@ -4,7 +4,7 @@
 //! 5060 upward) and report or reveal what they bound. Programs that cannot (Kamailio,
 //! rtpengine's NG port, etcd) and the relays' RTP ranges get fixed ports, each owned by
 //! one test, all below the ephemeral range test.sh sets (48000-60999): RTP ranges in
-//! 40000-47099, Kamailio/rtpengine in 47100-47199, etcd clusters in 23700-24099, the
+//! 40000-47099 and 47200-47999, Kamailio/rtpengine in 47100-47199, etcd clusters in 23700-24099, the
 //! sip_edge barrier UAs in 25000-25099.
 
 #![allow(dead_code)]

@@ -151,12 +151,26 @@ async fn handle(shared: &Arc<Shared>, peer: SocketAddr, msg: Vec<u8>) -> Option<
     Some(out)
 }
 
+/// UDP and TCP on one address. With port 0 the kernel picks the UDP port, and TCP may
+/// already hold that number (an outgoing connection's ephemeral port): pick again.
+async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..if addr.port() == 0 { 20 } else { 1 } {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
+}
+
 /// Serves NG on UDP and TCP at `addr` until the task is dropped. Returns the bound
 /// address (useful with port 0) once both listeners are up.
 pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(SocketAddr, Arc<NgCounters>)> {
-    let udp = UdpSocket::bind(addr).await?;
+    let (udp, tcp) = bind_pair(addr).await?;
     let bound = udp.local_addr()?;
-    let tcp = TcpListener::bind(bound).await?;
     let counters = Arc::new(NgCounters::default());
     let shared = Arc::new(Shared {
         calls,
