@@ -28,7 +28,7 @@ impl Collector for SipMetrics {
         use Kind::{Counter, Gauge};
         let (p, d) = (&self.proxy, &self.driver);
         // Counters are named without `_total`: the encoder appends it.
-        let series: [(&str, Kind, &str, &AtomicU64); 23] = [
+        let series: [(&str, Kind, &str, &AtomicU64); 25] = [
             ("hasp_sip_malformed", Counter, "SIP messages that did not parse.", &p.malformed),
             ("hasp_sip_rejected", Counter, "Requests answered 4xx/5xx by the proxy.", &p.rejected),
             ("hasp_sip_forwarded", Counter, "Requests forwarded (per target).", &p.forwarded),
@@ -43,6 +43,18 @@ impl Collector for SipMetrics {
             ("hasp_sip_not_relayed", Counter, "Requests refused as relaying (403 Not relaying).", &p.not_relayed),
             ("hasp_sip_digest_replays", Counter, "Digest answers replayed (challenged again, stale).", &p.replays),
             ("hasp_sip_bans", Counter, "Sources banned for going over the per-source rate.", &p.bans),
+            (
+                "hasp_sip_timer_c",
+                Counter,
+                "INVITE branches cancelled by Timer C (a provisional, then silence).",
+                &p.timer_c,
+            ),
+            (
+                "hasp_sip_stray_responses",
+                Counter,
+                "Responses dropped: not from the peer the request went to.",
+                &p.stray_responses,
+            ),
             (
                 "hasp_sip_replies_suppressed",
                 Counter,
@@ -91,7 +103,7 @@ mod tests {
     use super::*;
     use crate::proxy::focus::tests::FakeMixer;
 
-    const FAMILIES: [(&str, &str); 23] = [
+    const FAMILIES: [(&str, &str); 25] = [
         ("hasp_sip_malformed_total", "counter"),
         ("hasp_sip_rejected_total", "counter"),
         ("hasp_sip_forwarded_total", "counter"),
@@ -101,6 +113,8 @@ mod tests {
         ("hasp_sip_not_relayed_total", "counter"),
         ("hasp_sip_digest_replays_total", "counter"),
         ("hasp_sip_bans_total", "counter"),
+        ("hasp_sip_timer_c_total", "counter"),
+        ("hasp_sip_stray_responses_total", "counter"),
         ("hasp_sip_replies_suppressed_total", "counter"),
         ("hasp_sip_transactions", "gauge"),
         ("hasp_sip_queue_drops_total", "counter"),

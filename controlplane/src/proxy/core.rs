@@ -124,6 +124,11 @@ pub struct ProxyMetrics {
     pub replays: AtomicU64,
     /// Sources banned for going over their rate.
     pub bans: AtomicU64,
+    /// INVITE branches given up by Timer C (a provisional, then silence).
+    pub timer_c: AtomicU64,
+    /// Responses dropped because they came from somewhere other than where the request
+    /// went.
+    pub stray_responses: AtomicU64,
     /// Error answers not sent: the source had its share (a spoofed source must not be
     /// flooded with our answers).
     pub replies_suppressed: AtomicU64,
@@ -337,7 +342,13 @@ type CKey = (String, String);
 enum TimerKey {
     Client(CKey),
     Server(SKey),
+    /// Timer C of an INVITE client transaction (RFC 3261 §16.6 step 11).
+    TimerC(CKey),
 }
+
+/// Timer C: how long a forwarded INVITE may go without a response once a provisional
+/// came (Timer B covers no response at all). RFC 3261 §16.6: more than 3 minutes.
+pub const TIMER_C: Duration = Duration::from_secs(181);
 
 /// A place to forward to. `dst` is known for an IP literal or once `hop` is resolved.
 #[derive(Debug, Clone)]
@@ -376,6 +387,11 @@ struct ClientTx {
     tx: Transaction,
     dst: Peer,
     server: Option<SKey>,
+    /// When Timer C fires (INVITE only), pushed back by each provisional response.
+    timer_c: Option<Instant>,
+    /// Timer C fired and the branch was cancelled: when it fires again (64·T1 later) with
+    /// still no final response, the transaction is dropped (RFC 3261 §9.1).
+    given_up: bool,
 }
 
 /// What a pending operation's completion continues.
@@ -885,6 +901,8 @@ impl Proxy {
                     ),
                     None => continue,
                 },
+                // Timer C is armed where it is set, never through `touched`.
+                TimerKey::TimerC(_) => continue,
             };
             if done {
                 match &k {
@@ -896,6 +914,7 @@ impl Proxy {
                     TimerKey::Server(sk) => {
                         self.servers.remove(sk);
                     }
+                    TimerKey::TimerC(_) => {}
                 }
             } else if let Some(t) = next {
                 self.timers.push(Reverse((t, k)));
@@ -927,7 +946,7 @@ impl Proxy {
                 self.x2(src, &m, data);
                 match m.start {
                     StartLine::Request { .. } => self.on_request(now, src, m),
-                    StartLine::Response { .. } => self.on_response(now, m),
+                    StartLine::Response { .. } => self.on_response(now, src, m),
                 }
             }
             Err(e) => {
@@ -1557,7 +1576,10 @@ impl Proxy {
                 fwd.push_front("Route", r.clone());
             }
             self.branch += 1;
-            let branch = steer::branch(self.shard, &format!("{:x}", std::process::id()), self.branch);
+            // The counter keeps branches unique; the random part makes them unguessable
+            // (a forged response must name a live branch).
+            let tag = format!("{:x}{:016x}", std::process::id(), self.rng.next_u64());
+            let branch = steer::branch(self.shard, &tag, self.branch);
             fwd.push_front(
                 "Via",
                 format!("SIP/2.0/{} {};branch={branch};rport", dst.transport.via_name(), self.cfg.local),
@@ -1583,7 +1605,11 @@ impl Proxy {
             self.touched.push(TimerKey::Client(ck.clone()));
             self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
             s.client = Some(ck.clone());
-            self.clients.insert(ck, ClientTx { tx, dst, server: Some(key.clone()) });
+            let timer_c = (fwd.method() == "INVITE").then(|| now + TIMER_C);
+            if let Some(t) = timer_c {
+                self.timers.push(Reverse((t, TimerKey::TimerC(ck.clone()))));
+            }
+            self.clients.insert(ck, ClientTx { tx, dst, server: Some(key.clone()), timer_c, given_up: false });
             return;
         }
     }
@@ -1606,7 +1632,13 @@ impl Proxy {
             }
             return;
         };
-        let Some(c) = self.clients.get(&ck) else { return };
+        self.cancel_branch(now, &ck);
+    }
+
+    /// Sends CANCEL for the INVITE of client transaction `ck`, if it got a provisional
+    /// response (RFC 3261 §9.1: not before).
+    fn cancel_branch(&mut self, now: Instant, ck: &CKey) {
+        let Some(c) = self.clients.get(ck) else { return };
         if c.tx.state() != State::Proceeding {
             return;
         }
@@ -1636,17 +1668,28 @@ impl Proxy {
         }
         if let Some(k) = client_key(&c) {
             self.touched.push(TimerKey::Client(k.clone()));
-            self.clients.insert(k, ClientTx { tx, dst, server: None });
+            self.clients.insert(k, ClientTx { tx, dst, server: None, timer_c: None, given_up: false });
         }
     }
 
-    fn on_response(&mut self, now: Instant, resp: Message) {
+    fn on_response(&mut self, now: Instant, src: Peer, resp: Message) {
         let Some(ck) = client_key(&resp) else { return };
         let Some(c) = self.clients.get_mut(&ck) else {
             // No transaction (a 2xx retransmission after it ended): forward statelessly.
             self.forward_response_stateless(now, resp);
             return;
         };
+        if c.dst.addr != src.addr {
+            // Only the peer the request went to answers it: a forged response (a 200 or
+            // a 6xx ending someone's call) from anywhere else is dropped.
+            self.metrics.stray_responses.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if resp.code().is_some_and(|c| (101..200).contains(&c)) && c.timer_c.is_some() && !c.given_up {
+            let t = now + TIMER_C;
+            c.timer_c = Some(t);
+            self.timers.push(Reverse((t, TimerKey::TimerC(ck.clone()))));
+        }
         c.tx.on_response(resp, now);
         self.pump_client(now, &ck);
     }
@@ -1804,6 +1847,40 @@ impl Proxy {
                     }
                     c.tx.on_timeout(now);
                     self.pump_client(now, ck);
+                }
+                TimerKey::TimerC(ck) => {
+                    let Some(c) = self.clients.get_mut(ck) else { continue };
+                    if c.timer_c.is_none_or(|t| t > now) || c.tx.state() != State::Proceeding {
+                        continue; // stale, or answered finally meanwhile
+                    }
+                    if c.given_up {
+                        // Cancelled 64·T1 ago and still no final response: forget it.
+                        if let Some(sk) = self.clients.remove(ck).and_then(|c| c.server) {
+                            self.touched.push(TimerKey::Server(sk));
+                        }
+                        for sk in self.servers.iter().filter(|(_, s)| s.client.as_ref() == Some(ck)).map(|(k, _)| k) {
+                            self.touched.push(TimerKey::Server(sk.clone()));
+                        }
+                        continue;
+                    }
+                    // A provisional, then silence: CANCEL the branch and go on as if it
+                    // had answered 408 (the next target, or 408 to the caller).
+                    let again = now + Duration::from_secs(32);
+                    c.timer_c = Some(again);
+                    c.given_up = true;
+                    self.timers.push(Reverse((again, TimerKey::TimerC(ck.clone()))));
+                    let server = c.server.take();
+                    self.metrics.timer_c.fetch_add(1, Ordering::Relaxed);
+                    self.cancel_branch(now, ck);
+                    if let Some(sk) = server {
+                        if let Some(s) = self.servers.get_mut(&sk) {
+                            if s.best.is_none() {
+                                s.best = Some(s.tx.request().response(408, "Request Timeout", Some("timer-c")));
+                            }
+                        }
+                        self.touched.push(TimerKey::Server(sk.clone()));
+                        self.next_target(now, &sk);
+                    }
                 }
                 TimerKey::Server(sk) => {
                     let Some(s) = self.servers.get_mut(sk) else { continue };
@@ -2156,6 +2233,60 @@ mod tests {
         // Nothing is kept once the server transaction ends too (Timer I/J).
         p.on_tick(t + Duration::from_secs(40));
         assert_eq!((p.transactions(), p.pending_ops()), (0, 0));
+    }
+
+    /// The forwarded INVITE to `to` among `sent`, and a response to it with `code`.
+    fn response_to(sent: &[(Peer, String)], to: Peer, code: u16, reason: &str) -> Vec<u8> {
+        let inv = sent.iter().find(|(d, m)| *d == to && m.starts_with("INVITE ")).expect("forwarded").1.clone();
+        let (m, _) = Message::parse(inv.as_bytes(), false).unwrap();
+        let mut r = m.response(code, reason, Some("callee"));
+        r.headers.push(("Contact".into(), "<sip:bob@10.0.0.3:5080>".into()));
+        r.to_bytes()
+    }
+
+    #[test]
+    fn timer_c_cancels_a_branch_that_rang_then_fell_silent_and_answers_408() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        let bob = Peer::udp("10.0.0.3:5080".parse().unwrap());
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "c1", ""));
+        let ringing = response_to(&w.take_sent(), bob, 180, "Ringing");
+        w.deliver(&mut p, t0 + Duration::from_secs(1), bob, &ringing);
+        assert!(w.take_sent().iter().any(|(d, m)| *d == caller() && m.starts_with("SIP/2.0 180")));
+        // Ringing for ever: nothing until Timer C, then CANCEL to bob and 408 to the caller.
+        let mut t = t0 + Duration::from_secs(1);
+        let mut seen = Vec::new();
+        while t < t0 + Duration::from_secs(200) {
+            t += Duration::from_secs(1);
+            p.on_tick(t);
+            w.run(&mut p, t);
+            for (d, m) in w.take_sent() {
+                seen.push((t - t0, d, first_line(&m).to_string()));
+            }
+        }
+        let cancel = seen.iter().find(|(_, d, l)| *d == bob && l.starts_with("CANCEL ")).expect("a CANCEL");
+        assert!(cancel.0 >= TIMER_C, "{:?}", cancel.0);
+        assert!(seen.iter().any(|(_, d, l)| *d == caller() && l == "SIP/2.0 408 Request Timeout"), "{seen:?}");
+        assert_eq!(p.metrics().timer_c.load(Ordering::Relaxed), 1);
+        p.on_tick(t + Duration::from_secs(64));
+        assert_eq!(p.transactions(), 0, "nothing left behind");
+    }
+
+    #[test]
+    fn a_response_from_anywhere_but_the_callee_is_dropped() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        let (bob, forger) = (Peer::udp("10.0.0.3:5080".parse().unwrap()), Peer::udp("10.0.0.9:5080".parse().unwrap()));
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5080", 600)]);
+        w.deliver(&mut p, t0, caller(), &invite("sip:bob@unit.test", "f1", ""));
+        let sent = w.take_sent();
+        let forged = response_to(&sent, bob, 603, "Decline");
+        w.deliver(&mut p, t0, forger, &forged);
+        assert!(!w.take_sent().iter().any(|(d, _)| *d == caller()), "nothing relayed to the caller");
+        assert_eq!(p.metrics().stray_responses.load(Ordering::Relaxed), 1);
+        w.deliver(&mut p, t0, bob, &response_to(&sent, bob, 486, "Busy Here"));
+        assert!(w.take_sent().iter().any(|(d, m)| *d == caller() && m.starts_with("SIP/2.0 486")));
     }
 
     #[test]
