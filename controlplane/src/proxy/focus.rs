@@ -20,6 +20,18 @@ pub const ROOM_PREFIX: &str = "conf-";
 /// How long a media node that failed a request is skipped.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
+/// Focus dialogs kept at most: a join past this is refused (503), so joins that never
+/// leave cannot grow the table without bound.
+pub const MAX_DIALOGS: usize = 10_000;
+
+/// A focus dialog with no request for this long (no BYE, no re-INVITE or UPDATE: a
+/// participant that vanished) is ended: it leaves its room. Participants that stay
+/// longer refresh their session (RFC 4028 session timers) and are kept.
+pub const DIALOG_IDLE: Duration = Duration::from_secs(12 * 3600);
+
+/// How often joins look for idle dialogs.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// A media node's mixer, as the focus uses it.
 pub trait Mixer: Send + Sync + std::fmt::Debug {
     /// Creates a room; returns its id on that node.
@@ -75,6 +87,8 @@ struct Member {
     room: String,
     participant: String,
     answer: String,
+    /// The dialog's last request (join or refresh).
+    last: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +97,7 @@ struct State {
     members: HashMap<String, Member>,
     down_until: HashMap<usize, Instant>,
     version: u64,
+    swept: Option<Instant>,
 }
 
 /// The focus over a list of media nodes (preference order).
@@ -166,11 +181,21 @@ impl Focus {
     /// A Call-ID already joined gets its answer again (a re-INVITE or retransmission).
     pub fn join(&self, room: &str, call_id: &str, offer: &str) -> Result<String, JoinError> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = self.lock().members.get(call_id) {
+        let now = Instant::now();
+        if let Some(m) = self.lock().members.get_mut(call_id) {
+            // A re-INVITE (a session refresh) or a retransmission: still there.
+            m.last = now;
             return Ok(m.answer.clone());
         }
+        let sweep = self.lock().swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY);
+        if sweep {
+            self.lock().swept = Some(now);
+            self.expire_locked(now);
+        }
+        if self.lock().members.len() >= MAX_DIALOGS {
+            return Err(JoinError::Unavailable(format!("the focus holds {MAX_DIALOGS} dialogs already")));
+        }
         let (remote, codec, pt) = pick(offer)?;
-        let now = Instant::now();
         let mut last_err = String::from("no media node configured");
         // The room's node first if it exists, then the others in order, skipping those
         // down (unless all are, then everything is tried).
@@ -214,7 +239,7 @@ impl Focus {
                     r.members += 1;
                     st.members.insert(
                         call_id.to_string(),
-                        Member { room: room.to_string(), participant: p.id, answer: answer.clone() },
+                        Member { room: room.to_string(), participant: p.id, answer: answer.clone(), last: now },
                     );
                     return Ok(answer);
                 }
@@ -240,6 +265,32 @@ impl Focus {
     /// Returns whether it was a member.
     pub fn leave(&self, call_id: &str) -> bool {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.leave_locked(call_id)
+    }
+
+    /// Ends the dialogs idle for [`DIALOG_IDLE`] at `now` (they leave their rooms);
+    /// returns how many. Joins call it every minute; exposed for tests and tools.
+    pub fn expire_idle(&self, now: Instant) -> usize {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.expire_locked(now)
+    }
+
+    fn expire_locked(&self, now: Instant) -> usize {
+        let idle: Vec<String> = self
+            .lock()
+            .members
+            .iter()
+            .filter(|(_, m)| now.saturating_duration_since(m.last) >= DIALOG_IDLE)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &idle {
+            tracing::info!(call_id = %c, "conference dialog idle for 12 h without BYE: it leaves its room");
+            self.leave_locked(c);
+        }
+        idle.len()
+    }
+
+    fn leave_locked(&self, call_id: &str) -> bool {
         let (node, room_id, participant, empty) = {
             let mut st = self.lock();
             let Some(m) = st.members.remove(call_id) else { return false };
@@ -409,5 +460,26 @@ pub(crate) mod tests {
         assert_eq!(room_of_user("conf-weekly"), Some("weekly"));
         assert_eq!(room_of_user("conf-"), None);
         assert_eq!(room_of_user("alice"), None);
+    }
+
+    #[test]
+    fn a_dialog_without_bye_expires_and_leaves_its_room() {
+        let m = Arc::new(FakeMixer::default());
+        let f = Focus::new(vec![m.clone()]);
+        let offer = "v=0\r\no=a 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\n\
+            m=audio 5000 RTP/AVP 0\r\n";
+        f.join("standup", "gone", offer).unwrap();
+        f.join("standup", "stays", offer).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(f.expire_idle(t0 + Duration::from_secs(3600)), 0, "an hour is not idle");
+        // "stays" refreshes its session (a re-INVITE joins again: same answer).
+        {
+            let mut st = f.lock();
+            st.members.get_mut("gone").unwrap().last = t0 - DIALOG_IDLE;
+        }
+        assert_eq!(f.expire_idle(t0), 1);
+        assert!(!f.is_member("gone") && f.is_member("stays"));
+        assert_eq!(f.counts(), (1, 1));
+        assert_eq!(m.left.load(Ordering::Relaxed), 1, "the mixer was told");
     }
 }
