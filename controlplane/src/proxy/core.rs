@@ -476,6 +476,10 @@ pub struct Proxy {
     /// Nonce-counts seen, shared by every core of the process (a replayed request may be
     /// steered to another core).
     replays: Arc<Replays>,
+    /// The address in the Via of requests this instance sends over UDP: its own socket,
+    /// apart from the one clients and attackers send to, so the answers of callees are
+    /// never queued behind a flood ([`Proxy::set_response_addr`]).
+    via_udp: SocketAddr,
     /// Error answers per source (untrusted, over UDP): a request with a forged source
     /// makes the proxy answer the forged address, with retransmissions; this bounds what
     /// any one address receives unasked.
@@ -528,6 +532,7 @@ impl Proxy {
         let nonces = Nonces::new(cfg.nonce_secret.clone());
         let limit = (cfg.rate_limit > 0).then(|| RateLimit::new(f64::from(cfg.rate_limit), cfg.ban));
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let cfg_local = cfg.local;
         Self {
             cfg,
             anchor,
@@ -555,6 +560,20 @@ impl Proxy {
             rng: rand::make_rng(),
             replays: Arc::default(),
             error_replies: RateLimit::new(Self::ERROR_REPLIES_PER_SEC, Duration::ZERO),
+            via_udp: cfg_local,
+        }
+    }
+
+    /// Requests sent over UDP name `addr` in their Via (the driver sends them from a
+    /// socket bound there): their responses arrive on it.
+    pub fn set_response_addr(&mut self, addr: SocketAddr) {
+        self.via_udp = addr;
+    }
+
+    fn via_addr(&self, t: Transport) -> SocketAddr {
+        match t {
+            Transport::Udp => self.via_udp,
+            Transport::Tcp => self.cfg.local,
         }
     }
 
@@ -1032,8 +1051,11 @@ impl Proxy {
             None => return self.reject(&key, &req, 400, "Bad Max-Forwards", now),
             _ => {}
         }
-        let me = self.cfg.local.to_string();
-        if req.header_values("Via").any(|v| v.contains(&me) && v.contains(steer::BRANCH_PREFIX)) {
+        let (me, me_udp) = (self.cfg.local.to_string(), self.via_udp.to_string());
+        if req
+            .header_values("Via")
+            .any(|v| (v.contains(&me) || v.contains(&me_udp)) && v.contains(steer::BRANCH_PREFIX))
+        {
             return self.reject(&key, &req, 482, "Loop Detected", now);
         }
         match self.admission(src, &req) {
@@ -1582,7 +1604,11 @@ impl Proxy {
             let branch = steer::branch(self.shard, &tag, self.branch);
             fwd.push_front(
                 "Via",
-                format!("SIP/2.0/{} {};branch={branch};rport", dst.transport.via_name(), self.cfg.local),
+                format!(
+                    "SIP/2.0/{} {};branch={branch};rport",
+                    dst.transport.via_name(),
+                    if dst.transport == Transport::Udp { self.via_udp } else { self.cfg.local }
+                ),
             );
             let mut tx = Transaction::client(fwd.clone(), dst.reliable(), now);
             let mut sends = Vec::new();
@@ -1800,7 +1826,7 @@ impl Proxy {
             format!(
                 "SIP/2.0/{} {};branch={}sl-{}",
                 dst.transport.via_name(),
-                self.cfg.local,
+                self.via_addr(dst.transport),
                 steer::BRANCH_PREFIX,
                 b.trim_start_matches("z9hG4bK")
             ),

@@ -363,7 +363,15 @@ pub fn spawn(
         inboxes.push(Inbox { messages: mtx, done: dtx, wake: Arc::new(eventfd()?) });
         receivers.push((mrx, drx));
     }
-    let bans = Mutex::new(super::early_drop::Bans::new(socks.iter().map(|s| s.as_raw_fd()).collect()));
+    // Each core sends the requests it forwards over UDP from a socket of its own (on an
+    // ephemeral port of the same address) and names it in their Via: callees' answers
+    // arrive there, never queued behind whatever floods the public port.
+    let clients = socks
+        .iter()
+        .map(|_| udp_socket(SocketAddr::new(local.ip(), 0)))
+        .collect::<std::io::Result<Vec<UdpSocket>>>()?;
+    let fds = socks.iter().chain(&clients).map(|s| s.as_raw_fd()).collect();
+    let bans = Mutex::new(super::early_drop::Bans::new(fds));
     let shared =
         Arc::new(Shared { inboxes, stats: stats.clone(), services, rt: rt.clone(), tcp: Tcp::default(), limits, bans });
     if let Some(l) = tcp_listener {
@@ -372,11 +380,12 @@ pub fn spawn(
         let l = tokio::net::TcpListener::from_std(l)?;
         rt.spawn(accept_loop(l, sh));
     }
-    for (i, (sock, (mrx, drx))) in socks.into_iter().zip(receivers).enumerate() {
+    for (i, ((sock, client), (mrx, drx))) in socks.into_iter().zip(clients).zip(receivers).enumerate() {
         let mut core = make_core(i, local);
+        core.set_response_addr(client.local_addr()?);
         let sh = shared.clone();
         std::thread::Builder::new().name(format!("hasp-sip-{i}")).spawn(move || {
-            run_core(i, n, &mut core, &sock, &mrx, &drx, &sh);
+            run_core(i, n, &mut core, [&sock, &client], &mrx, &drx, &sh);
         })?;
     }
     Ok(Handle { stats, local })
@@ -389,7 +398,7 @@ fn run_core(
     me: usize,
     n: usize,
     core: &mut Proxy,
-    udp: &UdpSocket,
+    [udp, client]: [&UdpSocket; 2],
     messages: &Receiver<Event>,
     done: &Receiver<(OpId, Result<Done, Error>)>,
     sh: &Arc<Shared>,
@@ -413,27 +422,32 @@ fn run_core(
         let mut fds = [
             libc::pollfd { fd: udp.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: client.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // Round up so a deadline less than 1 ms away does not spin.
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        for _ in 0..UDP_BATCH {
-            match udp.recv_from(&mut buf) {
-                Ok((len, src)) => {
-                    let (peer, data, now) = (Peer::udp(src), &buf[..len], Instant::now());
-                    let owner = steer::shard_of(data, n);
-                    if owner == me {
-                        core.on_message(now, peer, data);
-                    } else if core.admit(now, peer, data) {
-                        sh.stats.steered.fetch_add(1, Ordering::Relaxed);
-                        let e = Event::Message { peer, bytes: data.to_vec(), admitted: true };
-                        sh.inboxes[owner].offer(&sh.stats, e);
+        // SAFETY: fds is a valid array of three pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+        // Answers to our own requests first (their socket is never the flooded one), then
+        // the public socket.
+        for (sock, batch) in [(client, UDP_BATCH), (udp, UDP_BATCH)] {
+            for _ in 0..batch {
+                match sock.recv_from(&mut buf) {
+                    Ok((len, src)) => {
+                        let (peer, data, now) = (Peer::udp(src), &buf[..len], Instant::now());
+                        let owner = steer::shard_of(data, n);
+                        if owner == me {
+                            core.on_message(now, peer, data);
+                        } else if core.admit(now, peer, data) {
+                            sh.stats.steered.fetch_add(1, Ordering::Relaxed);
+                            let e = Event::Message { peer, bytes: data.to_vec(), admitted: true };
+                            sh.inboxes[owner].offer(&sh.stats, e);
+                        }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    // ICMP errors from earlier sends surface here on Linux: not fatal.
+                    Err(_) => continue,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                // ICMP errors from earlier sends surface here on Linux: not fatal.
-                Err(_) => continue,
             }
         }
         if fds[1].revents != 0 {
@@ -472,7 +486,11 @@ fn run_core(
                             // Linux reports an earlier ICMP "port unreachable" on the next
                             // call on an unconnected UDP socket, which then sends nothing:
                             // try once more.
-                            if send_udp(udp, &bytes, peer.addr).is_err() && send_udp(udp, &bytes, peer.addr).is_err() {
+                            // Requests go out from this core's own socket (named in
+                            // their Via), responses from the public one.
+                            let from = if bytes.starts_with(b"SIP/") { udp } else { client };
+                            if send_udp(from, &bytes, peer.addr).is_err() && send_udp(from, &bytes, peer.addr).is_err()
+                            {
                                 // Failing twice is this message's own failure: its
                                 // transaction fails at once rather than at Timer B.
                                 sh.stats.send_drops.fetch_add(1, Ordering::Relaxed);
