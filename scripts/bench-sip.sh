@@ -72,7 +72,9 @@ registrations() { # name server_pid proxy_addr scenario [auth args]
 start_hasp() { # [binary] [extra args]
   local bin=${1:-$HASP}; shift || true
   rm -rf "$W/store"
-  taskset -c 0 $bin up "$@" --no-auth --listen-api 127.0.0.1:18999 --listen-sip 127.0.0.1:15090 --domain bench.test \
+  # No per-source limit: sipp sends everything from one address (Kamailio's default
+  # configuration has none either).
+  taskset -c 0 $bin up "$@" --no-auth --sip-rate-limit 0 --listen-api 127.0.0.1:18999 --listen-sip 127.0.0.1:15090 --domain bench.test \
     --store "embedded:$W/store/h.redb" --rtp-ports 20000-29999 --cores 0 --inactivity-timeout 30 >"$W/hasp.out" 2>&1 &
   HP=$!
   for _ in $(seq 100); do grep -q ready "$W/hasp.out" && break; sleep 0.1; done
