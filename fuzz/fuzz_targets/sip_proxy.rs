@@ -74,6 +74,7 @@ fuzz_target!(|data: &[u8]| {
             for a in actions {
                 match a {
                     Action::Send(_, bytes) => assert!(!bytes.is_empty()),
+                    Action::Ban { .. } => {}
                     Action::Start { id, op, .. } => match ctl % 4 {
                         0 | 1 => p.on_completion(*t, id, perform(&op)),
                         2 => late.push((id, op)),

@@ -302,8 +302,8 @@ impl Relay {
         }))
     }
 
-    /// Tells the relay one of its own listeners (NG, RTPproxy, REST, LI, SIP): no
-    /// session may send media there.
+    /// Tells the relay one of its own UDP listeners (NG, RTPproxy, SIP): no session may
+    /// send media there (nor its RTCP, to the port above).
     pub fn add_own_address(&self, addr: SocketAddr) {
         self.remote.write().unwrap_or_else(|e| e.into_inner()).add_own(addr);
     }

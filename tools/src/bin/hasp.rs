@@ -657,8 +657,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         // What the ready file says: every listener with the address it actually bound.
         let mut ready = serde_json::json!({"role": role, "pid": std::process::id(), "api": api_addr.to_string()});
         let relay = Relay::start(cfg.clone())?;
-        // Every listener is one of the relay's own addresses: no media may go there.
-        relay.add_own_address(api_addr);
+        // Every UDP listener is one of the relay's own addresses: no media may go there.
+        // (Media is UDP: the TCP-only APIs cannot receive it, and a client's UDP port that
+        // happens to share their number is a legitimate remote.)
         let token = (!cfg.no_auth).then(|| Arc::from(cfg.api_token.clone().unwrap_or_default()));
         let calls = Arc::new(Calls::new(relay.clone()));
         // LI first: its saved tasks are in force before any listener can create a call.
@@ -698,7 +699,6 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
         if let (Some(addr), Some(li)) = (cfg.listen_li, li_handle.clone()) {
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the LI API on {addr}"))?;
-            relay.add_own_address(l.local_addr()?);
             extra.push_str(&format!(" li=http://{}", l.local_addr()?));
             ready["li_api"] = l.local_addr()?.to_string().into();
             let st =
