@@ -650,6 +650,8 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
+        // Before anything announces readiness (see shutdown_signal).
+        let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(cfg.listen_api)
             .await
             .with_context(|| format!("binding the API on {}", cfg.listen_api))?;
@@ -754,7 +756,7 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             calls: Some(calls.clone()),
             sip: sip_metrics,
         };
-        rest::serve(listener, state, cfg.http, shutdown_signal()).await?;
+        rest::serve(listener, state, cfg.http, shutdown).await?;
         tracing::info!("shutting down");
         clear_ready_file(ready_file.as_deref())?;
         if let Some(s) = store {
@@ -798,6 +800,8 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
     rt.block_on(async move {
+        // Before anything announces readiness (see shutdown_signal).
+        let shutdown = shutdown_signal();
         // Calls' relays are shared through the store, so another proxy serves their BYEs.
         let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = Arc::new(
             controlplane::proxy::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?
@@ -833,20 +837,31 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         }
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
         let state = controlplane::proxy::api::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
-        controlplane::proxy::api::serve(listener, state, a.http, shutdown_signal()).await?;
+        controlplane::proxy::api::serve(listener, state, a.http, shutdown).await?;
         clear_ready_file(ready_file.as_deref())?;
         store.flush().context("writing registrations to the store")?;
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled: call it before announcing readiness, or a SIGTERM
+/// right after the ready line would kill the process without its clean shutdown.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = recv(term) => {}
+            _ = recv(int) => {}
+        }
     }
 }
