@@ -391,12 +391,7 @@ fn third_host_cannot_steal_rtcp() {
 fn third_host_cannot_take_a_call_on_hold() {
     let relay = RelayProc::start(&["--rtp-ports", "47320-47339", "--relatch-idle-ms", "200"]);
     let (a, b, thief) = (host("127.0.0.2"), host("127.0.0.4"), host("127.0.0.3"));
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        a.local_addr().unwrap(),
-        b.local_addr().unwrap()
-    );
-    let (id, _, rtp_port, _) = relay.create(&body);
+    let (id, _, rtp_port, _) = relay.create_between(&a, &b);
     a.send_to(&rtp(1, 0xa, 1), rtp_port[0]).unwrap();
     assert_eq!(recv(&b).0, rtp(1, 0xa, 1));
     b.send_to(&rtp(1, 0xb, 2), rtp_port[1]).unwrap();

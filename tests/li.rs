@@ -106,12 +106,7 @@ fn mediation_function_gets_every_packet_both_ways_in_order() {
     let pdus = mediation_function(l);
     let (alice, alice_c) = udp_pair(47000);
     let (bob, bob_c) = udp_pair(47300);
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, rtp_p, rtcp_p) = relay.create(&body);
+    let (id, _, rtp_p, rtcp_p) = relay.create_between(&alice, &bob);
     let xid = "6ba7b810-9dad-11d1-80b4-00c04fd430c8";
     let pcap = audit.with_file_name("task.pcap");
     let body = format!(
@@ -212,12 +207,7 @@ fn mediation_function_outage_buffers_then_drops_and_forwarding_never_pauses() {
     reserved.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
     let mf = reserved.local_addr().unwrap().as_socket().unwrap();
     let (alice, bob) = (udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, rtp_p, _) = relay.create(&body);
+    let (id, _, rtp_p, _) = relay.create_between(&alice, &bob);
     let xid = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
     let (s, _) = li_call(
         &relay,
@@ -530,12 +520,7 @@ fn mediation_function_over_mutual_tls() {
 
     let (relay, li, _) = li_relay("44000-44099", &[]);
     let (alice, bob) = (udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, port, _) = relay.create(&body);
+    let (id, _, port, _) = relay.create_between(&alice, &bob);
     let tls = format!(
         r#"{{"server_name":"mf.test","ca":"{}","cert":"{}","key":"{}"}}"#,
         ca_pem.display(),
@@ -664,12 +649,7 @@ fn li_task_refused_when_audit_log_unwritable() {
     let mf = l.local_addr().unwrap();
     let pdus = mediation_function(l);
     let (alice, bob) = (udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, rtp_p, _) = relay.create(&body);
+    let (id, _, rtp_p, _) = relay.create_between(&alice, &bob);
     let xid = "5c1d0e2f-1111-4222-8333-444455556666";
     let t = task(xid, &format!(r#"{{"session":"{id}"}}"#), mf);
     // The audit log becomes unwritable while hasp runs: its path is now a directory.
@@ -903,12 +883,7 @@ fn li_pcap_files_are_private() {
     let mf = l.local_addr().unwrap();
     let pdus = mediation_function(l);
     let (alice, bob) = (udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, rtp_p, _) = relay.create(&body);
+    let (id, _, rtp_p, _) = relay.create_between(&alice, &bob);
     // One pcap file LI creates, one that exists already and is world-readable.
     let new_pcap = dir.join("new.pcap");
     let old_pcap = dir.join("old.pcap");
@@ -1060,12 +1035,7 @@ fn li_task_refused_when_its_state_cannot_be_saved() {
     let mf = l.local_addr().unwrap();
     let pdus = mediation_function(l);
     let (alice, bob) = (udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, rtp_p, _) = relay.create(&body);
+    let (id, _, rtp_p, _) = relay.create_between(&alice, &bob);
     let xid = "5ca1ab1e-1111-4222-8333-444455556666";
     let (s, v) = li_call(
         &relay,

@@ -417,32 +417,35 @@ fn keys(r: &Value) -> Vec<&str> {
     k
 }
 
+/// `hasp ROLE` with every relay listener (API, NG, RTPproxy, LI API) on port 0, plus `extra`.
+fn start_relay_role(role: &str, ports: &str, extra: &[&str]) -> Hasp {
+    let dir = scratch_dir(&format!("ready-{role}-li"));
+    let audit = dir.join("audit.log");
+    let mut args = vec![
+        role,
+        "--no-auth",
+        "--listen-api",
+        "127.0.0.1:0",
+        "--listen-ng",
+        "127.0.0.1:0",
+        "--listen-rtpp",
+        "127.0.0.1:0",
+        "--listen-li",
+        "127.0.0.1:0",
+        "--li-token",
+        LI_TOKEN,
+        "--li-audit-log",
+        audit.to_str().unwrap(),
+        "--rtp-ports",
+        ports,
+    ];
+    args.extend_from_slice(extra);
+    Hasp::start(&format!("ready-{role}"), &args, None)
+}
+
 #[test]
 fn relay_on_port_zero_writes_a_ready_file_whose_listeners_answer() {
-    let dir = scratch_dir("ready-relay-li");
-    let audit = dir.join("audit.log");
-    let hasp = Hasp::start(
-        "ready-relay",
-        &[
-            "relay",
-            "--no-auth",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--listen-ng",
-            "127.0.0.1:0",
-            "--listen-rtpp",
-            "127.0.0.1:0",
-            "--listen-li",
-            "127.0.0.1:0",
-            "--li-token",
-            LI_TOKEN,
-            "--li-audit-log",
-            audit.to_str().unwrap(),
-            "--rtp-ports",
-            "47780-47799",
-        ],
-        None,
-    );
+    let hasp = start_relay_role("relay", "47780-47799", &[]);
     assert_eq!(hasp.ready["role"], "relay");
     assert_eq!(keys(&hasp.ready), ["api", "li_api", "ng", "pid", "role", "rtpp"]);
     every_listener_answers(&hasp);
@@ -450,36 +453,8 @@ fn relay_on_port_zero_writes_a_ready_file_whose_listeners_answer() {
 
 #[test]
 fn up_on_port_zero_writes_a_ready_file_whose_listeners_answer() {
-    let dir = scratch_dir("ready-up-li");
-    let audit = dir.join("audit.log");
-    let hasp = Hasp::start(
-        "ready-up",
-        &[
-            "up",
-            "--no-auth",
-            "--listen-api",
-            "127.0.0.1:0",
-            "--listen-ng",
-            "127.0.0.1:0",
-            "--listen-rtpp",
-            "127.0.0.1:0",
-            "--listen-li",
-            "127.0.0.1:0",
-            "--li-token",
-            LI_TOKEN,
-            "--li-audit-log",
-            audit.to_str().unwrap(),
-            "--listen-sip",
-            "127.0.0.1:0",
-            "--domain",
-            common::ua::DOMAIN,
-            "--store",
-            "memory:",
-            "--rtp-ports",
-            "47800-47819",
-        ],
-        None,
-    );
+    let sip = ["--listen-sip", "127.0.0.1:0", "--domain", common::ua::DOMAIN, "--store", "memory:"];
+    let hasp = start_relay_role("up", "47800-47819", &sip);
     assert_eq!(hasp.ready["role"], "up");
     assert_eq!(keys(&hasp.ready), ["api", "li_api", "ng", "pid", "role", "rtpp", "sip", "sip_transports"]);
     assert_eq!(hasp.ready["sip_transports"], serde_json::json!(["udp", "tcp"]));

@@ -10,12 +10,7 @@ use std::time::Duration;
 fn relays_both_ways(io_mode: &str, ports: &str) {
     let relay = RelayProc::start(&["--rtp-ports", ports, "--io-mode", io_mode]);
     let (alice, bob) = (udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, rtp_port, rtcp_port) = relay.create(&body);
+    let (id, _, rtp_port, rtcp_port) = relay.create_between(&alice, &bob);
     for seq in 0..50u16 {
         alice.send_to(&rtp(seq, 0xa, 1), rtp_port[0]).unwrap();
         bob.send_to(&rtp(seq, 0xb, 2), rtp_port[1]).unwrap();
@@ -86,12 +81,7 @@ fn latches_nated_source_and_drops_hijack() {
     let nat = udp(); // where her packets really come from
     let bob = udp();
     let mallory = udp();
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        signalled.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, port, _) = relay.create(&body);
+    let (id, _, port, _) = relay.create_between(&signalled, &bob);
     nat.send_to(&rtp(1, 0xa, 1), port[0]).unwrap();
     assert_eq!(recv(&bob).0, rtp(1, 0xa, 1));
     // Bob's answer goes to the NATed source Alice latched, not to her SDP address.
@@ -117,12 +107,7 @@ fn latches_nated_source_and_drops_hijack() {
 fn strict_source_drops_everything_but_the_signalled_address() {
     let relay = RelayProc::start(&["--rtp-ports", "40300-40399", "--latch", "strict"]);
     let (alice, other, bob) = (udp(), udp(), udp());
-    let body = format!(
-        r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-        alice.local_addr().unwrap(),
-        bob.local_addr().unwrap()
-    );
-    let (id, _, port, _) = relay.create(&body);
+    let (id, _, port, _) = relay.create_between(&alice, &bob);
     other.send_to(&rtp(1, 0xa, 9), port[0]).unwrap();
     alice.send_to(&rtp(2, 0xa, 1), port[0]).unwrap();
     assert_eq!(recv(&bob).0, rtp(2, 0xa, 1));
@@ -284,12 +269,7 @@ fn sessions_spread_over_two_workers_and_both_forward() {
     let mut workers = std::collections::HashSet::new();
     for i in 0..4u8 {
         let (alice, bob) = (udp(), udp());
-        let body = format!(
-            r#"{{"legs":[{{"remote":"{}"}},{{"remote":"{}"}}]}}"#,
-            alice.local_addr().unwrap(),
-            bob.local_addr().unwrap()
-        );
-        let (id, _, port, _) = relay.create(&body);
+        let (id, _, port, _) = relay.create_between(&alice, &bob);
         let (_, v) = relay.call("GET", &format!("/v1/sessions/{id}"), None);
         workers.insert(v["worker"].as_u64().unwrap());
         alice.send_to(&rtp(1, 1, i), port[0]).unwrap();

@@ -144,6 +144,16 @@ impl RelayProc {
     }
 
     /// Creates a session; returns (id, [(rtp, rtcp) ports of A, of B]).
+    /// Creates a session whose legs send to `a` and `b`; as [`RelayProc::create`].
+    pub fn create_between(
+        &self,
+        a: &UdpSocket,
+        b: &UdpSocket,
+    ) -> (String, SocketAddr, [SocketAddr; 2], [SocketAddr; 2]) {
+        let (a, b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        self.create(&format!(r#"{{"legs":[{{"remote":"{a}"}},{{"remote":"{b}"}}]}}"#))
+    }
+
     pub fn create(&self, body: &str) -> (String, SocketAddr, [SocketAddr; 2], [SocketAddr; 2]) {
         let (s, v) = self.call("POST", "/v1/sessions", Some(body));
         assert_eq!(s, 201, "create: {v}");

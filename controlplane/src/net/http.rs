@@ -27,14 +27,13 @@
 //! by [`listeners`] and exposed on `/metrics` as `hasp_http_*{listener="…"}` (see
 //! `obs::http`). The LI API's are not: interception stays invisible there.
 
+use super::admission::{out_of_resources, Admission};
 use crate::error::Error;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -156,59 +155,6 @@ pub fn listeners() -> Vec<Arc<ListenerStats>> {
     registry().lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// Connections open per source IP and in total; a ticket gives its place back on drop.
-#[derive(Debug, Default)]
-struct Admission {
-    inner: Mutex<Counts>,
-}
-
-#[derive(Debug, Default)]
-struct Counts {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// One admitted connection's place.
-#[derive(Debug)]
-struct Ticket {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
-impl Admission {
-    /// A place for a connection from `ip`, or `None` when a cap is reached.
-    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &HttpLimits) -> Option<Ticket> {
-        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
-        if c.total >= limits.max_connections || mine >= limits.max_connections_per_ip {
-            return None;
-        }
-        c.total += 1;
-        c.per_ip.insert(ip, mine + 1);
-        Some(Ticket { admission: self.clone(), ip })
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let mut c = self.admission.inner.lock().unwrap_or_else(|e| e.into_inner());
-        c.total = c.total.saturating_sub(1);
-        // Sources with no connection are forgotten: the map holds only open ones.
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Whether an accept error means "out of descriptors or memory": the listener stays
-/// readable, so retrying at once would spin.
-fn out_of_resources(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-}
-
 /// Serves `router` on `listener` under `limits`, counting into `stats`, until
 /// `shutdown` resolves, then lets requests in progress finish for up to
 /// [`SHUTDOWN_GRACE`].
@@ -220,7 +166,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let name = stats.name;
-    let admission = Arc::new(Admission::default());
+    let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout()).max_header_size(MAX_HEADER_BYTES);
@@ -241,7 +187,7 @@ pub async fn serve(
             // The connection's own failure (reset before accept, …): the next is fine.
             Err(_) => continue,
         };
-        let Some(ticket) = admission.admit(remote.ip(), &limits) else {
+        let Some(ticket) = admission.admit(remote.ip()) else {
             stats.refused.fetch_add(1, Relaxed);
             drop(stream);
             continue;
@@ -362,31 +308,6 @@ mod tests {
 
     fn limits(total: usize, per_ip: usize) -> HttpLimits {
         HttpLimits { max_connections: total, max_connections_per_ip: per_ip, ..Default::default() }
-    }
-
-    #[test]
-    fn one_source_at_its_cap_leaves_room_for_others_until_the_total_cap() {
-        let a = Arc::new(Admission::default());
-        let l = limits(3, 2);
-        let (x, y, z): (IpAddr, IpAddr, IpAddr) =
-            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap());
-        let t1 = a.admit(x, &l).unwrap();
-        let _t2 = a.admit(x, &l).unwrap();
-        assert!(a.admit(x, &l).is_none(), "x is at its cap");
-        let _t3 = a.admit(y, &l).unwrap();
-        assert!(a.admit(z, &l).is_none(), "the total cap");
-        drop(t1);
-        assert!(a.admit(z, &l).is_some(), "a closed connection gives its place back");
-    }
-
-    #[test]
-    fn a_source_whose_connections_all_closed_is_forgotten() {
-        let a = Arc::new(Admission::default());
-        let l = limits(10, 10);
-        let t = a.admit("198.51.100.7".parse().unwrap(), &l).unwrap();
-        drop(t);
-        let c = a.inner.lock().unwrap();
-        assert_eq!((c.total, c.per_ip.len()), (0, 0));
     }
 
     #[test]

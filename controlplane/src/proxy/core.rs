@@ -825,7 +825,7 @@ impl Proxy {
     /// transactions and are never limited. A message refused is counted and must be
     /// dropped, not answered (an answer would amplify the flood).
     pub fn admit(&mut self, now: Instant, src: Peer, data: &[u8]) -> bool {
-        if self.limit.is_none() || self.trusted(src.addr.ip()) {
+        if self.trusted(src.addr.ip()) {
             return true;
         }
         let Some(l) = &mut self.limit else { return true };
@@ -1068,6 +1068,14 @@ impl Proxy {
         }
     }
 
+    /// Answers a request whose digest was refused (counting replays).
+    fn digest_refused(&mut self, now: Instant, sk: &SKey, refused: registrar::Refused) {
+        if refused.replay {
+            self.metrics.replays.fetch_add(1, Ordering::Relaxed);
+        }
+        self.reply(sk, refused.response, now);
+    }
+
     /// Sends 100 Trying for an INVITE, once.
     fn trying(&mut self, now: Instant, key: &SKey, req: &Message) {
         if self.servers.get_mut(key).is_some_and(|s| !std::mem::replace(&mut s.trying, true)) {
@@ -1241,54 +1249,42 @@ impl Proxy {
             Pending::RegPassword { sk, aor, creds } => {
                 let (tag, salts, realm, t) = (self.tag(), self.salts(), self.realm(), self.unix(now));
                 let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return };
-                let req = s.tx.request();
-                let refused = match r {
-                    Ok(Done::Password(stored)) => {
-                        match registrar::check_secret(&creds, "REGISTER", stored.as_deref(), &realm, &self.replays, t) {
-                            Ok(()) => None,
-                            Err(registrar::Refusal::Forbidden) => Some(req.response(403, "Forbidden", Some(&tag))),
-                            Err(registrar::Refusal::Replay) => {
-                                self.metrics.replays.fetch_add(1, Ordering::Relaxed);
-                                let who = registrar::Challenger::Registrar;
-                                Some(registrar::challenge_response(
-                                    &self.nonces,
-                                    &realm,
-                                    req,
-                                    t,
-                                    salts,
-                                    true,
-                                    who,
-                                    &tag,
-                                ))
-                            }
-                        }
-                    }
-                    _ => Some(registrar::unavailable(req, &tag)),
+                let check = registrar::Check {
+                    nonces: &self.nonces,
+                    replays: &self.replays,
+                    realm: &realm,
+                    now: t,
+                    salts,
+                    tag: &tag,
                 };
-                match refused {
-                    None => self.register_bindings(now, sk, aor),
-                    Some(resp) => self.reply(&sk, resp, now),
+                let stored = match &r {
+                    Ok(Done::Password(p)) => Some(p.as_deref()),
+                    _ => None,
+                };
+                match check.verify(s.tx.request(), &creds, stored, registrar::Challenger::Registrar) {
+                    Ok(()) => self.register_bindings(now, sk, aor),
+                    Err(refused) => self.digest_refused(now, &sk, refused),
                 }
             }
             Pending::ProxyAuth { sk, src, creds } => {
                 let (tag, salts, realm, t) = (self.tag(), self.salts(), self.realm(), self.unix(now));
                 let Some(req) = self.open_request(&sk) else { return };
-                let resp = match r {
-                    Ok(Done::Password(stored)) => {
-                        match registrar::check_secret(&creds, req.method(), stored.as_deref(), &realm, &self.replays, t)
-                        {
-                            Ok(()) => return self.proceed(now, &sk, src, req),
-                            Err(registrar::Refusal::Forbidden) => req.response(403, "Forbidden", Some(&tag)),
-                            Err(registrar::Refusal::Replay) => {
-                                self.metrics.replays.fetch_add(1, Ordering::Relaxed);
-                                let who = registrar::Challenger::Proxy;
-                                registrar::challenge_response(&self.nonces, &realm, &req, t, salts, true, who, &tag)
-                            }
-                        }
-                    }
-                    _ => registrar::unavailable(&req, &tag),
+                let check = registrar::Check {
+                    nonces: &self.nonces,
+                    replays: &self.replays,
+                    realm: &realm,
+                    now: t,
+                    salts,
+                    tag: &tag,
                 };
-                self.reply(&sk, resp, now);
+                let stored = match &r {
+                    Ok(Done::Password(p)) => Some(p.as_deref()),
+                    _ => None,
+                };
+                match check.verify(&req, &creds, stored, registrar::Challenger::Proxy) {
+                    Ok(()) => self.proceed(now, &sk, src, req),
+                    Err(refused) => self.digest_refused(now, &sk, refused),
+                }
             }
             Pending::RegBindings { sk, aor } => {
                 let (t, tag) = (self.unix(now), self.tag());

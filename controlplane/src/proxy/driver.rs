@@ -27,13 +27,14 @@ use super::anchor::MediaAnchor;
 use super::core::{Action, Done, Op, OpId, Proxy};
 use super::focus::{Focus, JoinError};
 use crate::error::Error;
+use crate::net::admission::{out_of_resources, Admission, Ticket};
 use crate::store::Store;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError, TrySendError};
 use sip::message::{Message, ParseError, MAX_MESSAGE};
 use sip::{steer, Peer, Transport};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -265,6 +266,8 @@ struct Shared {
     limits: Limits,
     /// Sources banned by a core's rate limit, enforced in the kernel on every UDP socket.
     bans: Mutex<super::early_drop::Bans>,
+    /// Accepted TCP connections per source IP.
+    accepted: Arc<Admission>,
 }
 
 impl Shared {
@@ -372,8 +375,16 @@ pub fn spawn(
         .collect::<std::io::Result<Vec<UdpSocket>>>()?;
     let fds = socks.iter().chain(&clients).map(|s| s.as_raw_fd()).collect();
     let bans = Mutex::new(super::early_drop::Bans::new(fds));
-    let shared =
-        Arc::new(Shared { inboxes, stats: stats.clone(), services, rt: rt.clone(), tcp: Tcp::default(), limits, bans });
+    let shared = Arc::new(Shared {
+        inboxes,
+        stats: stats.clone(),
+        services,
+        rt: rt.clone(),
+        tcp: Tcp::default(),
+        accepted: Admission::new(limits.max_connections, limits.max_connections_per_ip),
+        limits,
+        bans,
+    });
     if let Some(l) = tcp_listener {
         let sh = shared.clone();
         let _guard = rt.enter();
@@ -579,7 +590,6 @@ impl Conn {
 #[derive(Default)]
 struct Tcp {
     conns: Mutex<HashMap<SocketAddr, Conn>>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
     next_id: AtomicU64,
 }
 
@@ -631,12 +641,6 @@ impl Tcp {
     }
 }
 
-/// Whether an accept error means the process or system is out of descriptors or
-/// memory: retrying at once would spin.
-fn out_of_resources(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-}
-
 async fn accept_loop(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
     loop {
         let (s, remote) = match listener.accept().await {
@@ -649,31 +653,18 @@ async fn accept_loop(listener: tokio::net::TcpListener, sh: Arc<Shared>) {
             }
             Err(_) => continue,
         };
-        let ip = remote.ip();
-        let admitted = {
-            let total = sh.tcp.conns().len();
-            let mut per_ip = sh.tcp.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let mine = per_ip.entry(ip).or_default();
-            if total >= sh.limits.max_connections || *mine >= sh.limits.max_connections_per_ip {
-                if *mine == 0 {
-                    per_ip.remove(&ip);
-                }
-                false
-            } else {
-                *mine += 1;
-                true
-            }
-        };
-        if !admitted {
+        // The total counts the connections we opened too (the table holds both).
+        let room = sh.tcp.conns().len() < sh.limits.max_connections;
+        let Some(ticket) = room.then(|| sh.accepted.admit(remote.ip())).flatten() else {
             sh.stats.refused.fetch_add(1, Ordering::Relaxed);
             drop(s);
             continue;
-        }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let id = sh.tcp.next_id.fetch_add(1, Ordering::Relaxed);
         let queued: Arc<AtomicUsize> = Arc::default();
         sh.tcp.conns().insert(remote, Conn { id, tx, queued: queued.clone() });
-        tokio::spawn(serve_connection(s, remote, id, rx, queued, sh.clone(), Some(ip)));
+        tokio::spawn(serve_connection(s, remote, id, rx, queued, sh.clone(), Some(ticket)));
     }
 }
 
@@ -687,7 +678,8 @@ async fn serve_connection(
     mut out: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,
     sh: Arc<Shared>,
-    accepted_from: Option<IpAddr>,
+    // An accepted connection's place in the per-IP counts, given back when it ends.
+    ticket: Option<Ticket>,
 ) {
     sh.stats.connections.fetch_add(1, Ordering::Relaxed);
     sh.stats.open.fetch_add(1, Ordering::Relaxed);
@@ -748,15 +740,7 @@ async fn serve_connection(
         }
     }
     sh.tcp.forget(remote, id);
-    if let Some(ip) = accepted_from {
-        let mut per_ip = sh.tcp.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = per_ip.get_mut(&ip) {
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                per_ip.remove(&ip);
-            }
-        }
-    }
+    drop(ticket);
     sh.broadcast(|| Event::TransportError(peer));
     // The table's sender is gone, so the writer ends once it has written what is queued.
     let _ = writer.await;

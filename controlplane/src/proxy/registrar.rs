@@ -1,6 +1,6 @@
 //! The registrar (RFC 3261 §10), sans IO, in steps: the proxy core runs a REGISTER
 //! through [`start`] (parse, nonce), asks the store for the user's secret and checks
-//! the digest ([`check_secret`]), asks for the AOR's bindings and applies the request
+//! the digest ([`Check::verify`]), asks for the AOR's bindings and applies the request
 //! to them ([`apply`]), writes them and answers [`accepted`]. Between the steps the
 //! store works off the core's thread; a failed or late store answers 503
 //! ([`unavailable`]). The same digest steps authenticate a proxy's callers (407).
@@ -86,34 +86,58 @@ pub fn credentials(
     Ok(creds)
 }
 
-/// Why a digest was refused.
+/// What checking a digest answer needs besides the request: the nonce key, the
+/// nonce-counts seen, the realm, the time (Unix seconds), and fresh salts and a To tag
+/// for the answer if it fails.
 #[derive(Debug)]
-pub enum Refusal {
-    /// Wrong answer, or no such user: 403.
-    Forbidden,
-    /// A correct answer seen before (same nonce and nonce-count): challenge again,
-    /// `stale=true` (RFC 7616 §3.4.5).
-    Replay,
+pub struct Check<'a> {
+    /// The nonce key.
+    pub nonces: &'a Nonces,
+    /// Nonce-counts seen.
+    pub replays: &'a Replays,
+    /// The realm.
+    pub realm: &'a str,
+    /// Now, Unix seconds.
+    pub now: u64,
+    /// Salts for a new challenge.
+    pub salts: [u64; 2],
+    /// To tag of a refusal.
+    pub tag: &'a str,
 }
 
-/// Checks a digest answer against the user's stored secret (`None`: no such user), then
-/// that its nonce-count is new.
-pub fn check_secret(
-    creds: &Credentials,
-    method: &str,
-    stored: Option<&str>,
-    realm: &str,
-    replays: &Replays,
-    now: u64,
-) -> Result<(), Refusal> {
-    let secret = stored.and_then(|s| Secret::decode(s, &creds.username, realm)).ok_or(Refusal::Forbidden)?;
-    if !secret.verify(creds, method) {
-        return Err(Refusal::Forbidden);
+/// How a digest answer was refused: the response to send, and whether it was a replay.
+#[derive(Debug)]
+pub struct Refused {
+    /// 403 (wrong answer or no such user), 401/407 `stale=true` (a replay: RFC 7616
+    /// §3.4.5), or 503 (the store did not answer).
+    pub response: Message,
+    /// The same nonce and nonce-count were used before.
+    pub replay: bool,
+}
+
+impl Check<'_> {
+    /// Checks `creds` for `req` against the user's stored secret: `stored` is `None` when
+    /// the store failed, `Some(None)` when there is no such user. The digest must match,
+    /// then its nonce-count be new.
+    pub fn verify(
+        &self,
+        req: &Message,
+        creds: &Credentials,
+        stored: Option<Option<&str>>,
+        who: Challenger,
+    ) -> Result<(), Refused> {
+        let refuse = |response, replay| Err(Refused { response, replay });
+        let Some(stored) = stored else { return refuse(unavailable(req, self.tag), false) };
+        let secret = stored.and_then(|s| Secret::decode(s, &creds.username, self.realm));
+        if !secret.is_some_and(|s| s.verify(creds, req.method())) {
+            return refuse(req.response(403, "Forbidden", Some(self.tag)), false);
+        }
+        if !self.replays.fresh(&creds.nonce, creds.nc.as_deref(), self.now) {
+            let r = challenge_response(self.nonces, self.realm, req, self.now, self.salts, true, who, self.tag);
+            return refuse(r, true);
+        }
+        Ok(())
     }
-    if !replays.fresh(&creds.nonce, creds.nc.as_deref(), now) {
-        return Err(Refusal::Replay);
-    }
-    Ok(())
 }
 
 /// Shortest registration accepted (seconds).

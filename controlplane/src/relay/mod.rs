@@ -511,13 +511,7 @@ impl Relay {
     /// worker has closed the sockets.
     pub fn delete(&self, id: SessionId) -> Result<SessionView, Error> {
         let view = self.get(id)?;
-        let mut st = lock(&self.state);
-        let r = st.sessions.get(&id).ok_or_else(|| Error::NotFound(format_id(id)))?;
-        let (worker, ports) = (r.worker, r.ports);
-        self.send(worker, Command::Remove { id })?;
-        st.sessions.remove(&id);
-        st.releasing.insert(id, ports);
-        st.totals.deleted += 1;
+        self.remove(id)?;
         Ok(view)
     }
 

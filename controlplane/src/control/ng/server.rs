@@ -2,9 +2,10 @@
 
 use super::bencode::{decode, DecodeError};
 use super::{error_reply, frame, handle_command, split_cookie};
+use crate::net::admission::Admission;
 use crate::relay::calls::Calls;
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -115,8 +116,8 @@ pub struct NgCounters {
 struct Shared {
     calls: Arc<Calls>,
     cache: Mutex<ReplyCache>,
-    /// Open TCP connections per source IP.
-    conns: Mutex<HashMap<IpAddr, usize>>,
+    /// Open TCP connections, per source IP and in total.
+    conns: Arc<Admission>,
     counters: Arc<NgCounters>,
     permits: Semaphore,
 }
@@ -175,7 +176,7 @@ pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(Sock
     let shared = Arc::new(Shared {
         calls,
         cache: Mutex::new(ReplyCache::new(CACHE_ENTRIES, CACHE_BYTES, Duration::from_secs(30))),
-        conns: Mutex::new(HashMap::new()),
+        conns: Admission::new(MAX_TCP_CONNECTIONS, MAX_TCP_PER_IP),
         counters: counters.clone(),
         permits: Semaphore::new(MAX_IN_FLIGHT),
     });
@@ -211,7 +212,7 @@ pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(Sock
                     continue;
                 }
             };
-            let Some(slot) = ConnSlot::take(&shared, peer.ip()) else {
+            let Some(slot) = shared.conns.admit(peer.ip()) else {
                 shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %peer.ip(), "NG TCP connection refused: too many open");
                 continue;
@@ -224,37 +225,6 @@ pub async fn serve(addr: SocketAddr, calls: Arc<Calls>) -> std::io::Result<(Sock
         }
     });
     Ok((bound, counters))
-}
-
-/// A TCP connection's place in the per-IP and total counts, given back on drop.
-struct ConnSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl ConnSlot {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
-        let mut c = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = c.values().sum();
-        let mine = c.get(&ip).copied().unwrap_or(0);
-        if total >= MAX_TCP_CONNECTIONS || mine >= MAX_TCP_PER_IP {
-            return None;
-        }
-        *c.entry(ip).or_insert(0) += 1;
-        Some(Self { shared: shared.clone(), ip })
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        let mut c = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = c.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.ip);
-            }
-        }
-    }
 }
 
 async fn tcp_conn(s: Arc<Shared>, mut conn: tokio::net::TcpStream, peer: SocketAddr) {
