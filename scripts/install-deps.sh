@@ -16,6 +16,7 @@ PACKAGES=(
   protobuf-compiler  # etcd-client's gRPC code generation
   libprotobuf-dev
   etcd-server   # the shared store's tests (a 3-node cluster on loopback)
+  bind9-dnsutils  # dig: the DNS role's tests ask it like any resolver
 )
 
 missing=()

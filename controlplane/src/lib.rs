@@ -8,9 +8,12 @@
 
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod error;
+pub mod lb;
 pub mod li;
 pub mod net;
 pub mod obs;

@@ -3,6 +3,8 @@
 //! `hasp relay` runs the RTP relay (data plane workers + REST API); `hasp up` runs every
 //! role available on one machine with the embedded defaults (today: the relay).
 
+mod membership;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use controlplane::config::ProxyRoleConfig;

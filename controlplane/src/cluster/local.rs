@@ -1,0 +1,232 @@
+//! The in-process backend: members of one process (`hasp up`) or of one simulation.
+//! The same lease rules as etcd — a member not renewed within its TTL is gone — kept in
+//! a sans-IO [`Table`] driven by an injected clock, so simulations expire members
+//! without sleeping.
+
+use super::{Load, Member, Membership, Registration, Role, View, RENEW_EVERY};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Where the backend reads the time leases run against.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> Instant + Send + Sync>);
+
+impl Clock {
+    /// The monotonic system clock.
+    pub fn system() -> Self {
+        Self(Arc::new(Instant::now))
+    }
+
+    /// A clock reading whatever `f` says (a simulation's).
+    pub fn from_fn(f: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Now.
+    pub fn now(&self) -> Instant {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// Live members with lease deadlines. Sans-IO: every call takes `now`.
+#[derive(Debug, Default)]
+pub struct Table {
+    members: BTreeMap<(Role, String), (Member, Instant)>,
+    revision: u64,
+}
+
+impl Table {
+    /// Adds or replaces a member whose lease runs until `now + ttl`.
+    pub fn join(&mut self, member: Member, now: Instant, ttl: Duration) {
+        self.members.insert((member.role, member.id.clone()), (member, now + ttl));
+        self.revision += 1;
+    }
+
+    /// Renews a member's lease and sets its load; false if it is not (or no longer) a
+    /// member — its lease ran out — so the caller joins again.
+    pub fn renew(&mut self, role: Role, id: &str, load: Load, now: Instant, ttl: Duration) -> bool {
+        match self.members.get_mut(&(role, id.to_string())) {
+            Some((m, deadline)) if *deadline > now => {
+                *deadline = now + ttl;
+                if m.load != load {
+                    m.load = load;
+                    self.revision += 1;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes a member; true if it was there.
+    pub fn leave(&mut self, role: Role, id: &str) -> bool {
+        let gone = self.members.remove(&(role, id.to_string())).is_some();
+        if gone {
+            self.revision += 1;
+        }
+        gone
+    }
+
+    /// Removes every member whose lease ended at or before `now`; true if any did.
+    pub fn expire(&mut self, now: Instant) -> bool {
+        let before = self.members.len();
+        self.members.retain(|_, (_, deadline)| *deadline > now);
+        let changed = self.members.len() != before;
+        if changed {
+            self.revision += 1;
+        }
+        changed
+    }
+
+    /// The earliest lease deadline, when the next expiry check is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.members.values().map(|(_, d)| *d).min()
+    }
+
+    /// The live members.
+    pub fn view(&self) -> View {
+        View { revision: self.revision, members: self.members.values().map(|(m, _)| m.clone()).collect() }
+    }
+}
+
+/// The in-process membership backend.
+#[derive(Debug)]
+pub struct Local {
+    table: Arc<Mutex<Table>>,
+    tx: Arc<watch::Sender<View>>,
+    clock: Clock,
+    ttl: Duration,
+}
+
+impl Local {
+    /// An empty membership whose leases last `ttl` by `clock`.
+    pub fn new(clock: Clock, ttl: Duration) -> Self {
+        Self { table: Arc::default(), tx: Arc::new(watch::channel(View::default()).0), clock, ttl }
+    }
+
+    /// Expires members whose lease ended by the clock now and publishes the change.
+    /// The renewal tasks call it every second; a simulation calls it after moving its
+    /// clock.
+    pub fn tick(&self) {
+        let now = self.clock.now();
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if t.expire(now) {
+            publish(&self.tx, &t);
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<View>, t: &Table) {
+    let v = t.view();
+    tx.send_if_modified(|cur| {
+        if cur.revision == v.revision {
+            return false;
+        }
+        *cur = v;
+        true
+    });
+}
+
+impl Membership for Local {
+    fn register(&self, member: Member) -> Registration {
+        let (load_tx, mut load_rx) = watch::channel(member.load);
+        let (leave_tx, mut leave_rx) = tokio::sync::oneshot::channel::<()>();
+        let (role, id) = (member.role, member.id.clone());
+        {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            t.join(member.clone(), self.clock.now(), self.ttl);
+            publish(&self.tx, &t);
+        }
+        let (table, tx, clock, ttl) = (self.table.clone(), self.tx.clone(), self.clock.clone(), self.ttl);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RENEW_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    // A load update is published at once, not at the next renewal: in one
+                    // process it costs nothing.
+                    r = load_rx.changed() => if r.is_err() { break },
+                    _ = &mut leave_rx => break,
+                }
+                let now = clock.now();
+                let load = *load_rx.borrow_and_update();
+                let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+                t.expire(now);
+                if !t.renew(role, &id, load, now, ttl) {
+                    // Our lease ran out (the process was stopped longer than the TTL):
+                    // join again, as an etcd member would with a new lease.
+                    let mut m = member.clone();
+                    m.load = load;
+                    t.join(m, now, ttl);
+                }
+                publish(&tx, &t);
+            }
+            let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+            t.leave(role, &id);
+            publish(&tx, &t);
+        });
+        Registration::new(load_tx, leave_tx)
+    }
+
+    fn view(&self) -> watch::Receiver<View> {
+        self.tx.subscribe()
+    }
+
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(role: Role, id: &str) -> Member {
+        Member::new(role, id)
+    }
+
+    #[test]
+    fn a_member_not_renewed_within_its_ttl_expires() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let mut t = Table::default();
+        t.join(m(Role::Proxy, "a"), t0, ttl);
+        t.join(m(Role::Proxy, "b"), t0, ttl);
+        let r0 = t.view().revision;
+        assert!(t.renew(Role::Proxy, "a", Load::default(), t0 + Duration::from_secs(2), ttl));
+        assert_eq!(t.view().revision, r0, "a renewal without a load change is no change");
+        assert_eq!(t.next_deadline(), Some(t0 + ttl));
+        assert!(!t.expire(t0 + Duration::from_millis(2999)));
+        assert!(t.expire(t0 + ttl));
+        let v = t.view();
+        assert_eq!(v.members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert!(v.revision > r0);
+        // b's lease is over: renewing fails, so b joins again.
+        assert!(!t.renew(Role::Proxy, "b", Load::default(), t0 + ttl, ttl));
+    }
+
+    #[test]
+    fn load_changes_and_leaves_bump_the_revision() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let mut t = Table::default();
+        t.join(m(Role::Relay, "r"), t0, ttl);
+        let r0 = t.view().revision;
+        let load = Load { sessions: 7, calls_per_sec: 1.5, cpu: 0.25 };
+        assert!(t.renew(Role::Relay, "r", load, t0, ttl));
+        assert_eq!(t.view().members[0].load, load);
+        assert!(t.view().revision > r0);
+        assert!(t.leave(Role::Relay, "r"));
+        assert!(!t.leave(Role::Relay, "r"));
+        assert!(t.view().members.is_empty());
+    }
+}

@@ -1,0 +1,1 @@
+//! Authoritative DNS for the service domain (`hasp dns`), following membership (to come).
