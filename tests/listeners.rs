@@ -358,7 +358,7 @@ fn every_listener_answers(hasp: &Hasp) {
     assert_eq!(r["pid"].as_u64(), Some(hasp.pid() as u64), "{r}");
     for (key, v) in r.as_object().unwrap() {
         let Some(addr) = v.as_str() else { continue };
-        if key == "role" {
+        if key == "role" || key == "id" {
             continue;
         }
         let addr: SocketAddr = addr.parse().unwrap_or_else(|_| panic!("{key}: {addr} is an address"));
@@ -447,7 +447,7 @@ fn start_relay_role(role: &str, ports: &str, extra: &[&str]) -> Hasp {
 fn relay_on_port_zero_writes_a_ready_file_whose_listeners_answer() {
     let hasp = start_relay_role("relay", "47780-47799", &[]);
     assert_eq!(hasp.ready["role"], "relay");
-    assert_eq!(keys(&hasp.ready), ["api", "li_api", "ng", "pid", "role", "rtpp"]);
+    assert_eq!(keys(&hasp.ready), ["api", "id", "li_api", "ng", "pid", "role", "rtpp"]);
     every_listener_answers(&hasp);
 }
 
@@ -456,7 +456,7 @@ fn up_on_port_zero_writes_a_ready_file_whose_listeners_answer() {
     let sip = ["--listen-sip", "127.0.0.1:0", "--domain", common::ua::DOMAIN, "--store", "memory:"];
     let hasp = start_relay_role("up", "47800-47819", &sip);
     assert_eq!(hasp.ready["role"], "up");
-    assert_eq!(keys(&hasp.ready), ["api", "li_api", "ng", "pid", "role", "rtpp", "sip", "sip_transports"]);
+    assert_eq!(keys(&hasp.ready), ["api", "id", "li_api", "ng", "pid", "role", "rtpp", "sip", "sip_transports"]);
     assert_eq!(hasp.ready["sip_transports"], serde_json::json!(["udp", "tcp"]));
     every_listener_answers(&hasp);
 }
@@ -482,7 +482,7 @@ fn proxy_on_port_zero_writes_a_ready_file_whose_listeners_answer() {
         None,
     );
     assert_eq!(hasp.ready["role"], "proxy");
-    assert_eq!(keys(&hasp.ready), ["api", "pid", "role", "sip", "sip_transports"]);
+    assert_eq!(keys(&hasp.ready), ["api", "id", "pid", "role", "sip", "sip_transports"]);
     every_listener_answers(&hasp);
 }
 

@@ -118,33 +118,6 @@ fn an_invite_waiting_on_a_black_holed_relay_holds_up_nothing_else() {
     });
 }
 
-/// The caller's side of a call to `callee` (registered) through `sip`: INVITE, the
-/// callee answers, ACK, media both ways through the relay, BYE. Returns the relay
-/// ports the two sides were given.
-fn call_through(sip: &str, callee: &Ua, call_id: &str) {
-    let (alice, alice_rtp, bob_rtp) = (Ua::new(), udp(), udp());
-    let proxy_addr: SocketAddr = sip.parse().unwrap();
-    alice.send(sip, &invite(&alice, "bob", call_id, alice_rtp.local_addr().unwrap().port()));
-    let inv = callee.recv_final(Duration::from_secs(10));
-    assert_eq!((inv.method(), inv.call_id()), ("INVITE", call_id));
-    let to_bob = sdp_port(&inv);
-    answer_200(callee, &inv, bob_rtp.local_addr().unwrap().port(), proxy_addr);
-    let ok = alice.recv_final(Duration::from_secs(10));
-    assert_eq!(ok.code(), Some(200), "{ok:?}");
-    let to_alice = sdp_port(&ok);
-    alice.send(sip, &in_dialog(&alice, &ok, "ACK", 1));
-    assert_eq!(callee.recv_final(Duration::from_secs(5)).method(), "ACK");
-    alice_rtp.send_to(&rtp(1, 1, 1), ("127.0.0.1", to_alice)).unwrap();
-    assert_eq!(recv(&bob_rtp).0, rtp(1, 1, 1));
-    bob_rtp.send_to(&rtp(1, 2, 2), ("127.0.0.1", to_bob)).unwrap();
-    assert_eq!(recv(&alice_rtp).0, rtp(1, 2, 2));
-    alice.send(sip, &in_dialog(&alice, &ok, "BYE", 2));
-    let bye = callee.recv_final(Duration::from_secs(5));
-    assert_eq!(bye.method(), "BYE");
-    callee.sock.send_to(&bye.response(200, "OK", None).to_bytes(), proxy_addr).unwrap();
-    assert_eq!(alice.recv_final(Duration::from_secs(5)).code(), Some(200));
-}
-
 /// A Request-URI whose DNS server never answers: that INVITE waits for name
 /// resolution (and then gets 503), while calls to a registered user complete.
 #[test]

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod ua;
 
 use serde_json::Value;
@@ -412,4 +413,33 @@ pub fn up_with_sip_args(domain: &str, rtp_ports: &str, name: &str, extra: &[&str
     let relay = RelayProc::spawn(&args, Some(TOKEN.to_string()));
     let sip = field(&relay.ready_line, "sip=");
     (relay, sip, dir)
+}
+
+/// The caller's side of a call to `callee` (registered) through `sip`: INVITE, the
+/// callee answers, ACK, media both ways through the relay, BYE. Returns the relay
+/// ports the two sides were given.
+pub fn call_through(sip: &str, callee: &ua::Ua, call_id: &str) -> (u16, u16) {
+    use ua::*;
+    let (alice, alice_rtp, bob_rtp) = (Ua::new(), udp(), udp());
+    let proxy_addr: SocketAddr = sip.parse().unwrap();
+    alice.send(sip, &invite(&alice, "bob", call_id, alice_rtp.local_addr().unwrap().port()));
+    let inv = callee.recv_final(Duration::from_secs(10));
+    assert_eq!((inv.method(), inv.call_id()), ("INVITE", call_id));
+    let to_bob = sdp_port(&inv);
+    answer_200(callee, &inv, bob_rtp.local_addr().unwrap().port(), proxy_addr);
+    let ok = alice.recv_final(Duration::from_secs(10));
+    assert_eq!(ok.code(), Some(200), "{ok:?}");
+    let to_alice = sdp_port(&ok);
+    alice.send(sip, &in_dialog(&alice, &ok, "ACK", 1));
+    assert_eq!(callee.recv_final(Duration::from_secs(5)).method(), "ACK");
+    alice_rtp.send_to(&rtp(1, 1, 1), ("127.0.0.1", to_alice)).unwrap();
+    assert_eq!(recv(&bob_rtp).0, rtp(1, 1, 1));
+    bob_rtp.send_to(&rtp(1, 2, 2), ("127.0.0.1", to_bob)).unwrap();
+    assert_eq!(recv(&alice_rtp).0, rtp(1, 2, 2));
+    alice.send(sip, &in_dialog(&alice, &ok, "BYE", 2));
+    let bye = callee.recv_final(Duration::from_secs(5));
+    assert_eq!(bye.method(), "BYE");
+    callee.sock.send_to(&bye.response(200, "OK", None).to_bytes(), proxy_addr).unwrap();
+    assert_eq!(alice.recv_final(Duration::from_secs(5)).code(), Some(200));
+    (to_alice, to_bob)
 }

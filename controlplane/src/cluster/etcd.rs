@@ -8,7 +8,7 @@
 //! frozen view); on any error the task moves to the next endpoint. A member whose
 //! lease was lost while it was cut off joins again with a new lease.
 
-use super::{Error, Load, Member, Membership, Registration, View, RENEW_EVERY};
+use super::{Error, Member, Membership, Registration, View, RENEW_EVERY};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,10 +75,9 @@ impl EtcdMembership {
 impl Membership for EtcdMembership {
     fn register(&self, member: Member) -> Registration {
         self.ensure_watching();
-        let (load_tx, load_rx) = watch::channel(member.load);
-        let (leave_tx, leave_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(keep(self.shared.clone(), member, load_rx, leave_rx));
-        Registration::new(load_tx, leave_tx)
+        let (reg, ends) = Registration::channel(member.load);
+        tokio::spawn(keep(self.shared.clone(), member, ends));
+        reg
     }
 
     fn view(&self) -> watch::Receiver<View> {
@@ -92,12 +91,8 @@ impl Membership for EtcdMembership {
 }
 
 /// Keeps one member's key alive until `leave` fires, then revokes its lease.
-async fn keep(
-    shared: Arc<Shared>,
-    mut member: Member,
-    mut load: watch::Receiver<Load>,
-    mut leave: tokio::sync::oneshot::Receiver<()>,
-) {
+async fn keep(shared: Arc<Shared>, mut member: Member, ends: super::RenewalEnds) {
+    let super::RenewalEnds { mut load, mut leave, left } = ends;
     let key = format!("{}{}", shared.prefix, member.key());
     let ttl = shared.ttl.as_secs().max(1) as i64;
     loop {
@@ -143,6 +138,7 @@ async fn keep(
             Ok(Some((mut c, lease))) => {
                 // Leave at once rather than when the lease runs out.
                 let _ = tokio::time::timeout(REQUEST, c.lease_revoke(lease)).await;
+                let _ = left.send(());
                 return;
             }
             Ok(None) => return,

@@ -36,25 +36,40 @@ impl std::fmt::Debug for Clock {
     }
 }
 
+/// Which join of a member a registration made: a restarted member (same role and id)
+/// replaces the entry, and the old registration's renewals and leave must not touch
+/// the new one.
+pub type Generation = u64;
+
 /// Live members with lease deadlines. Sans-IO: every call takes `now`.
 #[derive(Debug, Default)]
 pub struct Table {
-    members: BTreeMap<(Role, String), (Member, Instant)>,
+    members: BTreeMap<(Role, String), (Member, Instant, Generation)>,
     revision: u64,
 }
 
 impl Table {
-    /// Adds or replaces a member whose lease runs until `now + ttl`.
-    pub fn join(&mut self, member: Member, now: Instant, ttl: Duration) {
-        self.members.insert((member.role, member.id.clone()), (member, now + ttl));
+    /// Adds or replaces a member whose lease runs until `now + ttl`; returns the
+    /// generation of this join.
+    pub fn join(&mut self, member: Member, now: Instant, ttl: Duration) -> Generation {
         self.revision += 1;
+        self.members.insert((member.role, member.id.clone()), (member, now + ttl, self.revision));
+        self.revision
     }
 
-    /// Renews a member's lease and sets its load; false if it is not (or no longer) a
-    /// member — its lease ran out — so the caller joins again.
-    pub fn renew(&mut self, role: Role, id: &str, load: Load, now: Instant, ttl: Duration) -> bool {
+    /// Renews the lease of join `generation` and sets its load; false if that join is
+    /// no longer there (its lease ran out, or a newer join replaced it).
+    pub fn renew(
+        &mut self,
+        role: Role,
+        id: &str,
+        generation: Generation,
+        load: Load,
+        now: Instant,
+        ttl: Duration,
+    ) -> bool {
         match self.members.get_mut(&(role, id.to_string())) {
-            Some((m, deadline)) if *deadline > now => {
+            Some((m, deadline, g)) if *g == generation && *deadline > now => {
                 *deadline = now + ttl;
                 if m.load != load {
                     m.load = load;
@@ -66,19 +81,26 @@ impl Table {
         }
     }
 
-    /// Removes a member; true if it was there.
-    pub fn leave(&mut self, role: Role, id: &str) -> bool {
-        let gone = self.members.remove(&(role, id.to_string())).is_some();
-        if gone {
+    /// Whether join `generation` was replaced by a newer one.
+    pub fn replaced(&self, role: Role, id: &str, generation: Generation) -> bool {
+        self.members.get(&(role, id.to_string())).is_some_and(|(_, _, g)| *g != generation)
+    }
+
+    /// Removes join `generation` of a member; true if it was there.
+    pub fn leave(&mut self, role: Role, id: &str, generation: Generation) -> bool {
+        let key = (role, id.to_string());
+        if self.members.get(&key).is_some_and(|(_, _, g)| *g == generation) {
+            self.members.remove(&key);
             self.revision += 1;
+            return true;
         }
-        gone
+        false
     }
 
     /// Removes every member whose lease ended at or before `now`; true if any did.
     pub fn expire(&mut self, now: Instant) -> bool {
         let before = self.members.len();
-        self.members.retain(|_, (_, deadline)| *deadline > now);
+        self.members.retain(|_, (_, deadline, _)| *deadline > now);
         let changed = self.members.len() != before;
         if changed {
             self.revision += 1;
@@ -88,12 +110,12 @@ impl Table {
 
     /// The earliest lease deadline, when the next expiry check is due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.members.values().map(|(_, d)| *d).min()
+        self.members.values().map(|(_, d, _)| *d).min()
     }
 
     /// The live members.
     pub fn view(&self) -> View {
-        View { revision: self.revision, members: self.members.values().map(|(m, _)| m.clone()).collect() }
+        View { revision: self.revision, members: self.members.values().map(|(m, _, _)| m.clone()).collect() }
     }
 }
 
@@ -137,14 +159,15 @@ fn publish(tx: &watch::Sender<View>, t: &Table) {
 
 impl Membership for Local {
     fn register(&self, member: Member) -> Registration {
-        let (load_tx, mut load_rx) = watch::channel(member.load);
-        let (leave_tx, mut leave_rx) = tokio::sync::oneshot::channel::<()>();
+        let (reg, ends) = Registration::channel(member.load);
+        let super::RenewalEnds { load: mut load_rx, leave: mut leave_rx, left } = ends;
         let (role, id) = (member.role, member.id.clone());
-        {
+        let mut generation = {
             let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-            t.join(member.clone(), self.clock.now(), self.ttl);
+            let g = t.join(member.clone(), self.clock.now(), self.ttl);
             publish(&self.tx, &t);
-        }
+            g
+        };
         let (table, tx, clock, ttl) = (self.table.clone(), self.tx.clone(), self.clock.clone(), self.ttl);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(RENEW_EVERY);
@@ -161,20 +184,30 @@ impl Membership for Local {
                 let load = *load_rx.borrow_and_update();
                 let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
                 t.expire(now);
-                if !t.renew(role, &id, load, now, ttl) {
+                if t.replaced(role, &id, generation) {
+                    // A newer registration of the same member took over: this one is
+                    // done, without removing it.
+                    drop(t);
+                    let _ = left.send(());
+                    return;
+                }
+                if !t.renew(role, &id, generation, load, now, ttl) {
                     // Our lease ran out (the process was stopped longer than the TTL):
                     // join again, as an etcd member would with a new lease.
                     let mut m = member.clone();
                     m.load = load;
-                    t.join(m, now, ttl);
+                    generation = t.join(m, now, ttl);
                 }
                 publish(&tx, &t);
             }
-            let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
-            t.leave(role, &id);
-            publish(&tx, &t);
+            {
+                let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+                t.leave(role, &id, generation);
+                publish(&tx, &t);
+            }
+            let _ = left.send(());
         });
-        Registration::new(load_tx, leave_tx)
+        reg
     }
 
     fn view(&self) -> watch::Receiver<View> {
@@ -199,10 +232,10 @@ mod tests {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(3);
         let mut t = Table::default();
-        t.join(m(Role::Proxy, "a"), t0, ttl);
-        t.join(m(Role::Proxy, "b"), t0, ttl);
+        let ga = t.join(m(Role::Proxy, "a"), t0, ttl);
+        let gb = t.join(m(Role::Proxy, "b"), t0, ttl);
         let r0 = t.view().revision;
-        assert!(t.renew(Role::Proxy, "a", Load::default(), t0 + Duration::from_secs(2), ttl));
+        assert!(t.renew(Role::Proxy, "a", ga, Load::default(), t0 + Duration::from_secs(2), ttl));
         assert_eq!(t.view().revision, r0, "a renewal without a load change is no change");
         assert_eq!(t.next_deadline(), Some(t0 + ttl));
         assert!(!t.expire(t0 + Duration::from_millis(2999)));
@@ -211,7 +244,7 @@ mod tests {
         assert_eq!(v.members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["a"]);
         assert!(v.revision > r0);
         // b's lease is over: renewing fails, so b joins again.
-        assert!(!t.renew(Role::Proxy, "b", Load::default(), t0 + ttl, ttl));
+        assert!(!t.renew(Role::Proxy, "b", gb, Load::default(), t0 + ttl, ttl));
     }
 
     #[test]
@@ -219,14 +252,50 @@ mod tests {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(3);
         let mut t = Table::default();
-        t.join(m(Role::Relay, "r"), t0, ttl);
+        let g = t.join(m(Role::Relay, "r"), t0, ttl);
         let r0 = t.view().revision;
         let load = Load { sessions: 7, calls_per_sec: 1.5, cpu: 0.25 };
-        assert!(t.renew(Role::Relay, "r", load, t0, ttl));
+        assert!(t.renew(Role::Relay, "r", g, load, t0, ttl));
         assert_eq!(t.view().members[0].load, load);
         assert!(t.view().revision > r0);
-        assert!(t.leave(Role::Relay, "r"));
-        assert!(!t.leave(Role::Relay, "r"));
+        assert!(t.leave(Role::Relay, "r", g));
+        assert!(!t.leave(Role::Relay, "r", g));
         assert!(t.view().members.is_empty());
+    }
+
+    #[test]
+    fn an_old_registration_never_removes_its_replacement() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let mut t = Table::default();
+        let old = t.join(m(Role::Proxy, "p"), t0, ttl);
+        let new = t.join(m(Role::Proxy, "p"), t0, ttl);
+        assert!(t.replaced(Role::Proxy, "p", old));
+        assert!(!t.renew(Role::Proxy, "p", old, Load::default(), t0, ttl));
+        assert!(!t.leave(Role::Proxy, "p", old));
+        assert_eq!(t.view().members.len(), 1);
+        assert!(t.leave(Role::Proxy, "p", new));
+    }
+
+    #[tokio::test]
+    async fn local_backend_passes_the_battery() {
+        let m: std::sync::Arc<dyn Membership> =
+            std::sync::Arc::new(Local::new(Clock::system(), super::super::DEFAULT_TTL));
+        super::super::battery(m, "local").await;
+    }
+
+    #[tokio::test]
+    async fn a_member_whose_renewals_stop_expires_by_the_injected_clock() {
+        let now = std::sync::Arc::new(Mutex::new(Instant::now()));
+        let n = now.clone();
+        let local = Local::new(Clock::from_fn(move || *n.lock().unwrap()), Duration::from_secs(3));
+        let mut view = local.view();
+        let reg = local.register(m(Role::Lb, "x"));
+        assert_eq!(view.borrow_and_update().members.len(), 1);
+        // The process is frozen (its renewal task never runs) while time passes.
+        std::mem::forget(reg);
+        *now.lock().unwrap() += Duration::from_secs(3);
+        local.tick();
+        assert!(view.borrow_and_update().members.is_empty());
     }
 }

@@ -12,8 +12,12 @@
 //! current [`View`], replaced whole on every change (joins, leaves, load updates).
 
 pub mod api;
+mod battery;
 pub mod etcd;
 pub mod local;
+
+#[doc(hidden)]
+pub use battery::battery;
 
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -175,24 +179,70 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 }
 
 /// A live registration: renews its lease in the background; [`Registration::set_load`]
-/// publishes load with the next renewal. Dropping it leaves the cluster.
+/// publishes load with the next renewal. Dropping it leaves the cluster (in the
+/// background); [`Registration::leave`] leaves and waits until the backend confirms.
 #[derive(Debug)]
 pub struct Registration {
     load: watch::Sender<Load>,
-    /// Dropped with the registration: the renewal task sees the channel close and leaves.
-    _leave: tokio::sync::oneshot::Sender<()>,
+    /// Dropped to leave: the renewal task sees the channel close.
+    leave: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Fires (or closes) once the backend has removed the member.
+    left: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// What a backend's renewal task holds of a [`Registration`].
+#[derive(Debug)]
+pub struct RenewalEnds {
+    /// Load updates.
+    pub load: watch::Receiver<Load>,
+    /// Resolves (with an error: the sender is dropped, never used) when the member
+    /// leaves.
+    pub leave: tokio::sync::oneshot::Receiver<()>,
+    /// To send when the member is gone from the backend.
+    pub left: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Registration {
-    /// Used by backends: `load` carries load updates to the renewal task, which leaves
-    /// when `leave`'s receiver sees its sender dropped.
-    pub fn new(load: watch::Sender<Load>, leave: tokio::sync::oneshot::Sender<()>) -> Self {
-        Self { load, _leave: leave }
+    /// For backends: a registration with `load` as its first load, and the ends its
+    /// renewal task holds.
+    pub fn channel(load: Load) -> (Self, RenewalEnds) {
+        let (load_tx, load_rx) = watch::channel(load);
+        let (leave_tx, leave_rx) = tokio::sync::oneshot::channel();
+        let (left_tx, left_rx) = tokio::sync::oneshot::channel();
+        (
+            Self { load: load_tx, leave: Some(leave_tx), left: Some(left_rx) },
+            RenewalEnds { load: load_rx, leave: leave_rx, left: left_tx },
+        )
     }
 
     /// Publishes the member's load with its next renewal.
     pub fn set_load(&self, load: Load) {
         let _ = self.load.send(load);
+    }
+
+    /// A handle that publishes load without keeping the registration alive.
+    pub fn load_handle(&self) -> LoadHandle {
+        LoadHandle(self.load.clone())
+    }
+
+    /// Leaves the cluster now and waits (at most `wait`) until the backend has
+    /// removed the member, so a clean stop is seen at once rather than a lease later.
+    pub async fn leave(mut self, wait: Duration) {
+        drop(self.leave.take());
+        if let Some(left) = self.left.take() {
+            let _ = tokio::time::timeout(wait, left).await;
+        }
+    }
+}
+
+/// Publishes a member's load; see [`Registration::load_handle`].
+#[derive(Debug, Clone)]
+pub struct LoadHandle(watch::Sender<Load>);
+
+impl LoadHandle {
+    /// Publishes the member's load with its next renewal.
+    pub fn set(&self, load: Load) {
+        let _ = self.0.send(load);
     }
 }
 

@@ -122,10 +122,14 @@ impl std::fmt::Display for RelayUrl {
 /// Answers awaited on the shared NG socket, by cookie.
 type Waiting = Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>;
 
-/// Remote relays spoken to over NG (UDP or HTTP).
+/// Remote relays spoken to over NG (UDP or HTTP): those cluster membership lists (hasp
+/// relays, picked least loaded first) and those configured (`--relay`: relays that are
+/// not hasp, such as rtpengine, which never join membership).
 #[derive(Debug)]
 pub struct NgRelays {
     relays: Vec<RelayUrl>,
+    /// Live relays from membership, if the proxy is in a cluster.
+    members: Option<tokio::sync::watch::Receiver<crate::cluster::View>>,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     token: Option<String>,
     /// Shared dialog state (call → relay), so another proxy finds a call's relay.
@@ -139,9 +143,31 @@ pub struct NgRelays {
 
 #[derive(Debug, Default)]
 struct NgState {
-    down_until: HashMap<usize, Instant>,
-    sticky: HashMap<String, usize>,
+    /// Relays (by URL) that did not answer, skipped until then.
+    down_until: HashMap<String, Instant>,
+    /// Call-ID → its relay, for the calls this proxy anchored or looked up.
+    sticky: HashMap<String, RelayUrl>,
     next: usize,
+    /// New calls placed on each member relay since the membership revision in
+    /// `placed_rev`: added to its published load, so the calls of one second do not
+    /// all land on the relay that was least loaded at its last renewal.
+    placed: HashMap<String, u64>,
+    placed_rev: u64,
+}
+
+/// How many relays one request tries before giving up (each waits the timeout).
+pub const MAX_TRIES: usize = 3;
+/// Calls remembered per proxy; beyond it the map starts over (the shared store, when
+/// there is one, still knows every call's relay).
+const MAX_STICKY: usize = 100_000;
+
+/// The URL a relay member is reached at: its NG listener (UDP) if it has one, else NG
+/// over its REST API.
+fn member_url(m: &crate::cluster::Member) -> Option<RelayUrl> {
+    if let Some(a) = m.ng.as_deref().and_then(|a| a.parse().ok()) {
+        return Some(RelayUrl::Ng(a));
+    }
+    m.api.as_deref().map(|a| RelayUrl::Http(format!("http://{a}")))
 }
 
 /// Reads NG answers off the shared socket and hands each to the request that waits for
@@ -173,11 +199,11 @@ impl NgRelays {
     /// one relay's answer before the next is tried. Must be called inside a tokio
     /// runtime (the receiver of NG answers is a task).
     pub fn new(relays: Vec<RelayUrl>, timeout: Duration, token: Option<String>) -> Result<Self, Error> {
-        if relays.is_empty() {
-            return Err(Error::Config("no relay given".into()));
-        }
-        let v6 = relays.iter().any(|r| matches!(r, RelayUrl::Ng(a) if a.is_ipv6()));
-        let std_sock = std::net::UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
+        // Dual-stack, so relays of either family (membership may bring both) share it.
+        let std_sock = match std::net::UdpSocket::bind("[::]:0") {
+            Ok(s) => s,
+            Err(_) => std::net::UdpSocket::bind("0.0.0.0:0")?,
+        };
         std_sock.set_nonblocking(true)?;
         let sock = Arc::new(tokio::net::UdpSocket::from_std(std_sock)?);
         let waiting: Arc<Waiting> = Arc::default();
@@ -191,6 +217,7 @@ impl NgRelays {
             .build(connector);
         Ok(Self {
             relays,
+            members: None,
             http,
             token,
             dialogs: None,
@@ -209,29 +236,74 @@ impl NgRelays {
         self
     }
 
+    /// Also anchors calls on the relays membership lists (`view`), before the
+    /// configured ones, least loaded first.
+    pub fn with_members(mut self, view: tokio::sync::watch::Receiver<crate::cluster::View>) -> Self {
+        self.members = Some(view);
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, NgState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every relay a new call may go to, in preference order: membership's relays
+    /// by load (sessions, then CPU, counting the calls placed here since the last
+    /// update), then the configured ones in turn.
+    fn candidates(&self, st: &mut NgState) -> Vec<RelayUrl> {
+        let mut out = Vec::new();
+        if let Some(view) = &self.members {
+            let v = view.borrow();
+            if v.revision != st.placed_rev {
+                st.placed.clear();
+                st.placed_rev = v.revision;
+            }
+            let mut members: Vec<(u64, u64, RelayUrl)> = v
+                .of(crate::cluster::Role::Relay)
+                .filter_map(|m| {
+                    let url = member_url(m)?;
+                    let placed = st.placed.get(&url.to_string()).copied().unwrap_or(0);
+                    Some((m.load.sessions + 2 * placed, (m.load.cpu * 1000.0) as u64, url))
+                })
+                .collect();
+            members.sort_by_key(|m| (m.0, m.1));
+            out.extend(members.into_iter().map(|(_, _, u)| u));
+        }
+        let n = self.relays.len();
+        if n > 0 {
+            let start = st.next % n;
+            st.next = st.next.wrapping_add(1);
+            out.extend((0..n).map(|k| self.relays[(start + k) % n].clone()));
+        }
+        out
     }
 
     /// The relay a call was anchored on, from this proxy's memory or, for a call that
     /// may have begun at another proxy (`shared`), the shared store (a blocking store
     /// call, so on the blocking pool).
-    async fn relay_of(&self, call_id: &str, shared: bool) -> Option<usize> {
-        if let Some(i) = self.lock().sticky.get(call_id) {
-            return Some(*i);
+    async fn relay_of(&self, call_id: &str, shared: bool) -> Option<RelayUrl> {
+        if let Some(r) = self.lock().sticky.get(call_id) {
+            return Some(r.clone());
         }
         let store = self.dialogs.clone().filter(|_| shared)?;
         let cid = call_id.to_string();
         let node = tokio::task::spawn_blocking(move || store.dialog(&cid)).await.ok()?.ok()??;
-        self.relays.iter().position(|r| r.to_string() == node)
+        RelayUrl::parse(&node).ok()
     }
 
     /// Remembers that `call_id` lives on relay `i` (in the shared store when it is new,
     /// before the call goes on: another proxy may get its next request at once).
-    async fn stick(&self, call_id: &str, i: usize) {
-        if self.lock().sticky.insert(call_id.to_string(), i) != Some(i) {
+    async fn stick(&self, call_id: &str, relay: &RelayUrl) {
+        let changed = {
+            let mut st = self.lock();
+            if st.sticky.len() >= MAX_STICKY && !st.sticky.contains_key(call_id) {
+                st.sticky.clear();
+            }
+            st.sticky.insert(call_id.to_string(), relay.clone()).as_ref() != Some(relay)
+        };
+        if changed {
             if let Some(d) = self.dialogs.clone() {
-                let (cid, node) = (call_id.to_string(), self.relays[i].to_string());
+                let (cid, node) = (call_id.to_string(), relay.to_string());
                 let put = tokio::task::spawn_blocking(move || d.put_dialog(&cid, &node, DIALOG_TTL)).await;
                 if let Ok(Err(e)) = put {
                     tracing::warn!(error = %e, "could not share the call's relay");
@@ -279,37 +351,57 @@ impl NgRelays {
     /// others on timeout. `new_call`: the offer that starts a call, which no store
     /// lookup can place (it saves a round trip to the store per call).
     async fn request(&self, call_id: &str, dict: Value, new_call: bool) -> Result<Value, Error> {
-        let n = self.relays.len();
         let known = self.relay_of(call_id, !new_call).await;
         let order = {
             let mut st = self.lock();
-            let start = known.unwrap_or(st.next % n);
-            st.next = st.next.wrapping_add(1);
-            // Live relays first, from `start`; those marked down last, as a last resort.
+            let mut all = self.candidates(&mut st);
+            // The call's own relay first (even if membership no longer lists it: a
+            // hung relay still answers for its calls once it is back).
+            if let Some(k) = &known {
+                all.retain(|r| r != k);
+                all.insert(0, k.clone());
+            }
+            // Live relays first; those marked down last, as a last resort.
             let now = Instant::now();
-            let (mut order, down): (Vec<usize>, Vec<usize>) =
-                (0..n).map(|k| (start + k) % n).partition(|i| st.down_until.get(i).is_none_or(|t| now >= *t));
+            let (mut order, down): (Vec<RelayUrl>, Vec<RelayUrl>) =
+                all.into_iter().partition(|r| st.down_until.get(&r.to_string()).is_none_or(|t| now >= *t));
             order.extend(down);
+            order.truncate(MAX_TRIES);
             order
         };
-        for i in order {
+        if order.is_empty() {
+            return Err(Error::Busy("no relay: membership lists none and none is configured".into()));
+        }
+        for relay in order {
             let cookie = format!("hasp{}_{}", std::process::id(), self.cookie.fetch_add(1, Ordering::Relaxed) + 1);
             let mut msg = format!("{cookie} ").into_bytes();
             dict.encode_to(&mut msg);
-            let got = match &self.relays[i] {
+            let got = match &relay {
                 RelayUrl::Ng(a) => self.udp_exchange(*a, &cookie, &msg).await,
                 RelayUrl::Http(base) => self.http_exchange(base, &cookie, msg).await,
             };
             match got {
                 Some(v) => {
                     let v = v?;
-                    self.lock().down_until.remove(&i);
-                    self.stick(call_id, i).await;
+                    {
+                        let mut st = self.lock();
+                        st.down_until.remove(&relay.to_string());
+                        if new_call {
+                            *st.placed.entry(relay.to_string()).or_default() += 1;
+                        }
+                    }
+                    self.stick(call_id, &relay).await;
                     return Self::result(v);
                 }
                 None => {
-                    tracing::warn!(relay = %self.relays[i], "relay did not answer; marked down");
-                    self.lock().down_until.insert(i, Instant::now() + DOWN_FOR);
+                    tracing::warn!(relay = %relay, "relay did not answer; marked down");
+                    let mut st = self.lock();
+                    // Bounded by the relays that exist: membership's and the configured.
+                    if st.down_until.len() > 4096 {
+                        let now = Instant::now();
+                        st.down_until.retain(|_, t| *t > now);
+                    }
+                    st.down_until.insert(relay.to_string(), Instant::now() + DOWN_FOR);
                 }
             }
         }

@@ -70,6 +70,8 @@ pub struct ProxyApiState {
     pub token: Option<std::sync::Arc<str>>,
     /// SIP counters for `/metrics`.
     pub sip: Option<crate::obs::sip::SipMetrics>,
+    /// The cluster's live members (`GET /v1/cluster`).
+    pub cluster: Option<tokio::sync::watch::Receiver<crate::cluster::View>>,
 }
 
 fn check_token(st: &ProxyApiState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
@@ -90,6 +92,11 @@ async fn proxy_create(
     provision(st.store.clone(), body).await
 }
 
+async fn proxy_cluster(State(st): State<ProxyApiState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+    check_token(&st, &headers)?;
+    Ok(Json(crate::cluster::api::members(st.cluster.as_ref())).into_response())
+}
+
 async fn proxy_metrics(State(st): State<ProxyApiState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
     check_token(&st, &headers)?;
     let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
@@ -103,12 +110,14 @@ async fn proxy_metrics(State(st): State<ProxyApiState>, headers: axum::http::Hea
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
-/// The API of `hasp proxy`: `GET /health`, `POST /v1/users`, `GET /metrics`.
+/// The API of `hasp proxy`: `GET /health`, `POST /v1/users`, `GET /metrics`,
+/// `GET /v1/cluster`.
 pub fn proxy_router(state: ProxyApiState) -> axum::Router {
     axum::Router::new()
         .route("/health", axum::routing::get(|| async { Json(serde_json::json!({"status": "ok", "role": "proxy"})) }))
         .route("/v1/users", axum::routing::post(proxy_create))
         .route("/metrics", axum::routing::get(proxy_metrics))
+        .route("/v1/cluster", axum::routing::get(proxy_cluster))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }

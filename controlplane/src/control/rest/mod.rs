@@ -36,6 +36,8 @@ pub struct ApiState {
     pub calls: Option<Arc<crate::relay::calls::Calls>>,
     /// SIP counters, when the proxy runs in this process.
     pub sip: Option<crate::obs::sip::SipMetrics>,
+    /// The cluster's live members (`GET /v1/cluster`), when the process is in one.
+    pub cluster: Option<tokio::sync::watch::Receiver<crate::cluster::View>>,
 }
 
 /// Builds the router.
@@ -56,6 +58,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/users", axum::routing::post(crate::proxy::api::create))
         .route("/ng", axum::routing::post(ng_http))
         .route("/metrics", get(metrics))
+        .route("/v1/cluster", get(cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
@@ -105,6 +108,10 @@ async fn health(State(st): State<ApiState>) -> Response {
         .map(|(mode, core, _)| serde_json::json!({"io_mode": mode, "core": core}))
         .collect();
     Json(serde_json::json!({"status": "ok", "role": "relay", "workers": workers})).into_response()
+}
+
+async fn cluster(State(st): State<ApiState>) -> Response {
+    Json(crate::cluster::api::members(st.cluster.as_ref())).into_response()
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {

@@ -59,6 +59,8 @@ struct ProxyArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     sip: SipArgs,
+    #[command(flatten)]
+    membership: membership::MembershipArgs,
     /// Address of the REST API (users, health, metrics) [default: 127.0.0.1:8081].
     #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT")]
     listen_api: Option<SocketAddr>,
@@ -395,6 +397,8 @@ struct RelayArgs {
     /// TOML configuration file (see docs/hasp.sample.toml).
     #[arg(long, env = "HASP_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    membership: membership::MembershipArgs,
     /// Address of the REST API [default: 127.0.0.1:8080]; port 0 picks a free port
     /// (the ready line tells which).
     #[arg(long, env = "HASP_LISTEN_API", value_name = "ADDR:PORT")]
@@ -738,6 +742,33 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             ready["sip_transports"] = sip_transport_list(sip).into();
             store = Some(st);
         }
+        // Join the cluster before announcing readiness: whoever waits for the ready line
+        // may look us up at once.
+        let cluster = args.membership.open()?;
+        let id = args.membership.id();
+        let here = cfg.advertised();
+        let mut me = controlplane::cluster::Member::new(controlplane::cluster::Role::Relay, id.clone());
+        me.api = Some(membership::reachable(api_addr, here));
+        me.ng = ready
+            .get("ng")
+            .and_then(|v| v.as_str())
+            .and_then(|a| a.parse().ok())
+            .map(|a| membership::reachable(a, here));
+        me.media = Some(here.to_string());
+        let mut regs = vec![cluster.register(me)];
+        if let Some(sip_addr) = ready.get("sip").and_then(|v| v.as_str()).and_then(|a| a.parse().ok()) {
+            let mut p = controlplane::cluster::Member::new(controlplane::cluster::Role::Proxy, id.clone());
+            p.sip = Some(membership::reachable(sip_addr, here));
+            p.api = Some(membership::reachable(api_addr, here));
+            regs.push(cluster.register(p));
+        }
+        let sampled = relay.clone();
+        let load = membership::publish_load(regs.iter().map(|r| r.load_handle()).collect(), move || {
+            let (sessions, _, _, totals) = sampled.usage();
+            (sessions as u64, totals.created)
+        });
+        extra.push_str(&format!(" id={id} membership={}", cluster.kind()));
+        ready["id"] = id.clone().into();
         let modes: Vec<_> = relay.workers().iter().map(|(m, _, _)| *m).collect();
         println!(
             "hasp {role} ready api=http://{api_addr}{extra} media={} ports={} workers={} io_mode={} auth={}",
@@ -757,9 +788,12 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
             store: store.clone(),
             calls: Some(calls.clone()),
             sip: sip_metrics,
+            cluster: Some(cluster.view()),
         };
         rest::serve(listener, state, cfg.http, shutdown).await?;
         tracing::info!("shutting down");
+        load.abort();
+        membership::leave_all(regs).await;
         clear_ready_file(ready_file.as_deref())?;
         if let Some(s) = store {
             s.flush().context("writing registrations to the store")?;
@@ -772,6 +806,9 @@ fn run_relay(args: RelayArgs, role: &str, generate_token: bool, sip: Option<SipA
 fn run_proxy(args: ProxyArgs) -> Result<()> {
     let a = args.resolve(load_config(args.config.as_deref())?.proxy);
     a.validate(true)?;
+    if a.relays.is_empty() && args.membership.is_local() {
+        bail!("no relay: give relays (--relay URL), or --membership etcd:… to use the cluster's relays");
+    }
     if args.check_config {
         print!("{}", toml::to_string(&Config { relay: RelayConfig::default(), proxy: a })?);
         return Ok(());
@@ -804,15 +841,19 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
     rt.block_on(async move {
         // Before anything announces readiness (see shutdown_signal).
         let shutdown = shutdown_signal();
-        // Calls' relays are shared through the store, so another proxy serves their BYEs.
+        let cluster = args.membership.open()?;
+        // Calls' relays are shared through the store, so another proxy serves their BYEs;
+        // hasp relays come from membership, least loaded first.
         let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = Arc::new(
             controlplane::proxy::anchor::NgRelays::new(relays, timeout, a.relay_token.clone())?
-                .with_dialogs(store.clone()),
+                .with_dialogs(store.clone())
+                .with_members(cluster.view()),
         );
-        // A call may try every relay in turn before the core gives up on it.
+        // A call may try a few relays in turn before the core gives up on it.
+        let tries = controlplane::proxy::anchor::MAX_TRIES as u32;
         let deadlines = controlplane::proxy::core::Deadlines {
-            anchor: timeout * a.relays.len() as u32 + Duration::from_secs(1),
-            focus: timeout * a.relays.len() as u32 + Duration::from_secs(1),
+            anchor: timeout * tries + Duration::from_secs(1),
+            focus: timeout * a.relays.len().max(1) as u32 + Duration::from_secs(1),
             ..Default::default()
         };
         let (local, transports, sip_metrics) =
@@ -821,10 +862,22 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding the API on {}", a.listen_api))?;
         let api_addr = listener.local_addr()?;
+        let id = args.membership.id();
+        let here = std::net::IpAddr::from([127, 0, 0, 1]);
+        let mut me = controlplane::cluster::Member::new(controlplane::cluster::Role::Proxy, id.clone());
+        me.sip = Some(membership::reachable(local, here));
+        me.api = Some(membership::reachable(api_addr, here));
+        let regs = vec![cluster.register(me)];
+        let m = sip_metrics.proxy.clone();
+        let load = membership::publish_load(regs.iter().map(|r| r.load_handle()).collect(), move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            (m.ops_pending.load(Relaxed), m.forwarded.load(Relaxed))
+        });
         println!(
-            "hasp proxy ready api=http://{api_addr} sip={local} sip_transports={transports} domain={} relays={}",
+            "hasp proxy ready api=http://{api_addr} sip={local} sip_transports={transports} domain={} relays={} id={id} membership={}",
             a.domain,
-            a.relays.join(",")
+            a.relays.join(","),
+            cluster.kind(),
         );
         std::io::stdout().flush()?;
         if let Some(path) = &ready_file {
@@ -834,12 +887,20 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
                 "api": api_addr.to_string(),
                 "sip": local.to_string(),
                 "sip_transports": sip_transport_list(&a),
+                "id": id,
             });
             write_ready_file(path, &ready)?;
         }
         let token = (!a.no_auth).then(|| Arc::from(a.api_token.clone().unwrap_or_default()));
-        let state = controlplane::proxy::api::ProxyApiState { store: store.clone(), token, sip: Some(sip_metrics) };
+        let state = controlplane::proxy::api::ProxyApiState {
+            store: store.clone(),
+            token,
+            sip: Some(sip_metrics),
+            cluster: Some(cluster.view()),
+        };
         controlplane::proxy::api::serve(listener, state, a.http, shutdown).await?;
+        load.abort();
+        membership::leave_all(regs).await;
         clear_ready_file(ready_file.as_deref())?;
         store.flush().context("writing registrations to the store")?;
         Ok(())
