@@ -88,4 +88,20 @@ pub async fn battery(m: Arc<dyn Membership>, tag: &str) {
     let mut late = m.view();
     until(&mut late, "a late subscriber sees the LB", within, |v| ours(v, Role::Lb, "lb").is_some()).await;
     a.leave(Duration::from_secs(2)).await;
+
+    // Elections: one holder at a time; when it resigns the next campaigner holds.
+    let name = id("vip");
+    let ttl = Duration::from_secs(2);
+    let first = m.campaign(&name, &id("a"), ttl);
+    let mut held_a = first.held.clone();
+    tokio::time::timeout(within, held_a.wait_for(|h| *h)).await.expect("the first campaigner holds").unwrap();
+    let second = m.campaign(&name, &id("b"), ttl);
+    let mut held_b = second.held.clone();
+    // The second must not hold while the first does: give it the time a takeover would take.
+    let took = tokio::time::timeout(ttl + Duration::from_millis(500), held_b.wait_for(|h| *h)).await.is_ok();
+    assert!(!took, "two holders at once");
+    assert!(*held_a.borrow(), "the first still holds");
+    drop(first);
+    tokio::time::timeout(within, held_b.wait_for(|h| *h)).await.expect("the second takes over").unwrap();
+    drop(second);
 }

@@ -8,8 +8,10 @@
 //! frozen view); on any error the task moves to the next endpoint. A member whose
 //! lease was lost while it was cut off joins again with a new lease.
 
-use super::{Error, Member, Membership, Registration, View, RENEW_EVERY};
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use super::{Campaign, Error, Member, Membership, Registration, View, RENEW_EVERY};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +35,10 @@ pub struct EtcdMembership {
 struct Shared {
     endpoints: Vec<String>,
     next: AtomicUsize,
+    /// Members' keys: `ROOT/cluster/`.
     prefix: String,
+    /// Elections' keys: `ROOT/elect/`.
+    elect: String,
     ttl: Duration,
 }
 
@@ -55,10 +60,18 @@ fn backend(e: impl std::fmt::Display) -> Error {
 }
 
 impl EtcdMembership {
-    /// Membership under `prefix` in the etcd cluster at `endpoints`
-    /// (`http://host:port`), leases of `ttl`. Connects lazily.
-    pub fn new(endpoints: Vec<String>, prefix: &str, ttl: Duration) -> Self {
-        let shared = Arc::new(Shared { endpoints, next: AtomicUsize::new(0), prefix: prefix.to_string(), ttl });
+    /// Membership under the key prefix `root` (members in `ROOT/cluster/`, elections
+    /// in `ROOT/elect/`) in the etcd cluster at `endpoints` (`http://host:port`),
+    /// leases of `ttl`. Connects lazily.
+    pub fn new(endpoints: Vec<String>, root: &str, ttl: Duration) -> Self {
+        let root = root.trim_end_matches('/');
+        let shared = Arc::new(Shared {
+            endpoints,
+            next: AtomicUsize::new(0),
+            prefix: format!("{root}/cluster/"),
+            elect: format!("{root}/elect/"),
+            ttl,
+        });
         Self { shared, tx: Arc::new(watch::channel(View::default()).0), watching: Mutex::new(false) }
     }
 
@@ -87,6 +100,95 @@ impl Membership for EtcdMembership {
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+
+    fn campaign(&self, name: &str, id: &str, ttl: Duration) -> Campaign {
+        let (c, held, resigned) = Campaign::channel();
+        // Outside the members' prefix: the view's watch never sees elections.
+        let key = format!("{}{name}", self.shared.elect);
+        tokio::spawn(campaign(self.shared.clone(), key, id.to_string(), ttl, held, resigned));
+        c
+    }
+}
+
+/// One campaign: take the key if nobody holds it (a transaction on its create
+/// revision), attached to our lease; else wait for its deletion and try again. The
+/// holder renews every quarter TTL; the moment a renewal fails it stops claiming to
+/// hold (`held` false), which is before its lease can end and anyone else take over.
+async fn campaign(
+    shared: Arc<Shared>,
+    key: String,
+    id: String,
+    ttl: Duration,
+    held: watch::Sender<bool>,
+    mut resigned: tokio::sync::oneshot::Receiver<()>,
+) {
+    let ttl_secs = ttl.as_secs().max(1) as i64;
+    let renew = (ttl / 4).max(Duration::from_millis(100));
+    loop {
+        let attempt = async {
+            let mut c = shared.connect().await?;
+            let lease = c.lease_grant(ttl_secs, None).await.map_err(backend)?.id();
+            let (mut keeper, mut acks) = c.lease_keep_alive(lease).await.map_err(backend)?;
+            let mut every = tokio::time::interval(renew);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let take = Txn::new()
+                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.as_str(), id.as_str(), Some(PutOptions::new().with_lease(lease)))]);
+                let r = c.txn(take).await.map_err(backend)?;
+                let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+                let mut watch = None;
+                if r.succeeded() {
+                    let _ = held.send(true);
+                    tracing::info!(%key, "campaign: holding");
+                } else {
+                    let opts = WatchOptions::new().with_start_revision(rev + 1);
+                    watch = Some(c.watch(key.as_str(), Some(opts)).await.map_err(backend)?);
+                }
+                // Hold (renewing), or wait for the holder's key to go (renewing too, so
+                // our lease is ready the moment we take the key).
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {
+                            keeper.keep_alive().await.map_err(backend)?;
+                            match tokio::time::timeout(REQUEST, acks.message()).await {
+                                Ok(Ok(Some(a))) if a.ttl() > 0 => {}
+                                _ => return Err(Error::Backend("campaign lease lost".into())),
+                            }
+                        }
+                        m = async {
+                            match watch.as_mut() {
+                                Some((_, stream)) => stream.message().await,
+                                None => std::future::pending().await,
+                            }
+                        } => {
+                            let m = m.map_err(backend)?.ok_or_else(|| Error::Backend("watch ended".into()))?;
+                            if m.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                                break;
+                            }
+                        }
+                        _ = &mut resigned => {
+                            let _ = held.send(false);
+                            let _ = tokio::time::timeout(REQUEST, c.lease_revoke(lease)).await;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        };
+        let r: Result<(), Error> = attempt.await;
+        let _ = held.send(false);
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "campaign: lost contact; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKOFF) => {}
+                    _ = &mut resigned => return,
+                }
+            }
+        }
     }
 }
 

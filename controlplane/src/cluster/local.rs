@@ -3,7 +3,7 @@
 //! a sans-IO [`Table`] driven by an injected clock, so simulations expire members
 //! without sleeping.
 
-use super::{Load, Member, Membership, Registration, Role, View, RENEW_EVERY};
+use super::{Campaign, Load, Member, Membership, Registration, Role, View, RENEW_EVERY};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,10 +119,14 @@ impl Table {
     }
 }
 
+/// Campaigners per name, in arrival order: the first holds it.
+type Queues = BTreeMap<String, Vec<(u64, watch::Sender<bool>)>>;
+
 /// The in-process membership backend.
 #[derive(Debug)]
 pub struct Local {
     table: Arc<Mutex<Table>>,
+    elections: Arc<Mutex<(u64, Queues)>>,
     tx: Arc<watch::Sender<View>>,
     clock: Clock,
     ttl: Duration,
@@ -131,7 +135,13 @@ pub struct Local {
 impl Local {
     /// An empty membership whose leases last `ttl` by `clock`.
     pub fn new(clock: Clock, ttl: Duration) -> Self {
-        Self { table: Arc::default(), tx: Arc::new(watch::channel(View::default()).0), clock, ttl }
+        Self {
+            table: Arc::default(),
+            elections: Arc::default(),
+            tx: Arc::new(watch::channel(View::default()).0),
+            clock,
+            ttl,
+        }
     }
 
     /// Expires members whose lease ended by the clock now and publishes the change.
@@ -216,6 +226,38 @@ impl Membership for Local {
 
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn campaign(&self, name: &str, _id: &str, _ttl: Duration) -> Campaign {
+        // One process: no lease can lapse while the process lives, so the queue alone
+        // decides; the next in line takes over when the holder resigns.
+        let (c, held, resigned) = Campaign::channel();
+        let token = {
+            let mut e = self.elections.lock().unwrap_or_else(|e| e.into_inner());
+            e.0 += 1;
+            let token = e.0;
+            let q = e.1.entry(name.to_string()).or_default();
+            if q.is_empty() {
+                let _ = held.send(true);
+            }
+            q.push((token, held));
+            token
+        };
+        let (elections, name) = (self.elections.clone(), name.to_string());
+        tokio::spawn(async move {
+            let _ = resigned.await;
+            let mut e = elections.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(q) = e.1.get_mut(&name) {
+                q.retain(|(t, _)| *t != token);
+                if let Some((_, next)) = q.first() {
+                    let _ = next.send(true);
+                }
+                if q.is_empty() {
+                    e.1.remove(&name);
+                }
+            }
+        });
+        c
     }
 }
 

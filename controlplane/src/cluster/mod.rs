@@ -15,6 +15,7 @@ pub mod api;
 mod battery;
 pub mod etcd;
 pub mod local;
+pub mod vip;
 
 #[doc(hidden)]
 pub use battery::battery;
@@ -176,6 +177,32 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 
     /// The backend's name for logs and `/v1/cluster` (`local`, `etcd`).
     fn kind(&self) -> &'static str;
+
+    /// Campaigns, as `id`, to hold `name` — one holder in the whole cluster at a time
+    /// (the shared contact address of the LBs). The holder keeps it while it renews a
+    /// lease of `ttl`; when it dies, another campaigner takes over once the lease ends;
+    /// dropping the [`Campaign`] resigns at once. Must be called within a tokio runtime.
+    fn campaign(&self, name: &str, id: &str, ttl: Duration) -> Campaign;
+}
+
+/// A campaign for a name (see [`Membership::campaign`]). Dropping it resigns.
+#[derive(Debug)]
+pub struct Campaign {
+    /// Whether this process holds the name now. Turns false as soon as the holder can
+    /// no longer be sure it holds it (its lease renewal failed), before anyone else can
+    /// take over (when the lease ends), so two never act as the holder at once.
+    pub held: watch::Receiver<bool>,
+    _resign: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Campaign {
+    /// For backends: a campaign reporting through `held`, resigning when the returned
+    /// receiver resolves (the campaign is dropped).
+    pub fn channel() -> (Self, watch::Sender<bool>, tokio::sync::oneshot::Receiver<()>) {
+        let (held_tx, held) = watch::channel(false);
+        let (resign, resigned) = tokio::sync::oneshot::channel();
+        (Self { held, _resign: resign }, held_tx, resigned)
+    }
 }
 
 /// A live registration: renews its lease in the background; [`Registration::set_load`]
@@ -257,7 +284,7 @@ pub fn open(spec: &str) -> Result<Arc<dyn Membership>, Error> {
             if eps.is_empty() {
                 return Err(Error::Spec(spec.into()));
             }
-            Ok(Arc::new(etcd::EtcdMembership::new(eps, "/hasp/cluster/", DEFAULT_TTL)))
+            Ok(Arc::new(etcd::EtcdMembership::new(eps, "/hasp/", DEFAULT_TTL)))
         }
         _ => Err(Error::Spec(spec.into())),
     }
