@@ -27,7 +27,7 @@ fn ids(list: &[Value], role: &str) -> Vec<String> {
 
 #[test]
 fn hasp_up_lists_its_proxy_and_relay_at_v1_cluster() {
-    let (up, sip, _dir) = up_with_sip_args(DOMAIN, "47480-47499", "cluster-up", &["--node-id", "node-a"]);
+    let (up, sip, _dir) = up_with_sip_args(DOMAIN, "44200-44219", "cluster-up", &["--node-id", "node-a"]);
     let list = members(&up);
     assert_eq!(ids(&list, "relay"), ["node-a"]);
     assert_eq!(ids(&list, "proxy"), ["node-a"]);
@@ -56,7 +56,7 @@ fn etcd_membership_passes_the_battery_and_a_killed_member_leaves_with_its_lease(
     rt.block_on(cluster::battery(m.clone(), "battery"));
 
     // A relay process joins; SIGKILLed, it cannot leave: its lease ends within the TTL.
-    let mut relay = RelayProc::start(&["--membership", &spec, "--node-id", "doomed", "--rtp-ports", "47460-47479"]);
+    let mut relay = RelayProc::start(&["--membership", &spec, "--node-id", "doomed", "--rtp-ports", "44220-44239"]);
     assert!(relay.ready_line.contains("membership=etcd"), "{}", relay.ready_line);
     let mut view = m.view();
     rt.block_on(async {
@@ -81,7 +81,7 @@ fn etcd_membership_passes_the_battery_and_a_killed_member_leaves_with_its_lease(
     assert!(gone <= Duration::from_secs(5), "gone after {gone:?}");
 
     // A clean stop (SIGTERM) leaves at once rather than a lease later.
-    let relay = RelayProc::start(&["--membership", &spec, "--node-id", "polite", "--rtp-ports", "47460-47479"]);
+    let relay = RelayProc::start(&["--membership", &spec, "--node-id", "polite", "--rtp-ports", "44220-44239"]);
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(10), view.wait_for(|v| v.get(Role::Relay, "polite").is_some()))
             .await
@@ -107,8 +107,8 @@ fn a_proxy_without_a_relay_list_anchors_calls_on_relays_from_membership() {
     let relay = |id: &str, ports: &str| {
         RelayProc::start(&["--membership", &spec, "--node-id", id, "--listen-ng", "127.0.0.1:0", "--rtp-ports", ports])
     };
-    let r1 = relay("r1", "47400-47429");
-    let r2 = relay("r2", "47430-47459");
+    let r1 = relay("r1", "44240-44269");
+    let r2 = relay("r2", "44270-44299");
     let dir = scratch_dir("cluster-proxy");
     let store = format!("embedded:{}", dir.join("hasp.redb").display());
     let proxy = RelayProc::spawn(
@@ -147,9 +147,9 @@ fn a_proxy_without_a_relay_list_anchors_calls_on_relays_from_membership() {
     // Calls spread over both relays (least loaded first, counting the calls placed
     // since the last load report), each call's media on one relay.
     let on = |port: u16| {
-        if (47400..47430).contains(&port) {
+        if (44240..44270).contains(&port) {
             "r1"
-        } else if (47430..47460).contains(&port) {
+        } else if (44270..44300).contains(&port) {
             "r2"
         } else {
             "?"

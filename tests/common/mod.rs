@@ -5,7 +5,8 @@
 //! rtpengine's NG port, etcd) and the relays' RTP ranges get fixed ports, each owned by
 //! one test, all below the ephemeral range test.sh sets (48000-60999): RTP ranges in
 //! 40000-47099 and 47200-47999, Kamailio/rtpengine in 47100-47199, etcd clusters in 23700-24099, the
-//! sip_edge barrier UAs in 25000-25099.
+//! sip_edge barrier UAs in 25000-25099. tests/port_plan.rs checks that no two test files
+//! share a fixed range or etcd base (an etcd base B uses B+1..B+23).
 
 #![allow(dead_code)]
 
