@@ -184,8 +184,9 @@ impl Members {
     }
 
     /// The relay members with an API, least loaded first (sessions plus participants
-    /// placed since, then CPU; ties in id order), as nodes; refreshes the cache at `now`.
-    fn nodes(&self, now: Instant) -> Vec<Node> {
+    /// placed since, then CPU; ties in id order), as nodes: the [`MAX_MEMBER_NODES`]
+    /// least loaded, plus `keep` (a room's node) if listed. Refreshes the cache at `now`.
+    fn nodes(&self, now: Instant, keep: Option<&str>) -> Vec<Node> {
         let mut c = self.cache();
         let listed: Vec<(String, crate::cluster::Member)> = {
             let v = self.view.borrow();
@@ -206,8 +207,11 @@ impl Members {
             // Stable: equal loads keep the view's id order.
             l.sort_by_key(|(sessions, cpu, _, _)| (*sessions, *cpu));
             l.retain(|(_, _, name, _)| names.insert(name.clone()));
-            l.truncate(MAX_MEMBER_NODES);
-            l.into_iter().map(|(_, _, name, m)| (name, m.clone())).collect()
+            l.into_iter()
+                .enumerate()
+                .filter(|(i, (_, _, name, _))| *i < MAX_MEMBER_NODES || keep == Some(name.as_str()))
+                .map(|(_, (_, _, name, m))| (name, m.clone()))
+                .collect()
         };
         let mut out = Vec::with_capacity(listed.len());
         for (name, m) in listed {
@@ -219,7 +223,7 @@ impl Members {
         }
         c.mixers.retain(|_, e| now.saturating_duration_since(e.seen) < FORGET_AFTER);
         if c.mixers.len() > MAX_CACHED {
-            // Listed ones were seen now: at most MAX_MEMBER_NODES of them, all kept.
+            // Listed ones were seen now: at most MAX_MEMBER_NODES + 1 of them, all kept.
             let mut by_age: Vec<(Instant, String)> = c.mixers.iter().map(|(n, e)| (e.seen, n.clone())).collect();
             by_age.sort();
             let excess = c.mixers.len() - MAX_CACHED;
@@ -335,10 +339,11 @@ impl Focus {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every node a room may be on now, in preference order for a new room:
-    /// membership's relays by load, then the static nodes.
-    fn nodes(&self, now: Instant) -> Vec<Node> {
-        let mut out = self.members.as_ref().map(|m| m.nodes(now)).unwrap_or_default();
+    /// Every node a room may be on now (`keep`, the room's node, included if listed),
+    /// in preference order for a new room: membership's relays by load, then the
+    /// static nodes.
+    fn nodes(&self, now: Instant, keep: Option<&str>) -> Vec<Node> {
+        let mut out = self.members.as_ref().map(|m| m.nodes(now, keep)).unwrap_or_default();
         out.extend(self.statics.iter().cloned());
         out
     }
@@ -363,7 +368,8 @@ impl Focus {
         }
         let (remote, codec, pt) = pick(offer)?;
         let mut last_err = String::from("no media node configured");
-        let nodes = self.nodes(now);
+        let placed = self.lock().rooms.get(room).map(|p| p.node.clone());
+        let nodes = self.nodes(now, placed.as_deref());
         // The room's node first if it is still listed (a room whose node left is
         // re-created), then the others in order, skipping those down (unless all are,
         // then everything is tried).
@@ -885,9 +891,9 @@ pub(crate) mod tests {
         let members = f.members.as_ref().unwrap();
         let t0 = Instant::now();
         c.set(vec![]);
-        members.nodes(t0 + FORGET_AFTER / 2);
+        members.nodes(t0 + FORGET_AFTER / 2, None);
         assert_eq!(members.cache().mixers.len(), 1, "gone briefly: kept");
-        members.nodes(t0 + FORGET_AFTER * 2);
+        members.nodes(t0 + FORGET_AFTER * 2, None);
         assert!(members.cache().mixers.is_empty(), "gone a while: dropped");
         // The room keeps its own handle: the participant still leaves a's room.
         assert!(f.leave("c1"));
@@ -895,7 +901,7 @@ pub(crate) mod tests {
         // Many members coming and going within FORGET_AFTER: still bounded.
         for k in 0..(MAX_CACHED + 300) {
             c.set(vec![relay(&format!("r{k}"), Some(&format!("10.1.{}.{}:80", k / 250, k % 250)), 0, 0.0)]);
-            members.nodes(t0 + Duration::from_millis(k as u64));
+            members.nodes(t0 + Duration::from_millis(k as u64), None);
         }
         assert_eq!(members.cache().mixers.len(), MAX_CACHED);
         // At most MAX_MEMBER_NODES members are nodes at once.
@@ -903,8 +909,12 @@ pub(crate) mod tests {
             .map(|k| relay(&format!("m{k:04}"), Some(&format!("10.2.{}.{}:80", k / 250, k % 250)), k as u64, 0.0))
             .collect();
         c.set(many);
-        let nodes = members.nodes(t0 + FORGET_AFTER * 3);
+        let nodes = members.nodes(t0 + FORGET_AFTER * 3, None);
         assert_eq!(nodes.len(), MAX_MEMBER_NODES);
         assert_eq!(nodes[0].name, "http://10.2.0.0:80", "least loaded first");
+        // A room's node stays a node however loaded it gets (sticky).
+        let nodes = members.nodes(t0 + FORGET_AFTER * 3, Some("http://10.2.1.9:80"));
+        assert_eq!(nodes.len(), MAX_MEMBER_NODES + 1);
+        assert_eq!(nodes[MAX_MEMBER_NODES].name, "http://10.2.1.9:80");
     }
 }
