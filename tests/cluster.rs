@@ -130,6 +130,8 @@ fn a_proxy_without_a_relay_list_anchors_calls_on_relays_from_membership() {
             "p1",
             "--relay-timeout-ms",
             "300",
+            "--relay-token",
+            TOKEN,
         ],
         Some(TOKEN.to_string()),
     );
@@ -163,6 +165,31 @@ fn a_proxy_without_a_relay_list_anchors_calls_on_relays_from_membership() {
         used.insert(on(a));
     }
     assert_eq!(used.len(), 2, "calls went to both relays: {used:?}");
+
+    // A conference room is hosted on a member relay too (its mixer, over its REST API).
+    // (A room is for local users: alice authenticates.)
+    add_sip_user(&proxy, "alice", DOMAIN, "wonder");
+    let alice = Ua::new();
+    let alice_rtp = udp();
+    let port = alice_rtp.local_addr().unwrap().port();
+    let req = common::ua::invite_as(
+        &alice,
+        &format!("alice@{DOMAIN}"),
+        &format!("conf-team@{DOMAIN}"),
+        "cluster-conf-1",
+        port,
+    );
+    alice.send(&sip, &req);
+    let challenge = alice.recv_final(Duration::from_secs(10));
+    assert_eq!(challenge.code(), Some(407), "{challenge:?}");
+    alice.send(&sip, &common::ua::ack_for(&req, &challenge));
+    alice.send(&sip, &common::ua::with_credentials(&req, &challenge, "alice", "wonder", 1));
+    let ok = alice.recv_final(Duration::from_secs(10));
+    assert_eq!(ok.code(), Some(200), "{ok:?}");
+    assert_ne!(on(common::ua::sdp_port(&ok)), "?", "the room's media on a member relay: {ok:?}");
+    alice.send(&sip, &common::ua::in_dialog(&alice, &ok, "ACK", 2));
+    alice.send(&sip, &common::ua::in_dialog(&alice, &ok, "BYE", 3));
+    assert_eq!(alice.recv_final(Duration::from_secs(5)).code(), Some(200));
 
     // r1 dies: once its lease ends, every call goes to r2, none waits for r1.
     drop(r1);

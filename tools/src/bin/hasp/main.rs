@@ -822,7 +822,8 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         .map(|r| controlplane::proxy::anchor::RelayUrl::parse(r))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The conference focus mixes on the relays whose REST API we know.
+    // The conference focus mixes on the configured relays whose REST API we know, and
+    // on the relays membership lists (over their REST API), least loaded first.
     let mixers: Vec<Arc<dyn controlplane::proxy::focus::Mixer>> = relays
         .iter()
         .filter_map(|r| match r {
@@ -834,7 +835,8 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
             controlplane::proxy::anchor::RelayUrl::Ng(_) => None,
         })
         .collect();
-    let focus = (!mixers.is_empty()).then(|| Arc::new(controlplane::proxy::focus::Focus::new(mixers)));
+    let in_cluster = !args.membership.is_local();
+    let focus_static = (!mixers.is_empty() || in_cluster).then_some(mixers);
     let store = controlplane::store::open(&a.store)?;
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("hasp-api").enable_all().build()?;
@@ -842,6 +844,15 @@ fn run_proxy(args: ProxyArgs) -> Result<()> {
         // Before anything announces readiness (see shutdown_signal).
         let shutdown = shutdown_signal();
         let cluster = args.membership.open()?;
+        let focus = focus_static.map(|mixers| {
+            let (token, t) = (a.relay_token.clone(), timeout);
+            Arc::new(controlplane::proxy::focus::Focus::new(mixers).with_members(cluster.view(), move |m| {
+                let api = m.api.as_ref()?;
+                let mixer: Arc<dyn controlplane::proxy::focus::Mixer> =
+                    Arc::new(controlplane::proxy::anchor::RestMixer::new(&format!("http://{api}"), token.clone(), t));
+                Some(mixer)
+            }))
+        });
         // Calls' relays are shared through the store, so another proxy serves their BYEs;
         // hasp relays come from membership, least loaded first.
         let anchor: Arc<dyn controlplane::proxy::anchor::MediaAnchor> = Arc::new(
