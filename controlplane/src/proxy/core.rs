@@ -2035,7 +2035,7 @@ mod tests {
                     path: vec![],
                     call_id: "r".into(),
                     cseq: 1,
-                    received: None,
+                    ..Binding::default()
                 })
                 .collect();
             self.bindings.insert(aor.into(), b);

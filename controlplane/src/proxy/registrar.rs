@@ -7,7 +7,7 @@
 
 use crate::store::Binding;
 use sip::digest::{challenge, parse_credentials, Algorithm, Credentials, NonceError, Nonces, Replays, Secret};
-use sip::message::{aor_of, param, uri_of, Message};
+use sip::message::{aor_of, uri_of, Message};
 
 /// Contacts one REGISTER may carry.
 pub const MAX_CONTACTS_PER_REGISTER: usize = 16;
@@ -185,8 +185,83 @@ pub fn start(nonces: &Nonces, realm: &str, req: &Message, now: u64, salts: [u64;
     Start::Authenticate { user: user.to_string(), domain: domain.to_string(), aor: aor.clone(), creds: Box::new(creds) }
 }
 
-/// Applies the REGISTER from `src` to the AOR's current (unexpired) bindings; returns
-/// the bindings to store, or the error response.
+/// One Contact value: its URI and its header parameters, values unquoted. A quoted
+/// value may hold `;`, `,` and `>` (`+sip.instance="<urn:uuid:…>"`), which
+/// [`sip::message::param`] does not expect.
+#[derive(Debug)]
+struct ContactValue<'a> {
+    uri: &'a str,
+    params: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> ContactValue<'a> {
+    fn parse(v: &'a str) -> Self {
+        let v = v.trim();
+        // A name-addr's parameters follow its `>`; an addr-spec's follow its first `;`.
+        let (uri, tail) = match v.find('<').and_then(|a| v[a..].find('>').map(|b| (a, a + b))) {
+            Some((a, b)) => (&v[a + 1..b], &v[b + 1..]),
+            None => match v.find(';') {
+                Some(i) => (&v[..i], &v[i..]),
+                None => (v, ""),
+            },
+        };
+        let mut params = Vec::new();
+        let (mut quoted, mut start) = (false, 0);
+        for (i, c) in tail.char_indices().chain([(tail.len(), ';')]) {
+            match c {
+                '"' => quoted = !quoted,
+                ';' if !quoted => {
+                    let p = tail[start..i].trim();
+                    start = i + 1;
+                    if p.is_empty() {
+                        continue;
+                    }
+                    let (k, val) = p.split_once('=').unwrap_or((p, ""));
+                    let val = val.trim();
+                    let val = val.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(val);
+                    params.push((k.trim(), val));
+                }
+                _ => {}
+            }
+        }
+        Self { uri: uri.trim(), params }
+    }
+
+    fn param(&self, name: &str) -> Option<&'a str> {
+        self.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v)
+    }
+}
+
+/// Whether a URI carries the parameter `name` (`;ob`, `;lr`).
+pub fn uri_has_param(uri: &str, name: &str) -> bool {
+    let uri = uri.split('?').next().unwrap_or(uri);
+    uri.split(';').skip(1).any(|p| p.split('=').next().is_some_and(|k| k.trim().eq_ignore_ascii_case(name)))
+}
+
+/// Whether `req` lists `tag` in its Supported header (`outbound`, `path`).
+fn supports(req: &Message, tag: &str) -> bool {
+    req.header_values("Supported").any(|t| t.trim().eq_ignore_ascii_case(tag))
+}
+
+/// RFC 5626 §6: outbound processing applies to a REGISTER when the registrar is its
+/// first hop (one Via: the connection it came on is the flow), or when the first Path
+/// URI carries `ob` (an edge proxy that keeps the flow, as `hasp lb` does, said so).
+fn outbound_applies(req: &Message) -> bool {
+    if req.header_values("Via").nth(1).is_none() {
+        return true;
+    }
+    req.header_values("Path").next().is_some_and(|p| uri_has_param(uri_of(p), "ob"))
+}
+
+/// Applies the REGISTER from `src` (the client's own address: behind a load balancer,
+/// the one the balancer saw) to the AOR's current (unexpired) bindings; returns the
+/// bindings to store, or the error response.
+///
+/// A Contact with `+sip.instance` and `reg-id` registered through an outbound flow
+/// (RFC 5626) is keyed by the pair: it replaces the binding of the same instance and
+/// reg-id whatever its URI, and the same device's other flows stay, each with its own
+/// Path. Any other Contact is keyed by its URI, as RFC 3261 §10.3 says, among the
+/// bindings that are not flows.
 pub fn apply(
     req: &Message,
     mut bindings: Vec<Binding>,
@@ -197,7 +272,7 @@ pub fn apply(
     let call_id = req.call_id().to_string();
     let cseq = req.cseq().map(|c| c.0).unwrap_or(0);
     let header_expires = req.header("Expires").and_then(|e| e.trim().parse::<u64>().ok());
-    let contacts: Vec<String> = req.header_values("Contact").map(str::to_string).collect();
+    let contacts: Vec<&str> = req.header_values("Contact").collect();
     if contacts.len() > MAX_CONTACTS_PER_REGISTER {
         return Err(req.response(403, "Too Many Contacts", Some(tag)));
     }
@@ -208,22 +283,47 @@ pub fn apply(
         bindings.clear();
         return Ok(bindings);
     }
+    let contacts: Vec<ContactValue> = contacts.into_iter().map(ContactValue::parse).collect();
+    let expires_of =
+        |c: &ContactValue| c.param("expires").and_then(|e| e.parse().ok()).or(header_expires).unwrap_or(DEFAULT_EXPIRES);
+    let outbound = outbound_applies(req);
+    let flows = contacts.iter().filter(|c| c.param("reg-id").is_some() && expires_of(c) > 0).count();
+    if flows > 0 && !outbound && supports(req, "outbound") {
+        // The client asks for a flow that the hop before us does not keep.
+        return Err(req.response(439, "First Hop Lacks Outbound Support", Some(tag)));
+    }
+    if outbound && flows > 1 {
+        return Err(req.response(400, "Several reg-id Contacts", Some(tag)));
+    }
     let path: Vec<String> = req.header_values("Path").map(str::to_string).collect();
     for c in &contacts {
-        let uri = uri_of(c).to_string();
-        let expires = param(c, "expires").and_then(|e| e.parse().ok()).or(header_expires).unwrap_or(DEFAULT_EXPIRES);
+        let uri = c.uri.to_string();
+        let expires = expires_of(c);
         if expires > 0 && expires < MIN_EXPIRES {
             let mut r = req.response(423, "Interval Too Brief", Some(tag));
             r.headers.push(("Min-Expires".into(), MIN_EXPIRES.to_string()));
             return Err(r);
         }
-        if let Some(old) = bindings.iter().find(|b| b.contact == uri) {
+        let instance = c.param("+sip.instance").filter(|i| !i.is_empty() && i.len() <= 256).map(str::to_string);
+        // Without outbound (or without an instance) a reg-id is ignored (RFC 5626 §6).
+        let reg_id = match c.param("reg-id").filter(|_| outbound && instance.is_some()) {
+            None => None,
+            Some(r) => match r.parse::<u32>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(req.response(400, "Bad reg-id", Some(tag))),
+            },
+        };
+        let same = |b: &Binding| match reg_id {
+            Some(_) => b.reg_id == reg_id && b.instance == instance,
+            None => b.reg_id.is_none() && b.contact == uri,
+        };
+        if let Some(old) = bindings.iter().find(|b| same(b)) {
             // An older REGISTER arriving late must not undo a newer one.
             if old.call_id == call_id && old.cseq >= cseq {
                 continue;
             }
         }
-        bindings.retain(|b| b.contact != uri);
+        bindings.retain(|b| !same(b));
         if expires > 0 {
             bindings.push(Binding {
                 contact: uri,
@@ -232,6 +332,8 @@ pub fn apply(
                 call_id: call_id.clone(),
                 cseq,
                 received: Some(src.to_string()),
+                instance,
+                reg_id,
             });
         }
     }
@@ -241,11 +343,25 @@ pub fn apply(
     Ok(bindings)
 }
 
-/// The 200 listing the bindings now stored (`tag`: a random To tag).
+/// The 200 listing the bindings now stored (`tag`: a random To tag). A flow registered
+/// by this request makes it `Require: outbound` (RFC 5626 §6), so the client knows its
+/// flow is kept; flows are listed with their instance and reg-id, so each client finds
+/// its own.
 pub fn accepted(req: &Message, bindings: &[Binding], now: u64, tag: &str) -> Message {
     let mut r = req.response(200, "OK", Some(tag));
+    let cseq = req.cseq().map(|c| c.0).unwrap_or(0);
     for b in bindings {
-        r.headers.push(("Contact".into(), format!("<{}>;expires={}", b.contact, b.expires_at.saturating_sub(now))));
+        let mut c = format!("<{}>;expires={}", b.contact, b.expires_at.saturating_sub(now));
+        if let Some(i) = &b.instance {
+            c.push_str(&format!(";+sip.instance=\"{i}\""));
+        }
+        if let Some(id) = b.reg_id {
+            c.push_str(&format!(";reg-id={id}"));
+        }
+        r.headers.push(("Contact".into(), c));
+    }
+    if bindings.iter().any(|b| b.reg_id.is_some() && b.call_id == req.call_id() && b.cseq == cseq) {
+        r.headers.push(("Require".into(), "outbound".into()));
     }
     r
 }
