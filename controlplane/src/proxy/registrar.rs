@@ -284,8 +284,9 @@ pub fn apply(
         return Ok(bindings);
     }
     let contacts: Vec<ContactValue> = contacts.into_iter().map(ContactValue::parse).collect();
-    let expires_of =
-        |c: &ContactValue| c.param("expires").and_then(|e| e.parse().ok()).or(header_expires).unwrap_or(DEFAULT_EXPIRES);
+    let expires_of = |c: &ContactValue| {
+        c.param("expires").and_then(|e| e.parse().ok()).or(header_expires).unwrap_or(DEFAULT_EXPIRES)
+    };
     let outbound = outbound_applies(req);
     let flows = contacts.iter().filter(|c| c.param("reg-id").is_some() && expires_of(c) > 0).count();
     if flows > 0 && !outbound && supports(req, "outbound") {
@@ -371,4 +372,108 @@ pub fn unavailable(req: &Message, tag: &str) -> Message {
     let mut r = req.response(503, "Service Unavailable", Some(tag));
     r.headers.push(("Retry-After".into(), "5".into()));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INSTANCE: &str = "<urn:uuid:00000000-0000-1000-8000-000a95a0e128>";
+
+    /// A REGISTER for carol through the LB at `lb` (second Via: the client's), with
+    /// Contact parameters `params` and the extra headers `extra`.
+    fn register(cseq: u32, lb: &str, params: &str, extra: &str) -> Message {
+        let text = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP {lb};branch=z9hG4bKlb{cseq}\r\nVia: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bKc{cseq};received=198.51.100.4;rport=40000\r\nFrom: <sip:carol@example.com>;tag=1\r\nTo: <sip:carol@example.com>\r\nCall-ID: reg-{lb}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:carol@10.0.0.7:5060;ob>{params}\r\n{extra}Max-Forwards: 69\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(text.as_bytes(), false).unwrap().0
+    }
+
+    fn flow(reg_id: u32, lb: &str) -> Message {
+        let path = format!("Path: <sip:tok{reg_id}@{lb};lr;ob>\r\nSupported: outbound, path\r\n");
+        register(1, lb, &format!(";+sip.instance=\"{INSTANCE}\";reg-id={reg_id};expires=600"), &path)
+    }
+
+    #[test]
+    fn contact_parameters_may_be_quoted_and_hold_angle_brackets() {
+        let v = format!("\"Carol\" <sip:carol@10.0.0.7;ob>;+sip.instance=\"{INSTANCE}\";reg-id=2");
+        let c = ContactValue::parse(&v);
+        assert_eq!(c.uri, "sip:carol@10.0.0.7;ob");
+        assert_eq!(c.param("+sip.instance"), Some(INSTANCE));
+        assert_eq!(c.param("REG-ID"), Some("2"));
+        let bare = ContactValue::parse("sip:carol@10.0.0.7;expires=60");
+        assert_eq!((bare.uri, bare.param("expires")), ("sip:carol@10.0.0.7", Some("60")));
+        assert!(uri_has_param("sip:tok@192.0.2.10:5060;lr;ob", "ob"));
+        assert!(!uri_has_param("sip:tok@192.0.2.10:5060;lr;obx", "ob"));
+        assert!(!uri_has_param("sip:ob@192.0.2.10:5060;lr", "ob"));
+    }
+
+    #[test]
+    fn two_flows_of_one_instance_keep_two_bindings_each_with_its_path() {
+        let one = apply(&flow(1, "192.0.2.10:5060"), vec![], "198.51.100.4:40000", 1000, "t").unwrap();
+        let two = apply(&flow(2, "192.0.2.11:5060"), one, "198.51.100.4:40001", 1000, "t").unwrap();
+        assert_eq!(two.len(), 2, "{two:?}");
+        assert_eq!(two[0].reg_id, Some(1));
+        assert_eq!(two[0].path, ["<sip:tok1@192.0.2.10:5060;lr;ob>"]);
+        assert_eq!(two[1].reg_id, Some(2));
+        assert_eq!(two[1].path, ["<sip:tok2@192.0.2.11:5060;lr;ob>"]);
+        assert_eq!(two[1].instance.as_deref(), Some(INSTANCE));
+        // Refreshing flow 1 through another LB replaces flow 1 only (a new Path).
+        let mut again = flow(1, "192.0.2.12:5060");
+        again.set("Call-ID", "reg-192.0.2.10:5060");
+        again.set("CSeq", "2 REGISTER");
+        let three = apply(&again, two, "198.51.100.4:40002", 1010, "t").unwrap();
+        assert_eq!(three.len(), 2);
+        let f1 = three.iter().find(|b| b.reg_id == Some(1)).unwrap();
+        assert_eq!(f1.path, ["<sip:tok1@192.0.2.12:5060;lr;ob>"]);
+        // The 200 requires outbound and names each flow.
+        let ok = accepted(&again, &three, 1010, "t");
+        assert_eq!(ok.header("Require"), Some("outbound"));
+        let contacts: Vec<&str> = ok.header_values("Contact").collect();
+        assert!(contacts.iter().any(|c| c.contains("reg-id=2") && c.contains(INSTANCE)), "{contacts:?}");
+        // Flow 2 deregisters: flow 1 stays.
+        let mut bye = flow(2, "192.0.2.11:5060");
+        bye.set("CSeq", "3 REGISTER");
+        bye.headers
+            .iter_mut()
+            .filter(|(n, _)| n == "Contact")
+            .for_each(|(_, v)| *v = v.replace("expires=600", "expires=0"));
+        let left = apply(&bye, three, "198.51.100.4:40001", 1020, "t").unwrap();
+        assert_eq!(left.iter().map(|b| b.reg_id).collect::<Vec<_>>(), [Some(1)]);
+    }
+
+    #[test]
+    fn without_outbound_a_reg_id_is_ignored_or_refused_and_contacts_key_by_uri() {
+        // A Path without `ob`, two Vias: the hop before us keeps no flow.
+        let plain = register(1, "192.0.2.10:5060", ";+sip.instance=\"x\";reg-id=1", "Path: <sip:192.0.2.10;lr>\r\n");
+        let b = apply(&plain, vec![], "198.51.100.4:40000", 1000, "t").unwrap();
+        assert_eq!((b.len(), b[0].reg_id, b[0].instance.as_deref()), (1, None, Some("x")));
+        assert_eq!(accepted(&plain, &b, 1000, "t").header("Require"), None);
+        let mut asks = plain.clone();
+        asks.headers.push(("Supported".into(), "outbound".into()));
+        assert_eq!(apply(&asks, vec![], "s", 1000, "t").unwrap_err().code(), Some(439));
+        // Two flows in one REGISTER, or a reg-id that is not a number: 400.
+        let mut two = flow(1, "192.0.2.10:5060");
+        two.headers.push(("Contact".into(), format!("<sip:carol@10.0.0.8>;+sip.instance=\"{INSTANCE}\";reg-id=2")));
+        assert_eq!(apply(&two, vec![], "s", 1000, "t").unwrap_err().code(), Some(400));
+        let bad = register(1, "192.0.2.10:5060", ";+sip.instance=\"x\";reg-id=x", "Path: <sip:t@192.0.2.10;lr;ob>\r\n");
+        assert_eq!(apply(&bad, vec![], "s", 1000, "t").unwrap_err().code(), Some(400));
+        // A plain Contact with a flow's URI leaves the flow alone.
+        let f = apply(&flow(1, "192.0.2.10:5060"), vec![], "s", 1000, "t").unwrap();
+        let both = apply(&register(5, "192.0.2.10:5060", "", ""), f, "s", 1000, "t").unwrap();
+        assert_eq!(both.iter().map(|b| b.reg_id).collect::<Vec<_>>(), [Some(1), None]);
+    }
+
+    #[test]
+    fn flows_count_against_the_bindings_bound() {
+        let mut b = Vec::new();
+        for i in 1..=MAX_BINDINGS_PER_AOR as u32 {
+            let mut r = flow(i, "192.0.2.10:5060");
+            r.set("Call-ID", format!("c{i}"));
+            b = apply(&r, b, "s", 1000, "t").unwrap();
+        }
+        let mut one_more = flow(99, "192.0.2.10:5060");
+        one_more.set("Call-ID", "c99");
+        assert_eq!(apply(&one_more, b, "s", 1000, "t").unwrap_err().code(), Some(403));
+    }
 }
