@@ -24,7 +24,7 @@
 //! process runs out of descriptors instead of spinning.
 
 use super::anchor::MediaAnchor;
-use super::core::{Action, Done, Op, OpId, Proxy};
+use super::core::{Action, Done, LiveLbs, Op, OpId, Proxy};
 use super::focus::{Focus, JoinError};
 use crate::error::Error;
 use crate::net::admission::{out_of_resources, Admission, Ticket};
@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Limits of the driver.
 #[derive(Debug, Clone, Copy)]
@@ -222,11 +222,16 @@ struct Inbox {
     wake: Arc<OwnedFd>,
 }
 
+/// Wakes a core's `poll`.
+fn ring(wake: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
+    unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
 impl Inbox {
     fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        ring(&self.wake);
     }
 
     fn offer(&self, stats: &DriverStats, e: Event) {
@@ -268,6 +273,39 @@ struct Shared {
     bans: Mutex<super::early_drop::Bans>,
     /// Accepted TCP connections per source IP.
     accepted: Arc<Admission>,
+    /// The live load balancers, as membership last said (`None`: not followed).
+    peers: Arc<Peers>,
+}
+
+/// The live load balancers for the cores: the latest value only (a core that was busy
+/// through two changes needs the last), read by each core between batches — an atomic
+/// check per loop, no lock per request.
+struct Peers {
+    lbs: watch::Sender<Option<LiveLbs>>,
+    wakes: Vec<Arc<OwnedFd>>,
+}
+
+impl Peers {
+    fn set(&self, lbs: LiveLbs) {
+        let changed = self.lbs.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&lbs) {
+                return false;
+            }
+            *cur = Some(lbs);
+            true
+        });
+        if changed {
+            for w in &self.wakes {
+                ring(w);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("lbs", &*self.lbs.borrow()).finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -285,6 +323,33 @@ pub struct Handle {
     pub stats: Arc<DriverStats>,
     /// The address SIP is served on (UDP, and TCP when enabled).
     pub local: SocketAddr,
+    peers: Arc<Peers>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Handle {
+    /// Tells every core which load balancers are live (see [`Proxy::on_peers`]). Until
+    /// the first call no flow is judged and no source is a load balancer.
+    pub fn set_live_lbs(&self, lbs: LiveLbs) {
+        self.peers.set(lbs);
+    }
+
+    /// Follows cluster membership: the live load balancers of every view
+    /// ([`LiveLbs::from_view`]) go to the cores now and on each change, from a task on
+    /// the driver's runtime that ends when the membership's sender is dropped. Views
+    /// that change only loads or other roles wake no core.
+    pub fn follow_membership(&self, mut view: watch::Receiver<crate::cluster::View>) {
+        let peers = self.peers.clone();
+        self.rt.spawn(async move {
+            loop {
+                let lbs = LiveLbs::from_view(&view.borrow_and_update());
+                peers.set(lbs);
+                if view.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// What to serve.
@@ -375,6 +440,8 @@ pub fn spawn(
         .collect::<std::io::Result<Vec<UdpSocket>>>()?;
     let fds = socks.iter().chain(&clients).map(|s| s.as_raw_fd()).collect();
     let bans = Mutex::new(super::early_drop::Bans::new(fds));
+    let peers =
+        Arc::new(Peers { lbs: watch::Sender::new(None), wakes: inboxes.iter().map(|i| i.wake.clone()).collect() });
     let shared = Arc::new(Shared {
         inboxes,
         stats: stats.clone(),
@@ -384,6 +451,7 @@ pub fn spawn(
         accepted: Admission::new(limits.max_connections, limits.max_connections_per_ip),
         limits,
         bans,
+        peers: peers.clone(),
     });
     if let Some(l) = tcp_listener {
         let sh = shared.clone();
@@ -399,7 +467,7 @@ pub fn spawn(
             run_core(i, n, &mut core, [&sock, &client], &mrx, &drx, &sh);
         })?;
     }
-    Ok(Handle { stats, local })
+    Ok(Handle { stats, local, peers, rt })
 }
 
 /// Datagrams read per wake-up before timers and the inbox get a turn.
@@ -423,6 +491,12 @@ fn run_core(
     // the runtime's context.
     let _rt = sh.rt.enter();
     let mut bans_checked = Instant::now();
+    // Subscribing then reading misses nothing: a value set before is read here, one set
+    // after shows as changed.
+    let mut lbs = sh.peers.lbs.subscribe();
+    if let Some(l) = lbs.borrow_and_update().clone() {
+        core.on_peers(l);
+    }
     loop {
         let now = Instant::now();
         if now.duration_since(bans_checked) >= Duration::from_millis(200) {
@@ -439,6 +513,13 @@ fn run_core(
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: fds is a valid array of three pollfd for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+        // Membership first: what is read next is judged by it (an LB's requests skip
+        // the rate limit).
+        if lbs.has_changed().unwrap_or(false) {
+            if let Some(l) = lbs.borrow_and_update().clone() {
+                core.on_peers(l);
+            }
+        }
         // Answers to our own requests first (their socket is never the flooded one), then
         // the public socket.
         for (sock, batch) in [(client, UDP_BATCH), (udp, UDP_BATCH)] {
