@@ -618,7 +618,7 @@ impl Proxy {
     /// Whether `src` is a live load balancer: it forwards for many clients and limits
     /// each real source itself, so its requests are neither rate limited nor banned
     /// here. It is not trusted: its users' requests are authenticated as anyone's.
-    fn from_live_lb(&self, src: Peer) -> bool {
+    fn is_live_lb(&self, src: Peer) -> bool {
         self.lbs.as_ref().is_some_and(|l| l.contains(src.addr))
     }
 
@@ -626,7 +626,7 @@ impl Proxy {
     /// the balancer saw (received/rport, else sent-by, of the Via after its own);
     /// otherwise the source.
     fn client_addr(&self, src: Peer, req: &Message) -> SocketAddr {
-        if !self.from_live_lb(src) {
+        if !self.is_live_lb(src) {
             return src.addr;
         }
         let Some(v) = req.header_values("Via").nth(1) else { return src.addr };
@@ -673,7 +673,7 @@ impl Proxy {
         let Some(src) = self.servers.get(key).map(|s| s.src) else { return true };
         if src.reliable()
             || self.trusted(src.addr.ip())
-            || self.from_live_lb(src)
+            || self.is_live_lb(src)
             || self.error_replies.allow(src.addr.ip(), now)
         {
             return true;
@@ -916,7 +916,7 @@ impl Proxy {
     /// transactions and are never limited. A message refused is counted and must be
     /// dropped, not answered (an answer would amplify the flood).
     pub fn admit(&mut self, now: Instant, src: Peer, data: &[u8]) -> bool {
-        if self.trusted(src.addr.ip()) || self.from_live_lb(src) {
+        if self.trusted(src.addr.ip()) || self.is_live_lb(src) {
             return true;
         }
         let Some(l) = &mut self.limit else { return true };

@@ -827,3 +827,126 @@ async fn serve_connection(
     let _ = writer.await;
     sh.stats.open.fetch_sub(1, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Member, Role, View};
+    use crate::proxy::core::ProxyConfig;
+    use crate::store::{memory, Binding};
+
+    fn view(lbs: &[SocketAddr]) -> View {
+        let members: Vec<Member> = lbs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Member { sip: Some(a.to_string()), ..Member::new(Role::Lb, format!("lb{i}")) })
+            .collect();
+        View { revision: lbs.len() as u64, members: members.into() }
+    }
+
+    fn invite(proxy: SocketAddr, caller: SocketAddr, n: u32) -> String {
+        format!(
+            "INVITE sip:carol@unit.test SIP/2.0\r\nVia: SIP/2.0/UDP {caller};branch=z9hG4bKdrv{n}\r\nFrom: <sip:a@elsewhere.test>;tag=a{n}\r\nTo: <sip:carol@unit.test>\r\nCall-ID: drv-{n}@{proxy}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    }
+
+    /// The first line of the next datagram on `s` that is not a 100, if one comes soon.
+    fn next_line(s: &UdpSocket) -> Option<String> {
+        let mut buf = [0u8; 8192];
+        loop {
+            let (n, _) = s.recv_from(&mut buf).ok()?;
+            let line = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string();
+            if !line.starts_with("SIP/2.0 100") {
+                return Some(line);
+            }
+        }
+    }
+
+    /// Membership reaches the cores on their own threads: while the LB holding carol's
+    /// flow is live her INVITE goes to it; once membership drops it, callers get 430
+    /// at once.
+    #[test]
+    fn the_cores_follow_membership_and_answer_430_once_the_flows_lb_is_gone() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let lb = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&lb, &caller] {
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        }
+        let lb_addr = lb.local_addr().unwrap();
+        let store = Arc::new(memory::Memory::new(memory::Limits::default()));
+        let now = crate::store::unix_now();
+        let flow = Binding {
+            contact: "sip:carol@10.0.0.7:5060;ob".into(),
+            expires_at: now + 600,
+            path: vec![format!("<sip:tok1@{lb_addr};lr;ob>")],
+            call_id: "r".into(),
+            cseq: 1,
+            instance: Some("<urn:uuid:1>".into()),
+            reg_id: Some(1),
+            ..Binding::default()
+        };
+        store.set_bindings("carol@unit.test", &[flow]).unwrap();
+        let resolver = Arc::new(
+            super::super::resolve::Resolver::new(&super::super::resolve::ResolverConfig {
+                nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let services = Arc::new(Services::new(store, None, None, resolver, 4));
+        let make_core = |_, local| {
+            Proxy::new(
+                ProxyConfig {
+                    domain: "unit.test".into(),
+                    local,
+                    nonce_secret: "s".into(),
+                    record_route: None,
+                    rate_limit: 0,
+                    ban: Duration::ZERO,
+                    trusted: Vec::new(),
+                },
+                false,
+            )
+        };
+        let listen = Listen { addr: "127.0.0.1:0".parse().unwrap(), tcp: false, threads: 2 };
+        let h = spawn(listen, make_core, services, Limits::default(), rt.handle().clone()).unwrap();
+        let (tx, rx) = watch::channel(view(&[lb_addr]));
+        h.follow_membership(rx);
+        let caller_addr = caller.local_addr().unwrap();
+        caller.send_to(invite(h.local, caller_addr, 1).as_bytes(), h.local).unwrap();
+        let at_lb = next_line(&lb).expect("the INVITE reaches the live LB");
+        assert_eq!(at_lb, "INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0");
+        tx.send(view(&[])).unwrap();
+        // The cores pick the change up within a loop turn: poll with new INVITEs,
+        // bounded.
+        let started = Instant::now();
+        let mut n = 2;
+        loop {
+            caller.send_to(invite(h.local, caller_addr, n).as_bytes(), h.local).unwrap();
+            match next_line(&caller) {
+                Some(l) if l == "SIP/2.0 430 Flow Failed" => break,
+                _ => {}
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "never 430 after the LB left");
+            n += 1;
+        }
+        // An LB coming back is tried again.
+        tx.send(view(&[lb_addr])).unwrap();
+        let started = Instant::now();
+        loop {
+            n += 1;
+            caller.send_to(invite(h.local, caller_addr, n).as_bytes(), h.local).unwrap();
+            // Retransmissions of the first INVITE may come too: look for this one.
+            let mut buf = [0u8; 8192];
+            let mut got = false;
+            while let Ok((len, _)) = lb.recv_from(&mut buf) {
+                got |= String::from_utf8_lossy(&buf[..len]).contains(&format!("Call-ID: drv-{n}@"));
+            }
+            if got {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "never forwarded after the LB came back");
+        }
+    }
+}
