@@ -611,8 +611,19 @@ impl Proxy {
     /// Membership changed: `lbs` are the load balancers live now. From the first call
     /// on, a binding whose flow (RFC 5626) goes through a load balancer not among them
     /// is not tried, and requests from one of them skip the per-source rate limit.
-    pub fn on_peers(&mut self, lbs: LiveLbs) {
+    /// Requests already sent to a balancer that has just left and not yet answered fail
+    /// now, as on a transport error: the next target (the phone's other flow) is tried
+    /// at once, not after Timer B.
+    pub fn on_peers(&mut self, now: Instant, lbs: LiveLbs) {
+        let gone: HashSet<SocketAddr> = match &self.lbs {
+            Some(old) => old.0.iter().filter(|a| !lbs.contains(**a)).copied().collect(),
+            None => HashSet::new(),
+        };
         self.lbs = Some(lbs);
+        if !gone.is_empty() {
+            self.fail_clients(now, |dst| gone.contains(&dst.addr));
+        }
+        self.settle();
     }
 
     /// Whether `src` is a live load balancer: it forwards for many clients and limits
@@ -959,18 +970,25 @@ impl Proxy {
     /// transactions fail at once, as on a timeout, so the next target is tried now
     /// rather than after Timer B (RFC 3263 §4.3).
     pub fn on_transport_error(&mut self, now: Instant, peer: Peer) {
+        self.fail_clients(now, |dst| dst == peer);
+        self.settle();
+    }
+
+    /// Fails the client transactions to the peers `to` matches that have had no answer
+    /// yet; their server transactions go on with their next target.
+    fn fail_clients(&mut self, now: Instant, to: impl Fn(Peer) -> bool) {
         let failed: Vec<CKey> = self
             .clients
             .iter()
-            .filter(|(_, c)| c.dst == peer && matches!(c.tx.state(), State::Calling | State::Trying))
+            .filter(|(_, c)| to(c.dst) && matches!(c.tx.state(), State::Calling | State::Trying))
             .map(|(k, _)| k.clone())
             .collect();
         for k in failed {
             if let Some(sk) = self.clients.remove(&k).and_then(|c| c.server) {
+                self.touched.push(TimerKey::Server(sk.clone()));
                 self.next_target(now, &sk);
             }
         }
-        self.settle();
     }
 
     /// The result of operation `id`. A result for an operation no longer awaited (its
@@ -2860,7 +2878,7 @@ mod tests {
         let (mut p, t0) = proxy(false);
         let mut w = World::new();
         two_flows(&mut w);
-        p.on_peers(lbs(&[LB1, LB2]));
+        p.on_peers(t0, lbs(&[LB1, LB2]));
         w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl1", ""));
         let sent = w.take_sent();
         let to_lb1 = sent_to(&sent, lb(LB1));
@@ -2876,8 +2894,8 @@ mod tests {
         let (mut p, t0) = proxy(false);
         let mut w = World::new();
         two_flows(&mut w);
-        p.on_peers(lbs(&[LB1, LB2]));
-        p.on_peers(lbs(&[LB2])); // LB1's lease ended
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        p.on_peers(t0, lbs(&[LB2])); // LB1's lease ended
         w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl2", ""));
         let sent = w.take_sent();
         assert!(sent_to(&sent, lb(LB1)).is_empty(), "nothing to the dead LB: {sent:?}");
@@ -2893,8 +2911,8 @@ mod tests {
         let (mut p, t0) = proxy(false);
         let mut w = World::new();
         two_flows(&mut w);
-        p.on_peers(lbs(&[LB1, LB2]));
-        p.on_peers(lbs(&[]));
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        p.on_peers(t0, lbs(&[]));
         w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl3", ""));
         let sent = w.take_sent();
         // At the same instant: no Timer B, no 408 after 32 s.
@@ -2929,9 +2947,38 @@ mod tests {
             .unwrap()
             .iter_mut()
             .for_each(|b| b.path = vec![format!("<sip:{LB1};lr>")]);
-        p.on_peers(lbs(&[]));
+        p.on_peers(t0, lbs(&[]));
         w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl6", ""));
         assert_eq!(lines_to(&w.take_sent(), lb(LB1)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"]);
+    }
+
+    #[test]
+    fn an_invite_waiting_on_an_lb_that_then_leaves_membership_goes_to_the_other_flow_at_once() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl8", ""));
+        assert_eq!(lines_to(&w.take_sent(), lb(LB1)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"]);
+        // LB1 was killed: no answer; its lease ends 3 s later.
+        let t = t0 + Duration::from_secs(3);
+        p.on_tick(t);
+        let _ = w.take_sent(); // LB1's retransmissions
+        p.on_peers(t, lbs(&[LB2]));
+        w.run(&mut p, t);
+        let sent = w.take_sent();
+        assert_eq!(lines_to(&sent, lb(LB2)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"], "{sent:?}");
+        // Nothing more goes to LB1, and no 408 comes at its Timer B (32 s; the INVITE
+        // to LB2 would have its own at 35 s).
+        let mut t = t;
+        while t < t0 + Duration::from_secs(34) {
+            t += Duration::from_millis(500);
+            p.on_tick(t);
+            w.run(&mut p, t);
+        }
+        let sent = w.take_sent();
+        assert!(lines_to(&sent, lb(LB1)).is_empty(), "{sent:?}");
+        assert!(!lines_to(&sent, caller()).contains(&"SIP/2.0 408 Request Timeout"), "{sent:?}");
     }
 
     #[test]
@@ -2939,7 +2986,7 @@ mod tests {
         let (mut p, t0) = proxy(false);
         let mut w = World::new();
         two_flows(&mut w);
-        p.on_peers(lbs(&[LB1, LB2]));
+        p.on_peers(t0, lbs(&[LB1, LB2]));
         w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl7", ""));
         let sent = w.take_sent();
         let failed = response_to(&sent, lb(LB1), 430, "Flow Failed");
@@ -2968,7 +3015,7 @@ mod tests {
         let (mut p, t0) = untrusted();
         let mut w = World::new();
         w.passwords.insert("bob@unit.test".into(), "pw".into());
-        p.on_peers(lbs(&[LB1]));
+        p.on_peers(t0, lbs(&[LB1]));
         w.deliver(&mut p, t0, lb(LB1), &register_via_lb(1, ""));
         let sent = w.take_sent();
         let challenge = sent.iter().find(|(_, m)| m.starts_with("SIP/2.0 401")).expect("challenged").1.clone();
@@ -3002,7 +3049,7 @@ mod tests {
         p.limit = Some(RateLimit::new(10.0, Duration::from_secs(30)));
         let mut w = World::new();
         w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5090", 600)]);
-        p.on_peers(lbs(&[LB1]));
+        p.on_peers(t0, lbs(&[LB1]));
         for n in 0..100 {
             let b = format!("lbm{n}");
             let mut m =
@@ -3022,7 +3069,7 @@ mod tests {
         assert_eq!(w.take_sent().len(), 20);
         assert_eq!(w.banned, vec![caller().addr.ip()]);
         // Once the LB has left membership, it is a source like any other.
-        p.on_peers(lbs(&[]));
+        p.on_peers(t0, lbs(&[]));
         for n in 0..30 {
             w.deliver(&mut p, t0, lb(LB1), &options(2000 + n));
         }

@@ -495,7 +495,7 @@ fn run_core(
     // after shows as changed.
     let mut lbs = sh.peers.lbs.subscribe();
     if let Some(l) = lbs.borrow_and_update().clone() {
-        core.on_peers(l);
+        core.on_peers(Instant::now(), l);
     }
     loop {
         let now = Instant::now();
@@ -517,7 +517,7 @@ fn run_core(
         // the rate limit).
         if lbs.has_changed().unwrap_or(false) {
             if let Some(l) = lbs.borrow_and_update().clone() {
-                core.on_peers(l);
+                core.on_peers(Instant::now(), l);
             }
         }
         // Answers to our own requests first (their socket is never the flooded one), then
