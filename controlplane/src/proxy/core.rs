@@ -138,6 +138,9 @@ pub struct ProxyMetrics {
     /// Requests answered 430 Flow Failed at once: every binding's flow was through a
     /// load balancer that is gone.
     pub flow_failed: AtomicU64,
+    /// Load balancers live in membership as the proxy last heard (gauge; 0 before any
+    /// view, when flows are not judged).
+    pub live_lbs: AtomicU64,
 }
 
 /// The SIP addresses of the load balancers live now, from cluster membership
@@ -619,6 +622,7 @@ impl Proxy {
             Some(old) => old.0.iter().filter(|a| !lbs.contains(**a)).copied().collect(),
             None => HashSet::new(),
         };
+        self.metrics.live_lbs.store(lbs.len() as u64, Ordering::Relaxed);
         self.lbs = Some(lbs);
         if !gone.is_empty() {
             self.fail_clients(now, |dst| gone.contains(&dst.addr));
@@ -2904,6 +2908,7 @@ mod tests {
         assert!(to_lb2[0].contains(&format!("Route: <sip:tok2@{LB2};lr;ob>")), "{}", to_lb2[0]);
         assert_eq!(p.metrics().flows_skipped.load(Ordering::Relaxed), 1);
         assert_eq!(p.metrics().flow_failed.load(Ordering::Relaxed), 0);
+        assert_eq!(p.metrics().live_lbs.load(Ordering::Relaxed), 1);
     }
 
     #[test]
