@@ -32,7 +32,7 @@ fn etcd_store_passes_the_battery_and_shares_leases() {
             path: vec![],
             call_id: format!("r{i}"),
             cseq: 1,
-            received: None,
+            ..Default::default()
         };
         e.set_bindings(&format!("u{i}@hasp.test"), &[b]).unwrap();
     }

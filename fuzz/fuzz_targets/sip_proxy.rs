@@ -24,7 +24,7 @@ fn perform(op: &Op) -> Result<Done, controlplane::Error> {
                 path: vec![],
                 call_id: "r".into(),
                 cseq: 1,
-                received: None,
+                ..Binding::default()
             }]
         } else {
             vec![]

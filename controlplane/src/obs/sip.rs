@@ -28,7 +28,7 @@ impl Collector for SipMetrics {
         use Kind::{Counter, Gauge};
         let (p, d) = (&self.proxy, &self.driver);
         // Counters are named without `_total`: the encoder appends it.
-        let series: [(&str, Kind, &str, &AtomicU64); 25] = [
+        let series: [(&str, Kind, &str, &AtomicU64); 28] = [
             ("hasp_sip_malformed", Counter, "SIP messages that did not parse.", &p.malformed),
             ("hasp_sip_rejected", Counter, "Requests answered 4xx/5xx by the proxy.", &p.rejected),
             ("hasp_sip_forwarded", Counter, "Requests forwarded (per target).", &p.forwarded),
@@ -84,6 +84,19 @@ impl Collector for SipMetrics {
                 "Times accepting SIP over TCP paused for lack of descriptors.",
                 &d.accept_backoffs,
             ),
+            (
+                "hasp_sip_flows_skipped",
+                Counter,
+                "Bindings not tried: the load balancer holding their flow is no longer a member.",
+                &p.flows_skipped,
+            ),
+            (
+                "hasp_sip_flow_failed",
+                Counter,
+                "Requests answered 430 Flow Failed: every flow of the callee went through a load balancer that is gone.",
+                &p.flow_failed,
+            ),
+            ("hasp_sip_live_lbs", Gauge, "Load balancers live in membership, as the proxy last heard.", &p.live_lbs),
         ];
         for (name, kind, help, v) in series {
             single(&mut e, name, help, kind, v.load(Relaxed))?;
@@ -103,7 +116,7 @@ mod tests {
     use super::*;
     use crate::proxy::focus::tests::FakeMixer;
 
-    const FAMILIES: [(&str, &str); 25] = [
+    const FAMILIES: [(&str, &str); 28] = [
         ("hasp_sip_malformed_total", "counter"),
         ("hasp_sip_rejected_total", "counter"),
         ("hasp_sip_forwarded_total", "counter"),
@@ -129,6 +142,9 @@ mod tests {
         ("hasp_sip_ops_pending", "gauge"),
         ("hasp_sip_steered_total", "counter"),
         ("hasp_sip_tcp_accept_backoffs_total", "counter"),
+        ("hasp_sip_flows_skipped_total", "counter"),
+        ("hasp_sip_flow_failed_total", "counter"),
+        ("hasp_sip_live_lbs", "gauge"),
     ];
 
     fn types(text: &str) -> Vec<&str> {

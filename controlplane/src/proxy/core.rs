@@ -132,6 +132,49 @@ pub struct ProxyMetrics {
     /// Error answers not sent: the source had its share (a spoofed source must not be
     /// flooded with our answers).
     pub replies_suppressed: AtomicU64,
+    /// Bindings not tried because the load balancer holding their flow is no longer a
+    /// live member (RFC 5626 flows).
+    pub flows_skipped: AtomicU64,
+    /// Requests answered 430 Flow Failed at once: every binding's flow was through a
+    /// load balancer that is gone.
+    pub flow_failed: AtomicU64,
+    /// Load balancers live in membership as the proxy last heard (gauge; 0 before any
+    /// view, when flows are not judged).
+    pub live_lbs: AtomicU64,
+}
+
+/// The SIP addresses of the load balancers live now, from cluster membership
+/// ([`crate::cluster::View`]). The driver hands every change to each core
+/// ([`Proxy::on_peers`]), which keeps its own copy: no request takes a lock to ask.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveLbs(Arc<HashSet<SocketAddr>>);
+
+impl LiveLbs {
+    /// The load balancers at `addrs`.
+    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        Self(Arc::new(addrs.into_iter().collect()))
+    }
+
+    /// The live load balancers of a membership view (their `sip` addresses; a member
+    /// without a valid one is left out).
+    pub fn from_view(view: &crate::cluster::View) -> Self {
+        Self::new(view.of(crate::cluster::Role::Lb).filter_map(crate::cluster::Member::sip_addr))
+    }
+
+    /// Whether `addr` is a live load balancer's SIP address.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.0.contains(&addr)
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is live.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// An operation the core asks the driver to perform.
@@ -484,6 +527,9 @@ pub struct Proxy {
     /// makes the proxy answer the forged address, with retransmissions; this bounds what
     /// any one address receives unasked.
     error_replies: RateLimit,
+    /// The live load balancers, once membership said which (`None`: no membership, no
+    /// flow is judged, as before there was any).
+    lbs: Option<LiveLbs>,
 }
 
 /// What the proxy does with a request before routing it (RFC 3261 §16.3 policy: no
@@ -561,7 +607,63 @@ impl Proxy {
             replays: Arc::default(),
             error_replies: RateLimit::new(Self::ERROR_REPLIES_PER_SEC, Duration::ZERO),
             via_udp: cfg_local,
+            lbs: None,
         }
+    }
+
+    /// Membership changed: `lbs` are the load balancers live now. From the first call
+    /// on, a binding whose flow (RFC 5626) goes through a load balancer not among them
+    /// is not tried, and requests from one of them skip the per-source rate limit.
+    /// Requests already sent to a balancer that has just left and not yet answered fail
+    /// now, as on a transport error: the next target (the phone's other flow) is tried
+    /// at once, not after Timer B.
+    pub fn on_peers(&mut self, now: Instant, lbs: LiveLbs) {
+        let gone: HashSet<SocketAddr> = match &self.lbs {
+            Some(old) => old.0.iter().filter(|a| !lbs.contains(**a)).copied().collect(),
+            None => HashSet::new(),
+        };
+        self.metrics.live_lbs.store(lbs.len() as u64, Ordering::Relaxed);
+        self.lbs = Some(lbs);
+        if !gone.is_empty() {
+            self.fail_clients(now, |dst| gone.contains(&dst.addr));
+        }
+        self.settle();
+    }
+
+    /// Whether `src` is a live load balancer: it forwards for many clients and limits
+    /// each real source itself, so its requests are neither rate limited nor banned
+    /// here. It is not trusted: its users' requests are authenticated as anyone's.
+    fn is_live_lb(&self, src: Peer) -> bool {
+        self.lbs.as_ref().is_some_and(|l| l.contains(src.addr))
+    }
+
+    /// The address a request really came from: behind a live load balancer, the one
+    /// the balancer saw (received/rport, else sent-by, of the Via after its own);
+    /// otherwise the source.
+    fn client_addr(&self, src: Peer, req: &Message) -> SocketAddr {
+        if !self.is_live_lb(src) {
+            return src.addr;
+        }
+        let Some(v) = req.header_values("Via").nth(1) else { return src.addr };
+        // `Message::via` parses the top Via: give it the second one alone.
+        let one = Message { start: req.start.clone(), headers: vec![("Via".into(), v.to_string())], body: Vec::new() };
+        let Some(via) = one.via() else { return src.addr };
+        let host = via.received.as_deref().unwrap_or(&via.host);
+        let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else { return src.addr };
+        SocketAddr::new(ip, via.rport.flatten().or(via.port).unwrap_or(5060))
+    }
+
+    /// Whether a binding's flow is known dead: membership is known, the first Path hop
+    /// is an outbound edge's (`ob`, as `hasp lb` writes it) at an `IP:PORT`, and no live
+    /// load balancer is there. Anything else (no Path, a name, an edge outside the
+    /// cluster that does not mark its flows) is tried as before.
+    fn flow_dead(&self, b: &Binding) -> bool {
+        let Some(lbs) = &self.lbs else { return false };
+        let Some(hop) = b.path.first().map(|p| uri_of(p)) else { return false };
+        if !registrar::uri_has_param(hop, "ob") {
+            return false;
+        }
+        literal_peer(hop).is_some_and(|p| !lbs.contains(p.addr))
     }
 
     /// Requests sent over UDP name `addr` in their Via (the driver sends them from a
@@ -584,7 +686,11 @@ impl Proxy {
     /// dropped silently (it would retransmit the answer).
     fn may_answer_error(&mut self, now: Instant, key: &SKey) -> bool {
         let Some(src) = self.servers.get(key).map(|s| s.src) else { return true };
-        if src.reliable() || self.trusted(src.addr.ip()) || self.error_replies.allow(src.addr.ip(), now) {
+        if src.reliable()
+            || self.trusted(src.addr.ip())
+            || self.is_live_lb(src)
+            || self.error_replies.allow(src.addr.ip(), now)
+        {
             return true;
         }
         self.metrics.replies_suppressed.fetch_add(1, Ordering::Relaxed);
@@ -825,7 +931,7 @@ impl Proxy {
     /// transactions and are never limited. A message refused is counted and must be
     /// dropped, not answered (an answer would amplify the flood).
     pub fn admit(&mut self, now: Instant, src: Peer, data: &[u8]) -> bool {
-        if self.trusted(src.addr.ip()) {
+        if self.trusted(src.addr.ip()) || self.is_live_lb(src) {
             return true;
         }
         let Some(l) = &mut self.limit else { return true };
@@ -868,18 +974,25 @@ impl Proxy {
     /// transactions fail at once, as on a timeout, so the next target is tried now
     /// rather than after Timer B (RFC 3263 §4.3).
     pub fn on_transport_error(&mut self, now: Instant, peer: Peer) {
+        self.fail_clients(now, |dst| dst == peer);
+        self.settle();
+    }
+
+    /// Fails the client transactions to the peers `to` matches that have had no answer
+    /// yet; their server transactions go on with their next target.
+    fn fail_clients(&mut self, now: Instant, to: impl Fn(Peer) -> bool) {
         let failed: Vec<CKey> = self
             .clients
             .iter()
-            .filter(|(_, c)| c.dst == peer && matches!(c.tx.state(), State::Calling | State::Trying))
+            .filter(|(_, c)| to(c.dst) && matches!(c.tx.state(), State::Calling | State::Trying))
             .map(|(k, _)| k.clone())
             .collect();
         for k in failed {
             if let Some(sk) = self.clients.remove(&k).and_then(|c| c.server) {
+                self.touched.push(TimerKey::Server(sk.clone()));
                 self.next_target(now, &sk);
             }
         }
-        self.settle();
     }
 
     /// The result of operation `id`. A result for an operation no longer awaited (its
@@ -1291,7 +1404,10 @@ impl Proxy {
                 let Some(s) = self.servers.get(&sk).filter(|s| s.open()) else { return self.register_next(now, &aor) };
                 let req = s.tx.request();
                 let applied = match r {
-                    Ok(Done::Bindings(b)) => registrar::apply(req, b, &s.src.addr.to_string(), t, &tag),
+                    Ok(Done::Bindings(b)) => {
+                        let client = self.client_addr(s.src, req);
+                        registrar::apply(req, b, &client.to_string(), t, &tag)
+                    }
                     _ => Err(registrar::unavailable(req, &tag)),
                 };
                 match applied {
@@ -1336,8 +1452,21 @@ impl Proxy {
                     self.start(now, op, Pending::Known { sk });
                     return;
                 }
-                // Most recent registration first.
+                // Flows through a load balancer that is gone are not tried: a client
+                // keeping two flows is reached through the other, one with none left
+                // gets 430 now rather than a timeout (RFC 5626 §5.3).
                 let mut bindings = bindings;
+                let before = bindings.len();
+                bindings.retain(|b| !self.flow_dead(b));
+                let dead = (before - bindings.len()) as u64;
+                if dead > 0 {
+                    self.metrics.flows_skipped.fetch_add(dead, Ordering::Relaxed);
+                    if bindings.is_empty() {
+                        self.metrics.flow_failed.fetch_add(1, Ordering::Relaxed);
+                        return self.reject(&sk, &req, 430, "Flow Failed", now);
+                    }
+                }
+                // Most recent registration first.
                 bindings.sort_by_key(|b| Reverse(b.expires_at));
                 let targets = bindings
                     .into_iter()
@@ -1756,7 +1885,10 @@ impl Proxy {
                             continue;
                         }
                     }
-                    if code >= 300 && invite && (code == 408 || code >= 500) {
+                    // A 430 is an edge telling us the flow it held is gone (RFC 5626
+                    // §5.3): the next target (the client's other flow) is tried for any
+                    // method.
+                    if code >= 300 && ((invite && (code == 408 || code >= 500)) || code == 430) {
                         // Serial failover: keep the response in case every target fails.
                         let more = self.servers.get(&sk).is_some_and(|s| !s.targets.is_empty());
                         if more {
@@ -2035,7 +2167,7 @@ mod tests {
                     path: vec![],
                     call_id: "r".into(),
                     cseq: 1,
-                    received: None,
+                    ..Binding::default()
                 })
                 .collect();
             self.bindings.insert(aor.into(), b);
@@ -2708,5 +2840,259 @@ mod tests {
         w.deliver(&mut p, t0, caller(), &request("MESSAGE", "sip:x@198.51.100.7", "sip:a@unit.test", "t1", ""));
         let sent = w.take_sent();
         assert!(sent.iter().any(|(to, m)| to.addr.port() == 5060 && m.starts_with("MESSAGE ")), "{sent:?}");
+    }
+
+    // RFC 5626 flows through load balancers (issue 12, connection reuse).
+
+    const LB1: &str = "192.0.2.10:5060";
+    const LB2: &str = "192.0.2.11:5060";
+    const CAROL_INSTANCE: &str = "<urn:uuid:00000000-0000-1000-8000-000a95a0e128>";
+
+    fn lb(addr: &str) -> Peer {
+        Peer::udp(addr.parse().unwrap())
+    }
+
+    fn lbs(addrs: &[&str]) -> LiveLbs {
+        LiveLbs::new(addrs.iter().map(|a| a.parse::<SocketAddr>().unwrap()))
+    }
+
+    /// Carol's phone keeps two flows: reg-id 1 through LB1 (registered last, so tried
+    /// first) and reg-id 2 through LB2.
+    fn two_flows(w: &mut World) {
+        let flow = |reg_id: u32, lb: &str, expires: u64| Binding {
+            contact: "sip:carol@10.0.0.7:5060;ob".into(),
+            expires_at: T0 + expires,
+            path: vec![format!("<sip:tok{reg_id}@{lb};lr;ob>")],
+            call_id: format!("reg-{reg_id}"),
+            cseq: 1,
+            received: Some("198.51.100.4:40000".into()),
+            instance: Some(CAROL_INSTANCE.into()),
+            reg_id: Some(reg_id),
+        };
+        w.bindings.insert("carol@unit.test".into(), vec![flow(2, LB2, 590), flow(1, LB1, 600)]);
+    }
+
+    /// What was sent to `to`, whole.
+    fn sent_to(sent: &[(Peer, String)], to: Peer) -> Vec<String> {
+        sent.iter().filter(|(d, _)| *d == to).map(|(_, m)| m.clone()).collect()
+    }
+
+    #[test]
+    fn with_both_load_balancers_live_the_newest_flow_is_tried_through_its_own_lb() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl1", ""));
+        let sent = w.take_sent();
+        let to_lb1 = sent_to(&sent, lb(LB1));
+        assert_eq!(to_lb1.len(), 1, "{sent:?}");
+        assert!(to_lb1[0].starts_with("INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"), "{}", to_lb1[0]);
+        assert!(to_lb1[0].contains(&format!("Route: <sip:tok1@{LB1};lr;ob>")), "{}", to_lb1[0]);
+        assert!(sent_to(&sent, lb(LB2)).is_empty());
+        assert_eq!(p.metrics().flows_skipped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn when_one_lb_dies_the_client_is_reached_through_its_other_flow() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        p.on_peers(t0, lbs(&[LB2])); // LB1's lease ended
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl2", ""));
+        let sent = w.take_sent();
+        assert!(sent_to(&sent, lb(LB1)).is_empty(), "nothing to the dead LB: {sent:?}");
+        let to_lb2 = sent_to(&sent, lb(LB2));
+        assert_eq!(to_lb2.len(), 1, "{sent:?}");
+        assert!(to_lb2[0].contains(&format!("Route: <sip:tok2@{LB2};lr;ob>")), "{}", to_lb2[0]);
+        assert_eq!(p.metrics().flows_skipped.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics().flow_failed.load(Ordering::Relaxed), 0);
+        assert_eq!(p.metrics().live_lbs.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn when_every_flow_s_lb_is_gone_the_caller_gets_430_at_once() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        p.on_peers(t0, lbs(&[]));
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl3", ""));
+        let sent = w.take_sent();
+        // At the same instant: no Timer B, no 408 after 32 s.
+        assert_eq!(lines_to(&sent, caller()), ["SIP/2.0 100 Trying", "SIP/2.0 430 Flow Failed"]);
+        assert_eq!(sent.len(), 2, "nothing forwarded: {sent:?}");
+        assert_eq!(p.metrics().flow_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics().flows_skipped.load(Ordering::Relaxed), 2);
+        // Another device of the same AOR without a flow is still tried.
+        w.bindings.get_mut("carol@unit.test").unwrap().push(Binding {
+            contact: "sip:carol@10.0.0.9:5060".into(),
+            expires_at: T0 + 300,
+            ..Binding::default()
+        });
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl4", ""));
+        let desk = Peer::udp("10.0.0.9:5060".parse().unwrap());
+        assert_eq!(lines_to(&w.take_sent(), desk), ["INVITE sip:carol@10.0.0.9:5060 SIP/2.0"]);
+    }
+
+    #[test]
+    fn without_membership_flows_are_tried_as_before() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        // No membership view ever came: LB1 is not judged, the INVITE goes there.
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl5", ""));
+        let sent = w.take_sent();
+        assert_eq!(lines_to(&sent, lb(LB1)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"]);
+        assert_eq!(p.metrics().flows_skipped.load(Ordering::Relaxed), 0);
+        // A Path without `ob` (an edge outside the cluster) is never judged either.
+        w.bindings
+            .get_mut("carol@unit.test")
+            .unwrap()
+            .iter_mut()
+            .for_each(|b| b.path = vec![format!("<sip:{LB1};lr>")]);
+        p.on_peers(t0, lbs(&[]));
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl6", ""));
+        assert_eq!(lines_to(&w.take_sent(), lb(LB1)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"]);
+    }
+
+    #[test]
+    fn an_invite_waiting_on_an_lb_that_then_leaves_membership_goes_to_the_other_flow_at_once() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl8", ""));
+        assert_eq!(lines_to(&w.take_sent(), lb(LB1)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"]);
+        // LB1 was killed: no answer; its lease ends 3 s later.
+        let t = t0 + Duration::from_secs(3);
+        p.on_tick(t);
+        let _ = w.take_sent(); // LB1's retransmissions
+        p.on_peers(t, lbs(&[LB2]));
+        w.run(&mut p, t);
+        let sent = w.take_sent();
+        assert_eq!(lines_to(&sent, lb(LB2)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"], "{sent:?}");
+        // Nothing more goes to LB1, and no 408 comes at its Timer B (32 s; the INVITE
+        // to LB2 would have its own at 35 s).
+        let mut t = t;
+        while t < t0 + Duration::from_secs(34) {
+            t += Duration::from_millis(500);
+            p.on_tick(t);
+            w.run(&mut p, t);
+        }
+        let sent = w.take_sent();
+        assert!(lines_to(&sent, lb(LB1)).is_empty(), "{sent:?}");
+        assert!(!lines_to(&sent, caller()).contains(&"SIP/2.0 408 Request Timeout"), "{sent:?}");
+    }
+
+    #[test]
+    fn a_430_from_a_live_lb_whose_client_connection_is_gone_tries_the_other_flow_now() {
+        let (mut p, t0) = proxy(false);
+        let mut w = World::new();
+        two_flows(&mut w);
+        p.on_peers(t0, lbs(&[LB1, LB2]));
+        w.deliver(&mut p, t0, caller(), &invite("sip:carol@unit.test", "fl7", ""));
+        let sent = w.take_sent();
+        let failed = response_to(&sent, lb(LB1), 430, "Flow Failed");
+        let t = t0 + Duration::from_millis(3);
+        w.deliver(&mut p, t, lb(LB1), &failed);
+        let sent = w.take_sent();
+        assert_eq!(lines_to(&sent, lb(LB2)), ["INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0"], "{sent:?}");
+        assert!(!lines_to(&sent, caller()).iter().any(|l| l.contains("430")), "not relayed while a flow is left");
+        // The other flow's LB says the same: now the caller gets the 430.
+        let failed = response_to(&sent, lb(LB2), 430, "Flow Failed");
+        w.deliver(&mut p, t, lb(LB2), &failed);
+        assert!(lines_to(&w.take_sent(), caller()).contains(&"SIP/2.0 430 Flow Failed"));
+    }
+
+    /// A REGISTER of bob forwarded by the LB at `LB1` (its Via on top, the phone's
+    /// below with the address the LB saw), with a flow.
+    fn register_via_lb(cseq: u32, auth: &str) -> Vec<u8> {
+        format!(
+            "REGISTER sip:unit.test SIP/2.0\r\nVia: SIP/2.0/UDP {LB1};branch=z9hG4bKlb{cseq}\r\nVia: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bKph{cseq};received=198.51.100.4;rport=40000\r\nFrom: <sip:bob@unit.test>;tag=r\r\nTo: <sip:bob@unit.test>\r\nCall-ID: lb-reg\r\nCSeq: {cseq} REGISTER\r\nPath: <sip:tok1@{LB1};lr;ob>\r\nSupported: outbound, path\r\nContact: <sip:bob@10.0.0.7:5060;ob>;+sip.instance=\"{CAROL_INSTANCE}\";reg-id=1\r\nExpires: 600\r\n{auth}Max-Forwards: 69\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_register_through_a_live_lb_keeps_the_flow_and_the_phone_s_real_address() {
+        let (mut p, t0) = untrusted();
+        let mut w = World::new();
+        w.passwords.insert("bob@unit.test".into(), "pw".into());
+        p.on_peers(t0, lbs(&[LB1]));
+        w.deliver(&mut p, t0, lb(LB1), &register_via_lb(1, ""));
+        let sent = w.take_sent();
+        let challenge = sent.iter().find(|(_, m)| m.starts_with("SIP/2.0 401")).expect("challenged").1.clone();
+        let nonce = challenge.split("nonce=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
+        let creds = sip::digest::Credentials {
+            username: "bob".into(),
+            realm: "unit.test".into(),
+            nonce: nonce.clone(),
+            uri: "sip:unit.test".into(),
+            algorithm: Some("MD5".into()),
+            ..Default::default()
+        };
+        let resp = sip::digest::expected_response(&creds, "REGISTER", "pw").unwrap();
+        let auth = format!(
+            "Authorization: Digest username=\"bob\", realm=\"unit.test\", nonce=\"{nonce}\", uri=\"sip:unit.test\", response=\"{resp}\", algorithm=MD5\r\n"
+        );
+        w.deliver(&mut p, t0, lb(LB1), &register_via_lb(2, &auth));
+        let sent = w.take_sent();
+        let ok = &sent_to(&sent, lb(LB1))[0];
+        assert!(ok.starts_with("SIP/2.0 200 OK"), "{ok}");
+        assert!(ok.contains("Require: outbound"), "{ok}");
+        let b = &w.bindings["bob@unit.test"][0];
+        assert_eq!(b.received.as_deref(), Some("198.51.100.4:40000"), "the phone's address, not the LB's");
+        assert_eq!((b.reg_id, b.instance.as_deref()), (Some(1), Some(CAROL_INSTANCE)));
+        assert_eq!(b.path, [format!("<sip:tok1@{LB1};lr;ob>")]);
+    }
+
+    #[test]
+    fn a_live_lb_is_not_rate_limited_but_its_callers_are_still_challenged() {
+        let (mut p, t0) = untrusted();
+        p.limit = Some(RateLimit::new(10.0, Duration::from_secs(30)));
+        let mut w = World::new();
+        w.bind("bob@unit.test", &[("sip:bob@10.0.0.3:5090", 600)]);
+        p.on_peers(t0, lbs(&[LB1]));
+        for n in 0..100 {
+            let b = format!("lbm{n}");
+            let mut m =
+                String::from_utf8(request("MESSAGE", "sip:bob@unit.test", "sip:alice@unit.test", &b, "")).unwrap();
+            m = m.replacen("Via: ", &format!("Via: SIP/2.0/UDP {LB1};branch=z9hG4bKx{n}\r\nVia: "), 1);
+            w.deliver(&mut p, t0, lb(LB1), m.as_bytes());
+        }
+        let sent = w.take_sent();
+        assert_eq!(sent.len(), 100, "every request answered, none dropped");
+        assert!(sent.iter().all(|(to, m)| *to == lb(LB1) && m.starts_with("SIP/2.0 407")), "challenged, not relayed");
+        assert_eq!((p.metrics().rate_limited.load(Ordering::Relaxed), w.banned.len()), (0, 0));
+        assert!(w.started.is_empty(), "nothing looked up for an unauthenticated caller");
+        // A stranger at another address sending as much is limited and banned.
+        for n in 0..100 {
+            w.deliver(&mut p, t0, caller(), &options(1000 + n));
+        }
+        assert_eq!(w.take_sent().len(), 20);
+        assert_eq!(w.banned, vec![caller().addr.ip()]);
+        // Once the LB has left membership, it is a source like any other.
+        p.on_peers(t0, lbs(&[]));
+        for n in 0..30 {
+            w.deliver(&mut p, t0, lb(LB1), &options(2000 + n));
+        }
+        assert_eq!(w.take_sent().len(), 20);
+    }
+
+    #[test]
+    fn live_lbs_come_from_the_membership_view() {
+        use crate::cluster::{Member, Role, View};
+        let mut a = Member::new(Role::Lb, "a");
+        a.sip = Some(LB1.into());
+        let mut p = Member::new(Role::Proxy, "p");
+        p.sip = Some(LB2.into());
+        let mut broken = Member::new(Role::Lb, "b");
+        broken.sip = Some("nonsense".into());
+        let view = View { revision: 3, members: vec![a, broken, p].into() };
+        let l = LiveLbs::from_view(&view);
+        assert_eq!(l.len(), 1);
+        assert!(l.contains(LB1.parse().unwrap()) && !l.contains(LB2.parse().unwrap()));
     }
 }

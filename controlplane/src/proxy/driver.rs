@@ -24,7 +24,7 @@
 //! process runs out of descriptors instead of spinning.
 
 use super::anchor::MediaAnchor;
-use super::core::{Action, Done, Op, OpId, Proxy};
+use super::core::{Action, Done, LiveLbs, Op, OpId, Proxy};
 use super::focus::{Focus, JoinError};
 use crate::error::Error;
 use crate::net::admission::{out_of_resources, Admission, Ticket};
@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Limits of the driver.
 #[derive(Debug, Clone, Copy)]
@@ -222,11 +222,16 @@ struct Inbox {
     wake: Arc<OwnedFd>,
 }
 
+/// Wakes a core's `poll`.
+fn ring(wake: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
+    unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
 impl Inbox {
     fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        ring(&self.wake);
     }
 
     fn offer(&self, stats: &DriverStats, e: Event) {
@@ -268,6 +273,39 @@ struct Shared {
     bans: Mutex<super::early_drop::Bans>,
     /// Accepted TCP connections per source IP.
     accepted: Arc<Admission>,
+    /// The live load balancers, as membership last said (`None`: not followed).
+    peers: Arc<Peers>,
+}
+
+/// The live load balancers for the cores: the latest value only (a core that was busy
+/// through two changes needs the last), read by each core between batches — an atomic
+/// check per loop, no lock per request.
+struct Peers {
+    lbs: watch::Sender<Option<LiveLbs>>,
+    wakes: Vec<Arc<OwnedFd>>,
+}
+
+impl Peers {
+    fn set(&self, lbs: LiveLbs) {
+        let changed = self.lbs.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&lbs) {
+                return false;
+            }
+            *cur = Some(lbs);
+            true
+        });
+        if changed {
+            for w in &self.wakes {
+                ring(w);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("lbs", &*self.lbs.borrow()).finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -285,6 +323,33 @@ pub struct Handle {
     pub stats: Arc<DriverStats>,
     /// The address SIP is served on (UDP, and TCP when enabled).
     pub local: SocketAddr,
+    peers: Arc<Peers>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Handle {
+    /// Tells every core which load balancers are live (see [`Proxy::on_peers`]). Until
+    /// the first call no flow is judged and no source is a load balancer.
+    pub fn set_live_lbs(&self, lbs: LiveLbs) {
+        self.peers.set(lbs);
+    }
+
+    /// Follows cluster membership: the live load balancers of every view
+    /// ([`LiveLbs::from_view`]) go to the cores now and on each change, from a task on
+    /// the driver's runtime that ends when the membership's sender is dropped. Views
+    /// that change only loads or other roles wake no core.
+    pub fn follow_membership(&self, mut view: watch::Receiver<crate::cluster::View>) {
+        let peers = self.peers.clone();
+        self.rt.spawn(async move {
+            loop {
+                let lbs = LiveLbs::from_view(&view.borrow_and_update());
+                peers.set(lbs);
+                if view.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 /// What to serve.
@@ -375,6 +440,8 @@ pub fn spawn(
         .collect::<std::io::Result<Vec<UdpSocket>>>()?;
     let fds = socks.iter().chain(&clients).map(|s| s.as_raw_fd()).collect();
     let bans = Mutex::new(super::early_drop::Bans::new(fds));
+    let peers =
+        Arc::new(Peers { lbs: watch::Sender::new(None), wakes: inboxes.iter().map(|i| i.wake.clone()).collect() });
     let shared = Arc::new(Shared {
         inboxes,
         stats: stats.clone(),
@@ -384,6 +451,7 @@ pub fn spawn(
         accepted: Admission::new(limits.max_connections, limits.max_connections_per_ip),
         limits,
         bans,
+        peers: peers.clone(),
     });
     if let Some(l) = tcp_listener {
         let sh = shared.clone();
@@ -399,7 +467,7 @@ pub fn spawn(
             run_core(i, n, &mut core, [&sock, &client], &mrx, &drx, &sh);
         })?;
     }
-    Ok(Handle { stats, local })
+    Ok(Handle { stats, local, peers, rt })
 }
 
 /// Datagrams read per wake-up before timers and the inbox get a turn.
@@ -423,6 +491,12 @@ fn run_core(
     // the runtime's context.
     let _rt = sh.rt.enter();
     let mut bans_checked = Instant::now();
+    // Subscribing then reading misses nothing: a value set before is read here, one set
+    // after shows as changed.
+    let mut lbs = sh.peers.lbs.subscribe();
+    if let Some(l) = lbs.borrow_and_update().clone() {
+        core.on_peers(Instant::now(), l);
+    }
     loop {
         let now = Instant::now();
         if now.duration_since(bans_checked) >= Duration::from_millis(200) {
@@ -439,6 +513,13 @@ fn run_core(
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: fds is a valid array of three pollfd for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+        // Membership first: what is read next is judged by it (an LB's requests skip
+        // the rate limit).
+        if lbs.has_changed().unwrap_or(false) {
+            if let Some(l) = lbs.borrow_and_update().clone() {
+                core.on_peers(Instant::now(), l);
+            }
+        }
         // Answers to our own requests first (their socket is never the flooded one), then
         // the public socket.
         for (sock, batch) in [(client, UDP_BATCH), (udp, UDP_BATCH)] {
@@ -745,4 +826,127 @@ async fn serve_connection(
     // The table's sender is gone, so the writer ends once it has written what is queued.
     let _ = writer.await;
     sh.stats.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Member, Role, View};
+    use crate::proxy::core::ProxyConfig;
+    use crate::store::{memory, Binding};
+
+    fn view(lbs: &[SocketAddr]) -> View {
+        let members: Vec<Member> = lbs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Member { sip: Some(a.to_string()), ..Member::new(Role::Lb, format!("lb{i}")) })
+            .collect();
+        View { revision: lbs.len() as u64, members: members.into() }
+    }
+
+    fn invite(proxy: SocketAddr, caller: SocketAddr, n: u32) -> String {
+        format!(
+            "INVITE sip:carol@unit.test SIP/2.0\r\nVia: SIP/2.0/UDP {caller};branch=z9hG4bKdrv{n}\r\nFrom: <sip:a@elsewhere.test>;tag=a{n}\r\nTo: <sip:carol@unit.test>\r\nCall-ID: drv-{n}@{proxy}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    }
+
+    /// The first line of the next datagram on `s` that is not a 100, if one comes soon.
+    fn next_line(s: &UdpSocket) -> Option<String> {
+        let mut buf = [0u8; 8192];
+        loop {
+            let (n, _) = s.recv_from(&mut buf).ok()?;
+            let line = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string();
+            if !line.starts_with("SIP/2.0 100") {
+                return Some(line);
+            }
+        }
+    }
+
+    /// Membership reaches the cores on their own threads: while the LB holding carol's
+    /// flow is live her INVITE goes to it; once membership drops it, callers get 430
+    /// at once.
+    #[test]
+    fn the_cores_follow_membership_and_answer_430_once_the_flows_lb_is_gone() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let lb = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&lb, &caller] {
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        }
+        let lb_addr = lb.local_addr().unwrap();
+        let store = Arc::new(memory::Memory::new(memory::Limits::default()));
+        let now = crate::store::unix_now();
+        let flow = Binding {
+            contact: "sip:carol@10.0.0.7:5060;ob".into(),
+            expires_at: now + 600,
+            path: vec![format!("<sip:tok1@{lb_addr};lr;ob>")],
+            call_id: "r".into(),
+            cseq: 1,
+            instance: Some("<urn:uuid:1>".into()),
+            reg_id: Some(1),
+            ..Binding::default()
+        };
+        store.set_bindings("carol@unit.test", &[flow]).unwrap();
+        let resolver = Arc::new(
+            super::super::resolve::Resolver::new(&super::super::resolve::ResolverConfig {
+                nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let services = Arc::new(Services::new(store, None, None, resolver, 4));
+        let make_core = |_, local| {
+            Proxy::new(
+                ProxyConfig {
+                    domain: "unit.test".into(),
+                    local,
+                    nonce_secret: "s".into(),
+                    record_route: None,
+                    rate_limit: 0,
+                    ban: Duration::ZERO,
+                    trusted: Vec::new(),
+                },
+                false,
+            )
+        };
+        let listen = Listen { addr: "127.0.0.1:0".parse().unwrap(), tcp: false, threads: 2 };
+        let h = spawn(listen, make_core, services, Limits::default(), rt.handle().clone()).unwrap();
+        let (tx, rx) = watch::channel(view(&[lb_addr]));
+        h.follow_membership(rx);
+        let caller_addr = caller.local_addr().unwrap();
+        caller.send_to(invite(h.local, caller_addr, 1).as_bytes(), h.local).unwrap();
+        let at_lb = next_line(&lb).expect("the INVITE reaches the live LB");
+        assert_eq!(at_lb, "INVITE sip:carol@10.0.0.7:5060;ob SIP/2.0");
+        tx.send(view(&[])).unwrap();
+        // The cores pick the change up within a loop turn: poll with new INVITEs,
+        // bounded.
+        let started = Instant::now();
+        let mut n = 2;
+        loop {
+            caller.send_to(invite(h.local, caller_addr, n).as_bytes(), h.local).unwrap();
+            match next_line(&caller) {
+                Some(l) if l == "SIP/2.0 430 Flow Failed" => break,
+                _ => {}
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "never 430 after the LB left");
+            n += 1;
+        }
+        // An LB coming back is tried again.
+        tx.send(view(&[lb_addr])).unwrap();
+        let started = Instant::now();
+        loop {
+            n += 1;
+            caller.send_to(invite(h.local, caller_addr, n).as_bytes(), h.local).unwrap();
+            // Retransmissions of the first INVITE may come too: look for this one.
+            let mut buf = [0u8; 8192];
+            let mut got = false;
+            while let Ok((len, _)) = lb.recv_from(&mut buf) {
+                got |= String::from_utf8_lossy(&buf[..len]).contains(&format!("Call-ID: drv-{n}@"));
+            }
+            if got {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "never forwarded after the LB came back");
+        }
+    }
 }

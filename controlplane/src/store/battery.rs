@@ -16,6 +16,7 @@ const REAL_EXPIRY_BOUND: Duration = Duration::from_secs(30);
 pub fn battery(s: &dyn Store, clock: &Clock) {
     users(s);
     bindings(s);
+    flows(s);
     dialogs(s, clock);
 }
 
@@ -42,6 +43,8 @@ fn binding(contact: &str, expires_at: u64) -> Binding {
         call_id: "r1@host".into(),
         cseq: 7,
         received: Some("192.0.2.1:5060".into()),
+        instance: None,
+        reg_id: None,
     }
 }
 
@@ -65,6 +68,34 @@ fn bindings(s: &dyn Store) {
     assert!(s.bindings("alice@example.com", 0).unwrap().is_empty(), "empty removes");
     s.set_bindings("nobody@example.com", &[]).unwrap();
     assert_eq!(s.bindings("bob@example.com", 50).unwrap(), vec![a]);
+}
+
+/// RFC 5626 bindings: one device (one `+sip.instance`) with two flows, each with its
+/// own Path, next to a plain binding with the same Contact URI; every field
+/// round-trips and the three stay apart.
+fn flows(s: &dyn Store) {
+    let instance = Some("<urn:uuid:00000000-0000-1000-8000-000a95a0e128>".to_string());
+    let flow = |reg_id: u32, lb: &str| Binding {
+        path: vec![format!("<sip:tok{reg_id}@{lb};lr;ob>")],
+        instance: instance.clone(),
+        reg_id: Some(reg_id),
+        ..binding("sip:carol@198.51.100.4:5060;ob", 500)
+    };
+    let plain = binding("sip:carol@198.51.100.4:5060;ob", 400);
+    let all = [flow(1, "192.0.2.10:5060"), flow(2, "192.0.2.11:5060"), plain.clone()];
+    s.set_bindings("carol@example.com", &all).unwrap();
+    assert_eq!(s.bindings("carol@example.com", 50).unwrap(), all.to_vec(), "instance and reg-id round-trip");
+    assert_eq!(
+        s.bindings("carol@example.com", 450).unwrap(),
+        all[..2].to_vec(),
+        "the plain binding expires alone; both flows stay"
+    );
+    s.set_bindings("carol@example.com", &all[1..2]).unwrap();
+    let left = s.bindings("carol@example.com", 50).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!((left[0].reg_id, left[0].path[0].as_str()), (Some(2), "<sip:tok2@192.0.2.11:5060;lr;ob>"));
+    s.set_bindings("carol@example.com", &[]).unwrap();
+    assert!(s.bindings("carol@example.com", 0).unwrap().is_empty());
 }
 
 fn dialogs(s: &dyn Store, clock: &Clock) {

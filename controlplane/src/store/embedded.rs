@@ -314,7 +314,7 @@ mod tests {
             path: vec![],
             call_id: "c".into(),
             cseq: 1,
-            received: None,
+            ..Binding::default()
         };
         {
             let s = Embedded::open(&path).unwrap();

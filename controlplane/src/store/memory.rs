@@ -220,7 +220,7 @@ mod tests {
     }
 
     fn b(contact: &str, expires_at: u64) -> Binding {
-        Binding { contact: contact.into(), expires_at, path: vec![], call_id: "r".into(), cseq: 1, received: None }
+        Binding { contact: contact.into(), expires_at, call_id: "r".into(), cseq: 1, ..Binding::default() }
     }
 
     fn is_full(r: Result<(), Error>) -> bool {

@@ -24,7 +24,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A registered contact of an address of record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A binding registered through an RFC 5626 flow carries the device's `+sip.instance`
+/// and the flow's `reg-id`: one device keeping two flows (two REGISTERs through two
+/// load balancers) has two bindings, each with the Path of its own flow. Both fields
+/// are absent from records written before them (serde defaults) and from plain
+/// RFC 3261 registrations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     /// The Contact URI.
     pub contact: String,
@@ -40,6 +46,14 @@ pub struct Binding {
     /// Where the REGISTER came from (`IP:PORT`), to reach a contact behind NAT.
     #[serde(default)]
     pub received: Option<String>,
+    /// The Contact's `+sip.instance` (RFC 5626 §4.1, the device's stable id, as sent,
+    /// quotes removed), if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The Contact's `reg-id` (RFC 5626 §4.2: which flow of the device), if the
+    /// registration was an outbound one; with `instance`, the binding's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reg_id: Option<u32>,
 }
 
 /// The store.
@@ -154,4 +168,21 @@ impl ManualClock {
 /// The wall clock in Unix seconds (0 if the system clock is before 1970).
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Binding;
+
+    #[test]
+    fn a_binding_stored_before_flows_existed_still_loads() {
+        let old = r#"{"contact":"sip:a@192.0.2.1","expires_at":9,"path":[],"call_id":"c","cseq":1,"received":null}"#;
+        let b: Binding = serde_json::from_str(old).unwrap();
+        assert_eq!((b.instance, b.reg_id), (None, None));
+        // A plain binding is written as before (no new keys), so an older proxy sharing
+        // the store reads it too.
+        let plain = Binding { contact: "sip:a@192.0.2.1".into(), ..Binding::default() };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("instance") && !json.contains("reg_id"), "{json}");
+    }
 }
